@@ -1,0 +1,169 @@
+"""The ASR GRPO rewards of arXiv 2509.18569, computed from text alone.
+
+R1 = clip(1 - WER, 0, 1): accuracy.
+R2 = -1 when the hypothesis hallucinates, else 0. Rules (each reported by name when it fires):
+  - "repeated_ngram": an n-gram (n <= max_ngram) repeated back to back at least repeat_threshold
+    times, more often in a row than anywhere in the reference (looping decoders);
+  - "insertion_burst": at least insertion_burst consecutive inserted words in the alignment
+    (content that is not in the audio);
+  - "too_long": more than length_ratio * reference words + length_slack words;
+  - "script_mismatch": the hypothesis's letters are mostly of another script than the
+    reference's (a translation instead of a transcription, e.g. English for Chinese audio).
+R3 = (keyword precision + keyword recall) / 2 over the given keywords, matched as whole normalised
+  words or phrases: precision = keywords in both / keywords in the hypothesis (1 if none),
+  recall = keywords in both / keywords in the reference (1 if none).
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import jiwer
+
+from speechrl.rewards.text import is_character_language, normalize_text
+from speechrl.rewards.wer import Counts, error_rates
+
+
+@dataclass(frozen=True)
+class RuleRewardConfig:
+    """Weights of the total and thresholds of the hallucination rules."""
+
+    accuracy_weight: float = 1.0
+    """Weight of R1 in the total."""
+    hallucination_weight: float = 1.0
+    """Weight of R2 in the total."""
+    keyword_weight: float = 0.0
+    """Weight of R3 in the total; 0 unless the data set carries keywords."""
+    repeat_threshold: int = 4
+    """Back-to-back copies of one n-gram that count as a loop."""
+    max_ngram: int = 6
+    """Longest n-gram checked for loops."""
+    insertion_burst: int = 5
+    """Consecutive inserted words that count as invented content."""
+    length_ratio: float = 1.5
+    """A hypothesis longer than length_ratio * reference words + length_slack hallucinates."""
+    length_slack: int = 3
+    """Extra words allowed on top of length_ratio, so short references are not over-penalised."""
+
+    def __post_init__(self) -> None:
+        if self.repeat_threshold < 2:
+            raise ValueError(f"repeat_threshold must be >= 2, got {self.repeat_threshold}")
+        if self.max_ngram < 1 or self.insertion_burst < 1:
+            raise ValueError("max_ngram and insertion_burst must be >= 1")
+        if self.length_ratio <= 1.0:
+            raise ValueError(f"length_ratio must be > 1, got {self.length_ratio}")
+
+
+@dataclass(frozen=True)
+class RuleRewardResult:
+    """Every component of the rule rewards for one hypothesis."""
+
+    wer: float
+    word_counts: Counts
+    accuracy_reward: float
+    hallucination_reward: float
+    hallucination_reasons: list[str] = field(default_factory=list)
+    keyword_precision: float = 1.0
+    keyword_recall: float = 1.0
+    keyword_reward: float = 1.0
+    total: float = 0.0
+
+
+def longest_repeat(words: Sequence[str], max_ngram: int) -> int:
+    """The most back-to-back copies of any n-gram (n <= max_ngram) in words.
+
+    >>> longest_repeat("a b a b a b c".split(), 3)
+    3
+    """
+    best = 1 if words else 0
+    for n in range(1, max_ngram + 1):
+        for start in range(0, len(words) - n):
+            copies = 1
+            pos = start + n
+            while pos + n <= len(words) and words[pos:pos + n] == words[start:start + n]:
+                copies += 1
+                pos += n
+            best = max(best, copies)
+    return best
+
+
+def longest_insertion_run(reference: str, hypothesis: str) -> int:
+    """Length of the longest run of inserted words in jiwer's alignment."""
+    if not hypothesis:
+        return 0
+    output = jiwer.process_words(reference, hypothesis)
+    return max((c.hyp_end_idx - c.hyp_start_idx for c in output.alignments[0] if c.type == "insert"), default=0)
+
+
+def dominant_script(text: str) -> str | None:
+    """The Unicode script most of text's letters belong to (Han and kana count as one), or None."""
+    scripts: Counter[str] = Counter()
+    for ch in text:
+        if ch.isalpha():
+            name = unicodedata.name(ch, "UNKNOWN").split()[0]
+            scripts["CJK" if name in ("CJK", "HIRAGANA", "KATAKANA") else name] += 1
+    if sum(scripts.values()) < 3:
+        return None
+    return scripts.most_common(1)[0][0]
+
+
+def hallucination_reasons(hyp: str, ref: str, raw_hyp: str, raw_ref: str, config: RuleRewardConfig) -> list[str]:
+    """Names of the hallucination rules that fire for normalised hyp against normalised ref."""
+    hyp_words, ref_words = hyp.split(), ref.split()
+    reasons = []
+    repeats = longest_repeat(hyp_words, config.max_ngram)
+    if repeats >= config.repeat_threshold and repeats > longest_repeat(ref_words, config.max_ngram):
+        reasons.append("repeated_ngram")
+    if longest_insertion_run(ref, hyp) >= config.insertion_burst:
+        reasons.append("insertion_burst")
+    if len(hyp_words) > config.length_ratio * len(ref_words) + config.length_slack:
+        reasons.append("too_long")
+    hyp_script, ref_script = dominant_script(raw_hyp), dominant_script(raw_ref)
+    if hyp_script and ref_script and hyp_script != ref_script:
+        reasons.append("script_mismatch")
+    return reasons
+
+
+def keyword_scores(hyp: str, ref: str, keywords: Sequence[str], language: str) -> tuple[float, float]:
+    """(precision, recall) of keywords, matched on normalised text."""
+    def contains(text: str, phrase: str) -> bool:
+        if is_character_language(language):
+            return phrase.replace(" ", "") in text.replace(" ", "")
+        return f" {phrase} " in f" {text} "
+
+    normalized = {normalize_text(k, language) for k in keywords} - {""}
+    in_hyp = {k for k in normalized if contains(hyp, k)}
+    in_ref = {k for k in normalized if contains(ref, k)}
+    both = len(in_hyp & in_ref)
+    precision = both / len(in_hyp) if in_hyp else 1.0
+    recall = both / len(in_ref) if in_ref else 1.0
+    return precision, recall
+
+
+def rule_rewards(hypothesis: str, reference: str, keywords: Sequence[str] = (), language: str = "en",
+                 config: RuleRewardConfig | None = None) -> RuleRewardResult:
+    """R1, R2, R3 and their weighted total for one hypothesis.
+
+    Raises wer.EmptyReference when the reference normalises to nothing.
+
+    >>> r = rule_rewards("turn on the kitchen light", "Turn on the kitchen lights", keywords=["kitchen"])
+    >>> r.accuracy_reward, r.hallucination_reward, r.keyword_reward
+    (0.8, 0.0, 1.0)
+    """
+    config = config or RuleRewardConfig()
+    rates = error_rates(hypothesis, reference, language)
+    hyp, ref = rates.normalized_hypothesis, rates.normalized_reference
+    accuracy = min(1.0, max(0.0, 1.0 - rates.wer))
+    reasons = hallucination_reasons(hyp, ref, hypothesis, reference, config)
+    hallucination = -1.0 if reasons else 0.0
+    precision, recall = keyword_scores(hyp, ref, keywords, language)
+    keyword = (precision + recall) / 2.0
+    total = (config.accuracy_weight * accuracy + config.hallucination_weight * hallucination
+             + config.keyword_weight * keyword)
+    return RuleRewardResult(wer=rates.wer, word_counts=rates.word_counts, accuracy_reward=accuracy,
+                            hallucination_reward=hallucination, hallucination_reasons=reasons,
+                            keyword_precision=precision, keyword_recall=recall, keyword_reward=keyword,
+                            total=total)

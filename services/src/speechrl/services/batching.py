@@ -1,0 +1,147 @@
+"""Dynamic batching: coalesce items of concurrent requests into model batches.
+
+Callers `await batcher.submit(items)` from the event loop; one worker takes up to
+`max_batch_size` items, waiting at most `max_wait_ms` after the first one for company, and runs
+the engine's batch function in a single dedicated thread (models are not re-entrant, and on a
+2-core machine a second model thread only competes for the same cores). Items of one request may
+span batches and a batch may mix requests; results come back to each caller in its order.
+
+A batch function that raises is retried item by item, so one poisonous item costs only itself an
+ItemFailure(INTERNAL) and never its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+from prometheus_client import Counter, Gauge, Histogram
+
+from speechrl.services.errors import ErrorCode, ItemFailure
+
+log = logging.getLogger(__name__)
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+BATCH_SIZE = Histogram("speechrl_batch_size", "Items per model batch", ["batcher"],
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+BATCH_SECONDS = Histogram("speechrl_batch_seconds", "Time the batch function took", ["batcher"])
+QUEUE_DEPTH = Gauge("speechrl_queue_depth", "Items waiting for a batch", ["batcher"])
+ITEMS = Counter("speechrl_items_total", "Items processed, by outcome", ["batcher", "outcome"])
+
+
+class QueueFull(RuntimeError):
+    """More items are waiting than the batcher accepts; the caller should shed the request."""
+
+
+@dataclass
+class _Pending(Generic[ItemT, ResultT]):
+    item: ItemT
+    future: asyncio.Future
+
+
+class DynamicBatcher(Generic[ItemT, ResultT]):
+    """Coalesces items from concurrent callers into calls of `process(list[item]) -> list[result]`.
+
+    `process` returns one entry per item: a result, or an ItemFailure for that item.
+
+    >>> async def demo():
+    ...     b = DynamicBatcher(lambda xs: [x * 2 for x in xs], max_batch_size=8, max_wait_ms=2, name="demo")
+    ...     out = await b.submit([1, 2, 3])
+    ...     b.close()
+    ...     return out
+    >>> asyncio.run(demo())
+    [2, 4, 6]
+    """
+
+    def __init__(self, process: Callable[[list[ItemT]], Sequence[ResultT | ItemFailure]], *,
+                 max_batch_size: int, max_wait_ms: float, name: str, max_queue_items: int = 4096):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+        self.process = process
+        self.max_batch_size = max_batch_size
+        self.max_wait_s = max_wait_ms / 1000.0
+        self.max_queue_items = max_queue_items
+        self.name = name
+        self.items_processed = 0
+        self.items_failed = 0
+        self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
+        self._worker: asyncio.Task | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+
+    async def submit(self, items: Sequence[ItemT]) -> list[ResultT | ItemFailure]:
+        """Queue items and wait for their results, in order."""
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
+        if self._queue.qsize() + len(items) > self.max_queue_items:
+            raise QueueFull(f"{self.name}: {self._queue.qsize()} items already waiting (limit {self.max_queue_items})")
+        loop = asyncio.get_running_loop()
+        pending = [_Pending(item, loop.create_future()) for item in items]
+        for p in pending:
+            self._queue.put_nowait(p)
+        QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
+        return list(await asyncio.gather(*(p.future for p in pending)))
+
+    async def _run(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._queue.get()]
+            deadline = loop.time() + self.max_wait_s
+            while len(batch) < self.max_batch_size:
+                if self._queue.empty():
+                    remaining = deadline - loop.time()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except asyncio.TimeoutError:
+                        break
+                else:
+                    batch.append(self._queue.get_nowait())
+            QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
+            live = [p for p in batch if not p.future.done()]  # skip callers that were cancelled
+            if not live:
+                continue
+            results = await loop.run_in_executor(self._executor, self._process_isolated, [p.item for p in live])
+            for p, result in zip(live, results):
+                if not p.future.done():
+                    p.future.set_result(result)
+
+    def _process_isolated(self, items: list[ItemT]) -> list[ResultT | ItemFailure]:
+        start = time.perf_counter()
+        try:
+            results = list(self.process(items))
+            if len(results) != len(items):
+                raise RuntimeError(f"batch function returned {len(results)} results for {len(items)} items")
+        except Exception as exc:
+            if len(items) == 1:
+                log.exception("%s: item failed", self.name)
+                results = [ItemFailure(ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")]
+            else:
+                log.warning("%s: batch of %d failed (%s); retrying item by item", self.name, len(items), exc)
+                results = [r for item in items for r in self._process_isolated([item])]
+                return results  # the single-item calls recorded their own metrics
+        BATCH_SECONDS.labels(self.name).observe(time.perf_counter() - start)
+        BATCH_SIZE.labels(self.name).observe(len(items))
+        failed = sum(isinstance(r, ItemFailure) for r in results)
+        self.items_processed += len(items)
+        self.items_failed += failed
+        ITEMS.labels(self.name, "ok").inc(len(items) - failed)
+        ITEMS.labels(self.name, "failed").inc(failed)
+        return results
+
+    def close(self) -> None:
+        """Stop the worker; items still queued are abandoned."""
+        if self._worker is not None:
+            self._worker.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)

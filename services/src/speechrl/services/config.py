@@ -1,0 +1,106 @@
+"""Service configuration: one dataclass per service, whose field help is the only documentation.
+
+Each field becomes a flag (`--max-batch-size`) and an environment variable
+(`SPEECHRL_<SERVICE>_MAX_BATCH_SIZE`); a flag beats the environment, which beats the default.
+Defaults work on a CPU laptop; GPU settings are given in each field's help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+ConfigT = TypeVar("ConfigT")
+
+
+def option(default: Any, help: str, **kwargs: Any) -> Any:
+    """A documented config field."""
+    return field(default=default, metadata={"help": help, **kwargs})
+
+
+@dataclass
+class ServerConfig:
+    """Settings every gRPC server shares."""
+
+    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
+    port: int = option(0, "Port to listen on; 0 picks the service's default port.")
+    max_batch_size: int = option(32, "Most items per model batch (dynamic batching); 1 turns batching off.")
+    max_wait_ms: float = option(5.0, "How long the first queued item waits for others before its batch runs.")
+    max_request_items: int = option(256, "Most items in one request; more is INVALID_ARGUMENT.")
+    max_queue_items: int = option(4096, "Most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED.")
+    max_audio_seconds: float = option(60.0, "Longest audio accepted per item; longer items get AUDIO_TOO_LONG.")
+    max_message_mb: int = option(64, "Largest gRPC message in either direction, MiB (gRPC's default is 4).")
+    device: str = option("cpu", "Device the model runs on: cpu, or cuda:N on a GPU box.")
+    threads: int = option(0, "Intra-op threads of the model runtime; 0 means the number of cores.")
+    metrics_port: int = option(0, "Serve Prometheus /metrics on this port; 0 turns it off.")
+    grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
+
+    def __post_init__(self) -> None:
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}; use 1 to turn batching off")
+        if self.max_wait_ms < 0:
+            raise ValueError(f"max_wait_ms must be >= 0, got {self.max_wait_ms}")
+        if self.max_audio_seconds <= 0:
+            raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
+        if not self.device.startswith(("cpu", "cuda")):
+            raise ValueError(f"device must be cpu or cuda:N, got {self.device!r}")
+
+
+def env_name(service: str, name: str) -> str:
+    """The environment variable of a field, e.g. SPEECHRL_INTELLIGIBILITY_MAX_BATCH_SIZE."""
+    return f"SPEECHRL_{service.upper()}_{name.upper()}"
+
+
+def _convert(kind: Any, raw: str) -> Any:
+    if kind is bool:
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected a boolean, got {raw!r}")
+    return kind(raw)
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per field of the config dataclass cls."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        flag = "--" + f.name.replace("_", "-")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=f.metadata.get("help"))
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=kind, metavar=f.name.upper(),
+                                help=f"{f.metadata.get('help', '')} (default: {f.default})")
+
+
+def from_namespace(cls: type[ConfigT], service: str, args: argparse.Namespace | None = None,
+                   environ: dict[str, str] | None = None) -> ConfigT:
+    """Build cls from parsed flags, then SPEECHRL_<SERVICE>_* variables, then defaults."""
+    environ = os.environ if environ is None else environ
+    hints = typing.get_type_hints(cls)
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        flag_value = getattr(args, f.name, None) if args is not None else None
+        if flag_value is not None:
+            values[f.name] = flag_value
+        elif env_name(service, f.name) in environ:
+            raw = environ[env_name(service, f.name)]
+            try:
+                values[f.name] = _convert(hints[f.name], raw)
+            except ValueError as exc:
+                raise ValueError(f"{env_name(service, f.name)}={raw!r}: {exc}") from None
+    return cls(**values)
+
+
+def parse_config(cls: type[ConfigT], service: str, argv: Sequence[str] | None = None,
+                 description: str = "") -> ConfigT:
+    """Parse argv (flags) and the environment into the config dataclass cls."""
+    parser = argparse.ArgumentParser(prog=f"speechrl serve {service}", description=description)
+    add_arguments(parser, cls)
+    return from_namespace(cls, service, parser.parse_args(argv))

@@ -1,0 +1,130 @@
+"""Builds and runs a SpeechRL gRPC server: options, health, reflection, status, graceful drain.
+
+A service module supplies its servicer and a status callback; this module does the rest the same
+way for every service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from speechrl.services import __version__
+from speechrl.services.config import ServerConfig
+from speechrl.v1 import common_pb2, common_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServiceSpec:
+    """One gRPC service a server hosts: its full name and how to add its servicer."""
+
+    full_name: str  # e.g. "speechrl.v1.IntelligibilityScorer"
+    servicer: Any
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+
+
+def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
+    """Channel options of every server."""
+    max_bytes = config.max_message_mb * 1024 * 1024
+    return [
+        # Batches of long audio, and encoder outputs, outgrow gRPC's 4 MiB default.
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        # Trainers keep long-lived channels; allow their keepalive pings without GOAWAY.
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        # Let clients see a dead peer within ~40 s instead of the kernel's TCP timeout.
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+    ]
+
+
+class StatusServicer(common_pb2_grpc.ServiceStatusServicer):
+    """Answers GetServiceStatus from a callback that fills in the model's state."""
+
+    def __init__(self, describe: Callable[[], common_pb2.GetServiceStatusResponse]):
+        self.describe = describe
+
+    async def GetServiceStatus(self, request: common_pb2.GetServiceStatusRequest,
+                               context: grpc.aio.ServicerContext) -> common_pb2.GetServiceStatusResponse:
+        status = self.describe()
+        status.version = __version__
+        return status
+
+
+class RunningServer:
+    """A started server: its port, and how to stop it (draining in-flight calls)."""
+
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+                 names: Sequence[str], on_stop: Callable[[], None] | None):
+        self.server = server
+        self.port = port
+        self.health = health_servicer
+        self.names = names
+        self.on_stop = on_stop
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Report NOT_SERVING, let in-flight calls finish for grace_seconds, then stop."""
+        for name in ("", *self.names):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace_seconds)
+        if self.on_stop is not None:
+            self.on_stop()
+
+
+async def start_server(config: ServerConfig, default_port: int, services: Sequence[ServiceSpec],
+                       describe: Callable[[], common_pb2.GetServiceStatusResponse],
+                       on_stop: Callable[[], None] | None = None) -> RunningServer:
+    """Start a grpc.aio server hosting services plus health, reflection and ServiceStatus."""
+    server = grpc.aio.server(options=grpc_options(config))
+    for spec in services:
+        spec.add_to_server(spec.servicer, server)
+    common_pb2_grpc.add_ServiceStatusServicer_to_server(StatusServicer(describe), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [spec.full_name for spec in services]
+    reflection.enable_server_reflection(
+        [*names, "speechrl.v1.ServiceStatus", health.SERVICE_NAME, reflection.SERVICE_NAME], server)
+    port = server.add_insecure_port(f"{config.host}:{config.port or default_port}")
+    if port == 0:
+        raise OSError(f"cannot listen on {config.host}:{config.port or default_port}")
+    await server.start()
+    for name in ("", *names, "speechrl.v1.ServiceStatus"):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if config.metrics_port:
+        start_http_server(config.metrics_port, addr=config.host)
+    log.info("serving %s on %s:%d", ", ".join(names), config.host, port)
+    return RunningServer(server, port, health_servicer, names, on_stop)
+
+
+async def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
+    """Block until SIGTERM/SIGINT, then drain and stop."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining for up to %.0f s", grace_seconds)
+    await running.stop(grace_seconds)
+
+
+def configure_runtime(config: ServerConfig) -> None:
+    """Logging and the torch thread count, before a model loads."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        import torch
+    except ImportError:
+        return
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)

@@ -1,0 +1,76 @@
+"""The one place where proto messages become engine inputs and engine outcomes become replies.
+
+Servicers use these helpers so that every service reports failures the same way: per-item
+ItemError messages for item problems, and gRPC status codes (with a message naming the field)
+for problems of the request as a whole.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Awaitable, Callable, Sized
+from typing import Any, TypeVar
+
+import grpc
+
+from speechrl.services.audio import AudioInput
+from speechrl.services.batching import QueueFull
+from speechrl.services.errors import ItemFailure, RequestInvalid
+from speechrl.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def audio_from_proto(audio: common_pb2.Audio) -> AudioInput:
+    """The engine-side view of an Audio message (decoding happens in the model thread)."""
+    source = audio.WhichOneof("source")
+    if source == "encoded":
+        return AudioInput(encoded=audio.encoded)
+    if source == "pcm":
+        encoding = common_pb2.PcmEncoding.Name(audio.pcm.encoding) if audio.pcm.encoding in common_pb2.PcmEncoding.values() else ""
+        return AudioInput(pcm=audio.pcm.data, sample_rate_hertz=audio.pcm.sample_rate_hertz,
+                          pcm_encoding="" if encoding == "PCM_ENCODING_UNSPECIFIED" else encoding,
+                          channels=audio.pcm.channels or 1)
+    return AudioInput()
+
+
+def item_error(failure: ItemFailure) -> common_pb2.ItemError:
+    """The ItemError message of an engine's ItemFailure."""
+    return common_pb2.ItemError(code=common_pb2.ItemErrorCode.Value(f"ITEM_ERROR_CODE_{failure.code.value}"),
+                                message=failure.message, field=failure.field)
+
+
+def check_count(items: Sized, field: str, limit: int) -> None:
+    """Reject an empty or oversized repeated field as a whole."""
+    if len(items) == 0:
+        raise RequestInvalid(field, "must have at least one item")
+    if len(items) > limit:
+        raise RequestInvalid(field, f"has {len(items)} items, over the server's limit of {limit}; split the request")
+
+
+def grpc_method(method: F) -> F:
+    """Map exceptions of a servicer method to status codes, in one place.
+
+    RequestInvalid -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED (with a retry hint),
+    anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
+    """
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except RequestInvalid as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except QueueFull as exc:
+            context.set_trailing_metadata((("retry-after-ms", "200"),))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - the server must stay up
+            log.exception("%s failed", method.__name__)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+    return wrapper  # type: ignore[return-value]

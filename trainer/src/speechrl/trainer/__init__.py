@@ -1,0 +1,1 @@
+"""SpeechRL trainer: GRPO / DiffRO for LLM-based ASR and TTS."""
