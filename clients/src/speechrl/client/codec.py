@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Union
 
 import numpy as np
-
 from speechrl.v1 import common_pb2
 
 # What callers may pass as audio: a file path, encoded file bytes, a (samples, rate) pair,
 # or a ready Audio message.
-AudioLike = Union[str, os.PathLike, bytes, tuple[np.ndarray, int], common_pb2.Audio]
+AudioLike = str | os.PathLike | bytes | tuple[np.ndarray, int] | common_pb2.Audio
 
 _DTYPES: dict[int, np.dtype] = {
     common_pb2.DTYPE_FLOAT32: np.dtype("<f4"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jiwer
-
 from speechrl.rewards.text import is_character_language, normalize_text
 
 

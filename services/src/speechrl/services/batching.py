@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
-
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 log = logging.getLogger(__name__)
@@ -104,7 +103,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                         break
                     try:
                         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except asyncio.TimeoutError:
+                    except TimeoutError:
                         break
                 else:
                     batch.append(self._queue.get_nowait())
@@ -113,7 +112,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             if not live:
                 continue
             results = await loop.run_in_executor(self._executor, self._process_isolated, [p.item for p in live])
-            for p, result in zip(live, results):
+            for p, result in zip(live, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
 

@@ -8,10 +8,10 @@ INVALID_ARGUMENT with its message, which names the field.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 
-class ErrorCode(str, Enum):
+class ErrorCode(StrEnum):
     """Mirrors speechrl.v1.ItemErrorCode (without the prefix), so engines need no proto import."""
 
     INVALID_AUDIO = "INVALID_AUDIO"
@@ -36,7 +36,7 @@ class ItemFailure(Exception):
     def __str__(self) -> str:
         return f"{self.code.value}: {self.message}" + (f" ({self.field})" if self.field else "")
 
-    def at(self, field: str) -> "ItemFailure":
+    def at(self, field: str) -> ItemFailure:
         """The same failure located at a request field, e.g. items[3].audio."""
         return ItemFailure(self.code, self.message, field + (f".{self.field}" if self.field else ""))
 

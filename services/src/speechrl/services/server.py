@@ -17,7 +17,6 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
-
 from speechrl.services import __version__
 from speechrl.services.config import ServerConfig
 from speechrl.v1 import common_pb2, common_pb2_grpc
@@ -61,6 +60,15 @@ class StatusServicer(common_pb2_grpc.ServiceStatusServicer):
         status = self.describe()
         status.version = __version__
         return status
+
+
+def status_response(service: str, backend: str, model: str, config: ServerConfig, batcher: Any,
+                    residency: str = "resident") -> common_pb2.GetServiceStatusResponse:
+    """The GetServiceStatus reply of a server with one model behind one DynamicBatcher."""
+    return common_pb2.GetServiceStatusResponse(
+        service=service, backend=backend, model=model, device=config.device, residency=residency,
+        batching=common_pb2.BatchingConfig(max_batch_size=config.max_batch_size, max_wait_ms=int(config.max_wait_ms)),
+        items_processed=batcher.items_processed, items_failed=batcher.items_failed)
 
 
 class RunningServer:

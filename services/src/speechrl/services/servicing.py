@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable, Sized
 from typing import Any, TypeVar
 
 import grpc
-
 from speechrl.services.audio import AudioInput
 from speechrl.services.batching import QueueFull
 from speechrl.services.errors import ItemFailure, RequestInvalid
@@ -69,7 +68,7 @@ def grpc_method(method: F) -> F:
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
         except grpc.aio.AbortError:
             raise
-        except Exception as exc:  # noqa: BLE001 - the server must stay up
+        except Exception as exc:
             log.exception("%s failed", method.__name__)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 

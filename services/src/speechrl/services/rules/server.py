@@ -1,0 +1,56 @@
+"""Entry point of the rule-reward server: `speechrl serve rules`."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from speechrl.services.batching import DynamicBatcher
+from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.rules.engine import RuleRewardEngine
+from speechrl.services.rules.servicer import RuleRewardsServicer
+from speechrl.services.server import (
+    RunningServer,
+    ServiceSpec,
+    configure_runtime,
+    serve_until_signalled,
+    start_server,
+    status_response,
+)
+from speechrl.v1 import common_pb2, rule_rewards_pb2_grpc
+
+SERVICE = "rules"
+DEFAULT_PORT = 50053
+
+
+@dataclass
+class RulesConfig(ServerConfig):
+    """Settings of the rule-reward server."""
+
+    max_text_chars: int = option(20_000, "Longest hypothesis or reference accepted, in characters.")
+
+
+async def start(config: RulesConfig) -> RunningServer:
+    """Build the engine and start serving; returns the running server."""
+    engine = RuleRewardEngine(config.max_text_chars)
+    batcher = DynamicBatcher(engine.score_batch, max_batch_size=config.max_batch_size,
+                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items)
+
+    def describe() -> common_pb2.GetServiceStatusResponse:
+        return status_response("speechrl.v1.RuleRewards", "rules", "speechrl.rewards", config, batcher)
+
+    servicer = RuleRewardsServicer(batcher, config.max_request_items)
+    spec = ServiceSpec("speechrl.v1.RuleRewards", servicer, rule_rewards_pb2_grpc.add_RuleRewardsServicer_to_server)
+    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=batcher.close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    config = parse_config(RulesConfig, SERVICE, argv, description="Serve the ASR rule rewards over gRPC.")
+    configure_runtime(config)
+
+    async def run() -> None:
+        running = await start(config)
+        await serve_until_signalled(running, config.grace_seconds)
+
+    asyncio.run(run())

@@ -1,0 +1,76 @@
+"""Shared test fixtures: real espeak-ng speech, free ports, and real gRPC servers on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import shutil
+import socket
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from speechrl.services.server import RunningServer
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def serve_in_thread(start: Callable[[], Awaitable[RunningServer]]) -> Iterator[RunningServer]:
+    """Run a real grpc.aio server (built by the coroutine function `start`) on its own loop thread."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    running = asyncio.run_coroutine_threadsafe(start(), loop).result(timeout=300)
+    try:
+        yield running
+    finally:
+        asyncio.run_coroutine_threadsafe(running.stop(1.0), loop).result(timeout=30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(timeout=10)
+
+
+class Speech:
+    """Real speech from espeak-ng, cached per (text, voice, rate, pitch) for the session."""
+
+    def __init__(self, cache_dir: Path):
+        if shutil.which("espeak-ng") is None:
+            raise RuntimeError("espeak-ng is not installed: run scripts/bootstrap.sh (apt-get install espeak-ng sox)")
+        self.cache_dir = cache_dir
+
+    def path(self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50) -> Path:
+        """A 22.05 kHz mono WAV of text spoken by an espeak-ng voice."""
+        key = hashlib.sha1(f"{text}|{voice}|{rate}|{pitch}".encode()).hexdigest()[:16]
+        out = self.cache_dir / f"{key}.wav"
+        if not out.exists():
+            subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", str(out), text],
+                           check=True, capture_output=True)
+        return out
+
+    def wav(self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50) -> bytes:
+        """WAV bytes of text spoken by an espeak-ng voice."""
+        return self.path(text, voice, rate, pitch).read_bytes()
+
+
+@pytest.fixture(scope="session")
+def speech(tmp_path_factory: pytest.TempPathFactory) -> Speech:
+    return Speech(tmp_path_factory.mktemp("speech"))
+
+
+@pytest.fixture
+def port() -> int:
+    return free_port()
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    # Doctests of the generated stubs' package have nothing to run; keep the listing clean.
+    items[:] = [i for i in items if "_pb2" not in str(getattr(i, "fspath", ""))]
