@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+
 from speechrl.v1 import common_pb2
 
 # What callers may pass as audio: a file path, encoded file bytes, a (samples, rate) pair,

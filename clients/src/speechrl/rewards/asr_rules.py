@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import jiwer
+
 from speechrl.rewards.text import is_character_language, normalize_text
 from speechrl.rewards.wer import Counts, error_rates
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import jiwer
+
 from speechrl.rewards.text import is_character_language, normalize_text
 
 

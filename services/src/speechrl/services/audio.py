@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import soundfile
 import soxr
+
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 PCM_DTYPES = {"PCM_S16LE": np.dtype("<i2"), "PCM_F32LE": np.dtype("<f4")}

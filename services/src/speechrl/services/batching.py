@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
+
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 log = logging.getLogger(__name__)

@@ -17,6 +17,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
+
 from speechrl.services import __version__
 from speechrl.services.config import ServerConfig
 from speechrl.v1 import common_pb2, common_pb2_grpc

@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sized
 from typing import Any, TypeVar
 
 import grpc
+
 from speechrl.services.audio import AudioInput
 from speechrl.services.batching import QueueFull
 from speechrl.services.errors import ItemFailure, RequestInvalid

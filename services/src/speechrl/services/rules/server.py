@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from speechrl.services.batching import DynamicBatcher
 from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.rules.engine import RuleRewardEngine
 from speechrl.services.rules.servicer import RuleRewardsServicer
 from speechrl.services.server import (
@@ -21,7 +22,7 @@ from speechrl.services.server import (
 from speechrl.v1 import common_pb2, rule_rewards_pb2_grpc
 
 SERVICE = "rules"
-DEFAULT_PORT = 50053
+DEFAULT_PORT = DEFAULT_PORTS[SERVICE]
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import grpc
+
 from speechrl.rewards import RuleRewardResult
 from speechrl.services.batching import DynamicBatcher
 from speechrl.services.errors import ItemFailure, RequestInvalid

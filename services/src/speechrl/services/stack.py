@@ -1,0 +1,263 @@
+"""The local stack: `speechrl up` starts Redis (when none answers) and every service, waits until
+all are healthy and prints where they are; `speechrl down` stops them; `speechrl status` reports.
+
+State lives under SPEECHRL_HOME (default ./.speechrl): pid files in run/, logs in logs/.
+Each service reads its own SPEECHRL_<SERVICE>_* variables; the stack adds the process-level
+settings that must be set before Python starts (thread counts, allocator), see `service_env`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from speechrl.services.ports import DEFAULT_PORTS
+
+# Start order: the gateway last, since its readiness needs the scorers.
+STACK_SERVICES = ("rules", "intelligibility", "speaker", "gateway")
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+@dataclass(frozen=True)
+class StackPaths:
+    """Where the stack keeps pid files and logs."""
+
+    home: Path
+
+    @property
+    def run(self) -> Path:
+        return self.home / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.home / "logs"
+
+    def pid_file(self, name: str) -> Path:
+        return self.run / f"{name}.pid"
+
+    def log_file(self, name: str) -> Path:
+        return self.logs / f"{name}.log"
+
+
+def service_port(name: str, environ: dict[str, str] | None = None) -> int:
+    """The port a stack service listens on: SPEECHRL_<NAME>_PORT or the default."""
+    environ = os.environ if environ is None else environ
+    return int(environ.get(f"SPEECHRL_{name.upper()}_PORT") or DEFAULT_PORTS[name])
+
+
+def redis_url(environ: dict[str, str] | None = None) -> str:
+    """The Redis every component uses: SPEECHRL_REDIS_URL or the local default."""
+    environ = os.environ if environ is None else environ
+    return environ.get("SPEECHRL_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def service_env(base: dict[str, str]) -> dict[str, str]:
+    """Process settings for a service, set deliberately (measured in bench/RESULTS.md).
+
+    On a small CPU box numpy's OpenBLAS threads fight CTranslate2/torch OpenMP threads for the same
+    cores, and glibc malloc returns and re-faults the model's large buffers each batch: one
+    OpenBLAS thread and jemalloc with retained pages each roughly halve the ASR scorer's latency.
+    Variables already set by the caller win.
+    """
+    env = dict(base)
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    if os.path.exists(JEMALLOC) and "LD_PRELOAD" not in env:
+        env["LD_PRELOAD"] = JEMALLOC
+        env.setdefault("MALLOC_CONF", "background_thread:true,dirty_decay_ms:60000,muzzy_decay_ms:60000")
+    return env
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_pid(path: Path) -> int | None:
+    try:
+        pid = int(path.read_text().strip())
+    except (FileNotFoundError, ValueError):
+        return None
+    return pid if pid_alive(pid) else None
+
+
+def grpc_healthy(port: int, timeout: float = 1.0) -> bool:
+    """True when the gRPC server on port answers health SERVING."""
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def http_ready(port: int, path: str = "/readyz", timeout: float = 2.0) -> bool:
+    """True when the HTTP server on port answers 200 on path."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as reply:
+            return bool(reply.status == 200)
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def healthy(name: str, port: int) -> bool:
+    return http_ready(port) if name == "gateway" else grpc_healthy(port)
+
+
+def redis_answers(url: str) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis.from_url(url, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def ensure_redis(paths: StackPaths, url: str) -> str:
+    """Start a local redis-server when none answers at url; returns what was done."""
+    if redis_answers(url):
+        return "already running"
+    binary = shutil.which("redis-server")
+    if binary is None:
+        raise SystemExit(f"Redis does not answer at {url} and redis-server is not installed: run scripts/bootstrap.sh")
+    from urllib.parse import urlparse
+
+    port = urlparse(url).port or 6379
+    data = paths.home / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    subprocess.run([binary, "--daemonize", "yes", "--bind", "127.0.0.1", "--port", str(port), "--dir", str(data),
+                    "--appendonly", "yes", "--pidfile", str(paths.pid_file("redis")),
+                    "--logfile", str(paths.log_file("redis"))], check=True)
+    for _ in range(50):
+        if redis_answers(url):
+            return f"started on port {port}"
+        time.sleep(0.1)
+    raise SystemExit(f"redis-server did not answer on port {port}; see {paths.log_file('redis')}")
+
+
+def start_service(name: str, paths: StackPaths) -> int:
+    """Start one service in its own session, logging to a file; returns its pid."""
+    existing = read_pid(paths.pid_file(name))
+    if existing is not None:
+        return existing
+    log = paths.log_file(name).open("ab")
+    cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", name, "--port", str(service_port(name))]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=service_env(dict(os.environ)), start_new_session=True)
+    paths.pid_file(name).write_text(str(proc.pid))
+    return proc.pid
+
+
+def wait_healthy(names: Sequence[str], paths: StackPaths, timeout: float) -> None:
+    """Wait until every service is healthy, showing progress; exit with the log tail on failure."""
+    deadline = time.monotonic() + timeout
+    pending = list(names)
+    while pending:
+        for name in list(pending):
+            if read_pid(paths.pid_file(name)) is None:
+                tail = paths.log_file(name).read_text(errors="replace")[-3000:]
+                raise SystemExit(f"{name} exited during start-up; last log lines:\n{tail}")
+            if healthy(name, service_port(name)):
+                pending.remove(name)
+                print(f"  {name:<16} ready on port {service_port(name)}", flush=True)
+        if pending and time.monotonic() > deadline:
+            raise SystemExit(f"not healthy after {timeout:.0f} s: {', '.join(pending)}; logs in {paths.logs}")
+        if pending:
+            time.sleep(0.5)
+
+
+def stop_pid(pid: int, grace: float) -> None:
+    """SIGTERM the process group, then SIGKILL after grace seconds."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and pid_alive(pid):
+        time.sleep(0.1)
+    if pid_alive(pid):
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def up(names: Sequence[str], paths: StackPaths, timeout: float) -> None:
+    paths.run.mkdir(parents=True, exist_ok=True)
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    print(f"redis: {ensure_redis(paths, redis_url())} ({redis_url()})", flush=True)
+    for name in names:
+        pid = start_service(name, paths)
+        print(f"  {name:<16} starting (pid {pid}, log {paths.log_file(name)})", flush=True)
+    wait_healthy(names, paths, timeout)
+    print(status_table(names, paths))
+
+
+def down(names: Sequence[str], paths: StackPaths, grace: float) -> None:
+    for name in reversed(names):
+        pid = read_pid(paths.pid_file(name))
+        if pid is not None:
+            stop_pid(pid, grace)
+            print(f"stopped {name} (pid {pid})")
+        paths.pid_file(name).unlink(missing_ok=True)
+    redis_pid = read_pid(paths.pid_file("redis"))
+    if redis_pid is not None:  # only a Redis this stack started
+        os.kill(redis_pid, signal.SIGTERM)
+        print(f"stopped redis (pid {redis_pid})")
+
+
+def status_table(names: Sequence[str], paths: StackPaths) -> str:
+    rows = [f"{'service':<16} {'address':<22} {'pid':<8} state"]
+    for name in names:
+        pid = read_pid(paths.pid_file(name))
+        port = service_port(name)
+        state = "healthy" if healthy(name, port) else ("starting/unhealthy" if pid else "stopped")
+        address = f"http://127.0.0.1:{port}" if name == "gateway" else f"127.0.0.1:{port}"
+        rows.append(f"{name:<16} {address:<22} {pid or '-':<8} {state}")
+    rows.append(f"{'redis':<16} {redis_url():<22} {'':<8} {'up' if redis_answers(redis_url()) else 'down'}")
+    return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="speechrl", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--only", default=",".join(STACK_SERVICES),
+                        help=f"comma-separated services (default: {','.join(STACK_SERVICES)})")
+    parser.add_argument("--home", default=os.environ.get("SPEECHRL_HOME", ".speechrl"),
+                        help="state folder for pid files and logs (env SPEECHRL_HOME)")
+    parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health on up")
+    parser.add_argument("--grace", type=float, default=15.0, help="seconds each service may drain on down")
+    args = parser.parse_args(argv)
+    names = [n for n in STACK_SERVICES if n in args.only.split(",")]
+    unknown = set(args.only.split(",")) - set(STACK_SERVICES)
+    if unknown:
+        parser.error(f"unknown services {sorted(unknown)}; choose from {', '.join(STACK_SERVICES)}")
+    paths = StackPaths(Path(args.home).resolve())
+    if args.command == "up":
+        up(names, paths, args.timeout)
+    elif args.command == "down":
+        down(names, paths, args.grace)
+    else:
+        print(status_table(names, paths))
