@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The test command: lint, type-check, stale-stub check, then the whole suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/bootstrap.sh
+BIN=${SPEECHRL_VENV:-.venv}/bin
+# Thread and allocator settings the services use (see speechrl.services.stack.service_env).
+export OPENBLAS_NUM_THREADS=1 MKL_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+echo "== ruff"; "$BIN/ruff" check .
+echo "== mypy"; "$BIN/mypy"
+echo "== stubs"; "$BIN/python" scripts/gen_protos.py --check
+echo "== pytest"; "$BIN/pytest" "$@"

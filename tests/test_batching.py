@@ -1,0 +1,82 @@
+"""Dynamic batching: coalescing, order, limits and isolation of a poisonous item."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from speechrl.services.batching import DynamicBatcher, QueueFull
+from speechrl.services.errors import ErrorCode, ItemFailure
+
+
+async def test_concurrent_callers_are_coalesced_and_get_their_own_results() -> None:
+    sizes: list[int] = []
+
+    def double(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return [x * 2 for x in xs]
+
+    batcher = DynamicBatcher(double, max_batch_size=16, max_wait_ms=20, name="t-coalesce")
+    results = await asyncio.gather(*(batcher.submit([i]) for i in range(32)))
+    batcher.close()
+    assert results == [[2 * i] for i in range(32)]
+    assert max(sizes) > 1 and all(s <= 16 for s in sizes)
+    assert batcher.items_processed == 32
+
+
+async def test_batch_size_one_runs_each_item_alone() -> None:
+    sizes: list[int] = []
+    batcher = DynamicBatcher(lambda xs: sizes.append(len(xs)) or xs, max_batch_size=1, max_wait_ms=5, name="t-one")
+    await asyncio.gather(*(batcher.submit([i]) for i in range(5)))
+    batcher.close()
+    assert sizes == [1] * 5
+
+
+async def test_a_large_request_is_split_and_reassembled_in_order() -> None:
+    batcher = DynamicBatcher(lambda xs: [x + 1 for x in xs], max_batch_size=4, max_wait_ms=1, name="t-split")
+    assert await batcher.submit(list(range(10))) == list(range(1, 11))
+    batcher.close()
+
+
+async def test_a_poisonous_item_fails_alone() -> None:
+    def fragile(xs: list[int]) -> list[int]:
+        if 13 in xs:
+            raise RuntimeError("model crashed on 13")
+        return xs
+
+    batcher = DynamicBatcher(fragile, max_batch_size=8, max_wait_ms=10, name="t-poison")
+    out = await batcher.submit([1, 13, 2])
+    batcher.close()
+    assert out[0] == 1 and out[2] == 2
+    assert isinstance(out[1], ItemFailure) and out[1].code is ErrorCode.INTERNAL
+    assert "model crashed on 13" in out[1].message
+    assert batcher.items_failed == 1
+
+
+async def test_the_model_runs_off_the_event_loop_thread() -> None:
+    threads: set[str] = set()
+    batcher = DynamicBatcher(lambda xs: threads.add(threading.current_thread().name) or xs,
+                             max_batch_size=2, max_wait_ms=1, name="t-thread")
+    await batcher.submit([1, 2, 3])
+    batcher.close()
+    assert threads and threading.current_thread().name not in threads
+
+
+async def test_queue_limit_sheds_load() -> None:
+    gate = threading.Event()
+    batcher = DynamicBatcher(lambda xs: gate.wait(5) and xs, max_batch_size=1, max_wait_ms=0,
+                             name="t-shed", max_queue_items=2)
+    first = asyncio.ensure_future(batcher.submit([1, 2]))
+    await asyncio.sleep(0.05)
+    with pytest.raises(QueueFull):
+        await batcher.submit([3, 4, 5])
+    gate.set()
+    assert await first == [1, 2]
+    batcher.close()
+
+
+def test_invalid_limits_are_refused() -> None:
+    with pytest.raises(ValueError, match="max_batch_size"):
+        DynamicBatcher(lambda xs: xs, max_batch_size=0, max_wait_ms=1, name="bad")
