@@ -23,12 +23,18 @@ COMMAND_MODULES = {
     "demo": "speechrl.services.demo",
 }
 
+# Subcommands whose module takes the rest of the line as is, e.g. `speechrl gpu status`.
+GROUP_MODULES = {
+    "gpu": "speechrl.services.lease.status",
+}
+
 
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="speechrl", description="SpeechRL reward services for speech RL.")
-    parser.add_argument("command", choices=["serve", *COMMAND_MODULES],
-                        help="serve SERVICE: run one server; up/down/status: the local stack; demo: the main job")
+    parser.add_argument("command", choices=["serve", *COMMAND_MODULES, *GROUP_MODULES],
+                        help="serve SERVICE: run one server; up/down/status: the local stack; demo: the main job; "
+                             "gpu status: the GPU lease")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\nservices:", ", ".join(SERVICE_MODULES))
@@ -38,6 +44,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         if not rest or rest[0] not in SERVICE_MODULES:
             parser.error(f"serve needs a service: one of {', '.join(SERVICE_MODULES)}")
         importlib.import_module(SERVICE_MODULES[rest[0]]).main(rest[1:])
+    elif command in GROUP_MODULES:
+        importlib.import_module(GROUP_MODULES[command]).main(rest)
     elif command in COMMAND_MODULES:
         importlib.import_module(COMMAND_MODULES[command]).main([command, *rest])
     else:

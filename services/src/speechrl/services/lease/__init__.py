@@ -1,0 +1,13 @@
+"""GPU turn-taking through a Redis lease queue: FIFO per device, fencing tokens, heartbeats."""
+
+from speechrl.services.lease.lease import (
+    PRIORITIES,
+    GpuLease,
+    Grant,
+    LeaseError,
+    LeaseSettings,
+    LeaseTimeout,
+    LeaseUnavailable,
+)
+
+__all__ = ["PRIORITIES", "GpuLease", "Grant", "LeaseError", "LeaseSettings", "LeaseTimeout", "LeaseUnavailable"]

@@ -1,0 +1,109 @@
+"""The lease's atomic steps as Lua scripts, run by Redis with no interleaving.
+
+All keys of one device share the hash tag `{device}` so a Redis Cluster keeps them on one slot;
+per-ticket keys (waiter liveness, wake-up list) are built inside the scripts from that prefix.
+Tickets are random strings known only to their owner: every mutating script checks the ticket
+first, so a process can only renew or release its own grant.
+
+Per-device keys (prefix P = "<namespace>:{<device>}"):
+  P:holder          ticket of the holder; its PX TTL is the lease: no heartbeat, no lease
+  P:info            hash ticket/owner/fence/granted_ms of the current grant (survives TTL expiry,
+                    so the next acquirer can count the expiry)
+  P:queue           sorted set of waiting tickets; score = priority_rank * 2^40 + arrival seq
+  P:owners          hash ticket -> owner label, for status displays
+  P:waiter:<ticket> liveness of a waiter, PX waiter TTL; a waiter whose key lapsed is skipped
+  P:notify:<ticket> list pushed on release to wake the next waiter at once
+  P:fence           fencing-token counter: only grows, one increment per grant
+  P:seq             arrival counter (FIFO within a priority class)
+  P:stats           hash of counters: grants, releases, handoffs, expiries, skipped
+"""
+
+# KEYS: holder, info, queue, fence, seq, stats, owners
+# ARGV: ticket, holder_ttl_ms, waiter_ttl_ms, priority_rank, owner, prefix, enqueue (1 = first call)
+# Returns {state, value, expired}: state 1 = granted (value = fencing token), 0 = waiting
+# (value = 0-based queue position), -1 = dropped as a dead waiter (value 0); expired = 1 when
+# this call found a holder whose TTL had run out.
+ACQUIRE = """
+local ticket = ARGV[1]
+local prefix = ARGV[6]
+local holder = redis.call('GET', KEYS[1])
+if holder == ticket then
+  return {1, tonumber(redis.call('HGET', KEYS[2], 'fence')), 0}
+end
+if not redis.call('ZSCORE', KEYS[3], ticket) then
+  if ARGV[7] ~= '1' then
+    return {-1, 0, 0}
+  end
+  local seq = redis.call('INCR', KEYS[5])
+  redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) * 1099511627776 + seq, ticket)
+  redis.call('HSET', KEYS[7], ticket, ARGV[5])
+end
+redis.call('SET', prefix .. ':waiter:' .. ticket, '1', 'PX', ARGV[3])
+if holder then
+  return {0, redis.call('ZRANK', KEYS[3], ticket), 0}
+end
+local expired = 0
+if redis.call('HEXISTS', KEYS[2], 'ticket') == 1 then
+  redis.call('HINCRBY', KEYS[6], 'expiries', 1)
+  redis.call('DEL', KEYS[2])
+  expired = 1
+end
+while true do
+  local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
+  if head == ticket then break end
+  if redis.call('EXISTS', prefix .. ':waiter:' .. head) == 1 then
+    return {0, redis.call('ZRANK', KEYS[3], ticket), expired}
+  end
+  redis.call('ZREM', KEYS[3], head)
+  redis.call('HDEL', KEYS[7], head)
+  redis.call('DEL', prefix .. ':notify:' .. head)
+  redis.call('HINCRBY', KEYS[6], 'skipped', 1)
+end
+redis.call('ZREM', KEYS[3], ticket)
+redis.call('DEL', prefix .. ':waiter:' .. ticket, prefix .. ':notify:' .. ticket)
+local fence = redis.call('INCR', KEYS[4])
+local now = redis.call('TIME')
+redis.call('SET', KEYS[1], ticket, 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'ticket', ticket, 'owner', ARGV[5], 'fence', fence,
+           'granted_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('HINCRBY', KEYS[6], 'grants', 1)
+return {1, fence, expired}
+"""
+
+# KEYS: holder
+# ARGV: ticket, holder_ttl_ms
+# Returns 1 when the TTL was extended, 0 when ticket no longer holds the lease.
+RENEW = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+# KEYS: holder, info, queue, stats, owners
+# ARGV: ticket, prefix
+# Returns 1 when released, 0 when ticket was not the holder (its lease had already lapsed).
+# Wakes the first live waiter so the handoff does not wait for a poll.
+RELEASE = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+redis.call('DEL', KEYS[1], KEYS[2])
+redis.call('HDEL', KEYS[5], ARGV[1])
+redis.call('HINCRBY', KEYS[4], 'releases', 1)
+for _, head in ipairs(redis.call('ZRANGE', KEYS[3], 0, 7)) do
+  if redis.call('EXISTS', ARGV[2] .. ':waiter:' .. head) == 1 then
+    redis.call('RPUSH', ARGV[2] .. ':notify:' .. head, '1')
+    redis.call('PEXPIRE', ARGV[2] .. ':notify:' .. head, 60000)
+    redis.call('HINCRBY', KEYS[4], 'handoffs', 1)
+    break
+  end
+end
+return 1
+"""
+
+# KEYS: queue, owners
+# ARGV: ticket, prefix
+# Leaves the queue (a waiter that gives up). Returns 1 when it was queued.
+CANCEL = """
+redis.call('DEL', ARGV[2] .. ':waiter:' .. ARGV[1], ARGV[2] .. ':notify:' .. ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""

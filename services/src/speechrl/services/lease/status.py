@@ -1,0 +1,93 @@
+"""What the lease looks like right now, for `speechrl gpu status` and service status replies."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import redis.asyncio as aioredis
+
+from speechrl.services.lease.lease import LeaseSettings, device_prefix
+
+
+@dataclass
+class DeviceStatus:
+    """One device's holder, queue and counters."""
+
+    device: str
+    holder: str | None = None
+    fence: int = 0
+    held_for_s: float = 0.0
+    ttl_left_ms: int = 0
+    queue: list[str] = field(default_factory=list)
+    stats: dict[str, int] = field(default_factory=dict)
+
+
+def _text(value: bytes | str | None) -> str:
+    return value.decode() if isinstance(value, bytes) else (value or "")
+
+
+async def device_status(client: aioredis.Redis, device: str, namespace: str = LeaseSettings.namespace) -> DeviceStatus:
+    """The state of one device's lease."""
+    p = device_prefix(namespace, device)
+    status = DeviceStatus(device)
+    ttl = await client.pttl(f"{p}:holder")
+    info = {_text(k): _text(v) for k, v in (await client.hgetall(f"{p}:info")).items()}
+    if ttl > 0 and info:
+        status.holder = info.get("owner")
+        status.fence = int(info.get("fence", 0))
+        status.held_for_s = max(0.0, time.time() - int(info.get("granted_ms", 0)) / 1000)
+        status.ttl_left_ms = int(ttl)
+    tickets = [_text(t) for t in await client.zrange(f"{p}:queue", 0, -1)]
+    owners = {_text(k): _text(v) for k, v in (await client.hgetall(f"{p}:owners")).items()}
+    status.queue = [owners.get(t, "?") for t in tickets]
+    status.stats = {_text(k): int(v) for k, v in (await client.hgetall(f"{p}:stats")).items()}
+    if not status.fence:
+        status.fence = int(await client.get(f"{p}:fence") or 0)
+    return status
+
+
+async def known_devices(client: aioredis.Redis, namespace: str = LeaseSettings.namespace) -> list[str]:
+    """Every device that has ever been granted or queued for."""
+    devices = set()
+    async for key in client.scan_iter(match=f"{namespace}:{{*}}:seq"):
+        name = _text(key)
+        devices.add(name[name.index("{") + 1:name.rindex("}")])
+    return sorted(devices)
+
+
+def format_status(statuses: Sequence[DeviceStatus]) -> str:
+    """A table of devices, holders and queues."""
+    if not statuses:
+        return "no device has been leased yet"
+    lines = [f"{'device':<10} {'holder':<22} {'fence':>6} {'held':>7} {'ttl':>7}  queue / counters"]
+    for s in statuses:
+        held = f"{s.held_for_s:.1f}s" if s.holder else "-"
+        ttl = f"{s.ttl_left_ms}ms" if s.holder else "-"
+        counters = " ".join(f"{k}={v}" for k, v in sorted(s.stats.items()))
+        lines.append(f"{s.device:<10} {s.holder or 'free':<22} {s.fence:>6} {held:>7} {ttl:>7}  "
+                     f"[{', '.join(s.queue)}] {counters}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="speechrl gpu", description="Show each device's lease holder and queue.")
+    parser.add_argument("command", choices=["status"])
+    parser.add_argument("--redis-url", default=os.environ.get("SPEECHRL_REDIS_URL", "redis://127.0.0.1:6379/0"),
+                        help="Redis of the lease (env SPEECHRL_REDIS_URL)")
+    parser.add_argument("--device", action="append", help="only these devices (repeatable)")
+    args = parser.parse_args(argv)
+
+    async def run() -> str:
+        client = aioredis.Redis.from_url(args.redis_url)
+        try:
+            devices = args.device or await known_devices(client)
+            return format_status([await device_status(client, d) for d in devices])
+        finally:
+            await client.aclose()
+
+    print(asyncio.run(run()))
