@@ -7,7 +7,9 @@ the engine's batch function in a single dedicated thread (models are not re-entr
 span batches and a batch may mix requests; results come back to each caller in its order.
 
 A batch function that raises is retried item by item, so one poisonous item costs only itself an
-ItemFailure(INTERNAL) and never its neighbours.
+ItemFailure(INTERNAL) and never its neighbours. With a DeviceGuard, each batch runs under the
+device's GPU lease; a lease failure (Redis down, wait timeout) fails that batch's callers with the
+exception, which the servicer turns into UNAVAILABLE.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from prometheus_client import Counter, Gauge, Histogram
 
 from speechrl.services.errors import ErrorCode, ItemFailure
+
+if TYPE_CHECKING:
+    from speechrl.services.residency import DeviceGuard
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +66,8 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
     """
 
     def __init__(self, process: Callable[[list[ItemT]], Sequence[ResultT | ItemFailure]], *,
-                 max_batch_size: int, max_wait_ms: float, name: str, max_queue_items: int = 4096):
+                 max_batch_size: int, max_wait_ms: float, name: str, max_queue_items: int = 4096,
+                 guard: DeviceGuard | None = None):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -71,6 +77,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.max_wait_s = max_wait_ms / 1000.0
         self.max_queue_items = max_queue_items
         self.name = name
+        self.guard = guard
         self.items_processed = 0
         self.items_failed = 0
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
@@ -112,7 +119,17 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             live = [p for p in batch if not p.future.done()]  # skip callers that were cancelled
             if not live:
                 continue
-            results = await loop.run_in_executor(self._executor, self._process_isolated, [p.item for p in live])
+            items = [p.item for p in live]
+            try:
+                if self.guard is None:
+                    results = await loop.run_in_executor(self._executor, self._process_isolated, items)
+                else:
+                    results = await self.guard.run(self._executor, self._process_isolated, items)
+            except Exception as exc:  # noqa: BLE001 - infrastructure failure: every caller of the batch hears it
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
             for p, result in zip(live, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)

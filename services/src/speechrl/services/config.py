@@ -39,6 +39,14 @@ class ServerConfig:
     threads: int = option(0, "Intra-op threads of the model runtime; 0 means the number of cores.")
     metrics_port: int = option(0, "Serve Prometheus /metrics on this port; 0 turns it off.")
     grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
+    lease_device: str = option("", "Take this device's GPU lease around every batch (e.g. cuda:0) so services "
+                                   "sharing a GPU take turns; empty: no lease (CPU, or a GPU of its own).")
+    residency: str = option("keep", "Model between leased batches: keep (stay on device), offload (to CPU "
+                                    "memory), sleep (backend sleep mode, vLLM). offload/sleep when sharing a GPU.")
+    lease_priority: str = option("normal", "Lease priority class: high, normal or low (FIFO within a class).")
+    lease_wait_seconds: float = option(120.0, "Longest wait for the lease before a batch fails UNAVAILABLE.")
+    lease_ttl_ms: int = option(10_000, "Lease TTL: a dead holder blocks the device at most this long.")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease.")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -49,6 +57,10 @@ class ServerConfig:
             raise ValueError(f"max_audio_seconds must be > 0, got {self.max_audio_seconds}")
         if not self.device.startswith(("cpu", "cuda")):
             raise ValueError(f"device must be cpu or cuda:N, got {self.device!r}")
+        if self.residency not in ("keep", "offload", "sleep"):
+            raise ValueError(f"residency must be keep, offload or sleep, got {self.residency!r}")
+        if self.lease_priority not in ("high", "normal", "low"):
+            raise ValueError(f"lease_priority must be high, normal or low, got {self.lease_priority!r}")
 
 
 def env_name(service: str, name: str) -> str:

@@ -63,11 +63,14 @@ class StatusServicer(common_pb2_grpc.ServiceStatusServicer):
         return status
 
 
-def status_response(service: str, backend: str, model: str, config: ServerConfig, batcher: Any,
-                    residency: str = "resident") -> common_pb2.GetServiceStatusResponse:
+def status_response(service: str, backend: str, model: str, config: ServerConfig,
+                    batcher: Any) -> common_pb2.GetServiceStatusResponse:
     """The GetServiceStatus reply of a server with one model behind one DynamicBatcher."""
+    guard = batcher.guard
     return common_pb2.GetServiceStatusResponse(
-        service=service, backend=backend, model=model, device=config.device, residency=residency,
+        service=service, backend=backend, model=model, device=config.device,
+        residency=guard.residency if guard is not None else "resident",
+        lease=guard.lease_state() if guard is not None else None,
         batching=common_pb2.BatchingConfig(max_batch_size=config.max_batch_size, max_wait_ms=int(config.max_wait_ms)),
         items_processed=batcher.items_processed, items_failed=batcher.items_failed)
 

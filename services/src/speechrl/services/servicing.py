@@ -17,6 +17,7 @@ import grpc
 from speechrl.services.audio import AudioInput
 from speechrl.services.batching import QueueFull
 from speechrl.services.errors import ItemFailure, RequestInvalid
+from speechrl.services.lease import LeaseError
 from speechrl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def grpc_method(method: F) -> F:
     """Map exceptions of a servicer method to status codes, in one place.
 
     RequestInvalid -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED (with a retry hint),
-    anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
+    LeaseError (Redis down, lease wait timed out) -> UNAVAILABLE with the reason, anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
     """
 
     @functools.wraps(method)
@@ -67,6 +68,8 @@ def grpc_method(method: F) -> F:
         except QueueFull as exc:
             context.set_trailing_metadata((("retry-after-ms", "200"),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
+        except LeaseError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")
         except grpc.aio.AbortError:
             raise
         except Exception as exc:

@@ -1,0 +1,121 @@
+"""Where a GPU service's model lives between batches, and the lease around each batch.
+
+Policies (config `residency`):
+  keep    - the model stays on the device; the lease still orders GPU use between services.
+  offload - the model moves to CPU memory after each leased batch and back on the next grant,
+            so the device's memory is free for the next holder (the paper's alternating use).
+  sleep   - like offload, through the backend's own sleep/wake (vLLM's sleep mode).
+Without a lease device (CPU laptop, or a GPU the service owns alone) the model is simply resident.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import Executor
+from typing import Any, Protocol, TypeVar
+
+from speechrl.services.config import ServerConfig
+from speechrl.services.lease import GpuLease, Grant, LeaseSettings
+from speechrl.v1 import common_pb2
+
+log = logging.getLogger(__name__)
+
+RESIDENCY_POLICIES = ("keep", "offload", "sleep")
+
+ItemT = TypeVar("ItemT")
+ResultT = TypeVar("ResultT")
+
+
+class Residable(Protocol):
+    """A model that can leave and re-enter its device. Both calls run in the model thread."""
+
+    def load_to_device(self) -> None:
+        """Put the weights on the compute device (or wake them)."""
+
+    def offload(self, mode: str) -> None:
+        """Free the device: mode "offload" moves weights to CPU memory, "sleep" uses the backend's sleep."""
+
+
+class TorchResidency:
+    """Residable for torch modules: `.to(device)` on grant, `.to("cpu")` on offload."""
+
+    def __init__(self, modules: Callable[[], Sequence[Any]], device: str):
+        self.modules = modules
+        self.device = device
+
+    def load_to_device(self) -> None:
+        for module in self.modules():
+            module.to(self.device)
+
+    def offload(self, mode: str) -> None:
+        for module in self.modules():
+            module.to("cpu")
+        if self.device.startswith("cuda"):
+            import torch
+
+            torch.cuda.empty_cache()
+
+
+class DeviceGuard:
+    """Runs each model batch under the device's lease, with the model moved in and out per policy.
+
+    The lease is taken on the event loop (waiting costs no thread) and held across the batch, which
+    runs in the model's executor thread.
+    """
+
+    def __init__(self, model: Residable, *, lease: GpuLease | None, device: str, policy: str = "keep",
+                 priority: str = "normal", wait_timeout_s: float | None = None):
+        if policy not in RESIDENCY_POLICIES:
+            raise ValueError(f"residency must be one of {RESIDENCY_POLICIES}, got {policy!r}")
+        self.model = model
+        self.lease = lease
+        self.device = device
+        self.policy = policy
+        self.priority = priority
+        self.wait_timeout_s = wait_timeout_s
+        self.residency = "offloaded"
+        self.grant: Grant | None = None
+
+    def _run(self, fn: Callable[[list[ItemT]], list[ResultT]], items: list[ItemT]) -> list[ResultT]:
+        if self.residency != "resident":
+            self.model.load_to_device()
+            self.residency = "resident"
+        try:
+            return fn(items)
+        finally:
+            if self.lease is not None and self.policy != "keep":
+                self.model.offload(self.policy)
+                self.residency = "asleep" if self.policy == "sleep" else "offloaded"
+
+    async def run(self, executor: Executor, fn: Callable[[list[ItemT]], list[ResultT]],
+                  items: list[ItemT]) -> list[ResultT]:
+        """Run fn(items) in executor, holding the lease when there is one."""
+        loop = asyncio.get_running_loop()
+        if self.lease is None:
+            return await loop.run_in_executor(executor, self._run, fn, items)
+        async with self.lease.hold(self.device, self.priority, self.wait_timeout_s) as grant:
+            self.grant = grant
+            try:
+                return await loop.run_in_executor(executor, self._run, fn, items)
+            finally:
+                self.grant = None
+
+    def lease_state(self) -> common_pb2.LeaseState:
+        """The lease part of a GetServiceStatus reply."""
+        grant = self.grant
+        return common_pb2.LeaseState(device=self.device if self.lease else "", held=grant is not None,
+                                     fencing_token=grant.fence if grant else 0)
+
+
+def make_guard(config: ServerConfig, model: Residable, owner: str) -> DeviceGuard:
+    """The DeviceGuard a server's config asks for: leased when lease_device is set."""
+    lease = None
+    if config.lease_device:
+        import redis.asyncio as aioredis
+
+        lease = GpuLease(aioredis.Redis.from_url(config.redis_url), owner=owner,
+                         settings=LeaseSettings(ttl_ms=config.lease_ttl_ms))
+    return DeviceGuard(model, lease=lease, device=config.lease_device or config.device, policy=config.residency,
+                       priority=config.lease_priority, wait_timeout_s=config.lease_wait_seconds)
