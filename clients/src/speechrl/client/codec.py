@@ -40,7 +40,7 @@ def numpy_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
     if enum is None:
         raise TensorError(f"unsupported dtype {array.dtype}; use float16/32/64 or int32/64")
     data = np.ascontiguousarray(array, dtype=_DTYPES[enum]).tobytes()
-    return common_pb2.Tensor(data=data, dtype=enum, shape=list(array.shape))
+    return common_pb2.Tensor(data=data, dtype=enum, shape=list(array.shape))  # type: ignore[arg-type]
 
 
 def tensor_to_numpy(tensor: common_pb2.Tensor) -> np.ndarray:

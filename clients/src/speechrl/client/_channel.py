@@ -1,0 +1,306 @@
+"""Endpoints, deadlines, retries and metadata: the one place a client call meets the network.
+
+A `Connection` holds one grpc.aio channel per endpoint ("host:port") and runs every call as
+attempts under one overall deadline. Attempt k of a call goes to the endpoint after attempt
+k-1's, so a dead endpoint costs one attempt and the retry lands on a live one; calls also start
+on successive endpoints (round-robin) to spread load over replicas.
+
+Only UNAVAILABLE (no connection, server draining) and RESOURCE_EXHAUSTED (a scorer shedding load)
+are retried: both mean the server did not do the work. Every other status is the answer.
+
+>>> policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.1, jitter=0.0)
+>>> [policy.delay_s(retry) for retry in range(4)]
+[0.1, 0.2, 0.4, 0.8]
+>>> policy.delay_s(0, hint_s=0.5)  # a server's retry-after-ms hint wins over a shorter backoff
+0.5
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypedDict, TypeVar, cast
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+log = logging.getLogger("speechrl.client")
+
+T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 30.0
+"""Default deadline of one call, retries and backoff included. A batch of 64 ten-second clips
+through Whisper tiny on a laptop CPU takes ~10 s; raise it for larger models or batches."""
+
+DEFAULT_MAX_MESSAGE_MB = 64
+"""Largest message either way, MiB; matches the servers' default (gRPC's own is 4 MiB)."""
+
+RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+# gRPC also reports an oversized message as RESOURCE_EXHAUSTED; resending it cannot help.
+_MESSAGE_TOO_LARGE = ("larger than max", "message too large")
+
+Endpoints = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to wait before trying a call again.
+
+    The n-th retry waits `min(max_backoff_s, initial_backoff_s * multiplier**n)`, scaled by a
+    random factor in [1 - jitter, 1 + jitter] so that many trainers retrying at once spread out,
+    and never less than the server's `retry-after-ms` hint.
+    """
+
+    max_attempts: int = 4
+    """Attempts per call, the first included; 1 turns retries off."""
+    initial_backoff_s: float = 0.1
+    """Wait before the first retry."""
+    max_backoff_s: float = 5.0
+    """Longest wait between two attempts."""
+    multiplier: float = 2.0
+    """Growth of the wait from one retry to the next."""
+    jitter: float = 0.2
+    """Relative spread of each wait, in [0, 1)."""
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1 (1 turns retries off), got {self.max_attempts}")
+        if self.initial_backoff_s < 0 or self.max_backoff_s < self.initial_backoff_s:
+            raise ValueError(f"need 0 <= initial_backoff_s <= max_backoff_s, got {self.initial_backoff_s}, {self.max_backoff_s}")
+        if self.multiplier < 1:
+            raise ValueError(f"multiplier must be >= 1, got {self.multiplier}")
+        if not 0 <= self.jitter < 1:
+            raise ValueError(f"jitter must be in [0, 1), got {self.jitter}")
+
+    def should_retry(self, code: grpc.StatusCode, details: str = "") -> bool:
+        """Whether a failed attempt with this status may be tried again.
+
+        >>> RetryPolicy().should_retry(grpc.StatusCode.UNAVAILABLE)
+        True
+        >>> RetryPolicy().should_retry(grpc.StatusCode.INVALID_ARGUMENT)
+        False
+        """
+        if code not in RETRYABLE_CODES:
+            return False
+        return not (code == grpc.StatusCode.RESOURCE_EXHAUSTED and any(s in details.lower() for s in _MESSAGE_TOO_LARGE))
+
+    def delay_s(self, retry: int, hint_s: float | None = None, rng: random.Random | None = None) -> float:
+        """Seconds to wait before retry number `retry` (0 for the first retry)."""
+        base = min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** retry)
+        if self.jitter:
+            base *= (rng or random).uniform(1.0 - self.jitter, 1.0 + self.jitter)
+        return max(base, hint_s or 0.0)
+
+
+class ServiceError(Exception):
+    """A whole call failed: the gRPC status of its last attempt, after any retries.
+
+    Per-item problems never raise this; they come back as `ItemError` in the item's result.
+    """
+
+    def __init__(self, code: grpc.StatusCode, details: str, *, endpoint: str = "", attempts: int = 1,
+                 retry_after_s: float | None = None):
+        super().__init__(f"{code.name}: {details}" + (f" [{endpoint}, attempt {attempts}]" if endpoint else ""))
+        self.code = code
+        self.details = details
+        self.endpoint = endpoint
+        self.attempts = attempts
+        self.retry_after_s = retry_after_s
+        """The server's retry-after hint, in seconds, when it sent one (RESOURCE_EXHAUSTED)."""
+
+
+def retry_after_hint(error: grpc.aio.AioRpcError) -> float | None:
+    """The `retry-after-ms` trailing metadata of a failed call, in seconds, if the server sent one."""
+    # grpc.aio.Metadata iterates as (key, value) pairs; the type stubs say otherwise.
+    for key, value in cast(Any, error.trailing_metadata() or ()):
+        if key == "retry-after-ms":
+            try:
+                return max(0.0, float(value if isinstance(value, str) else value.decode()) / 1000.0)
+            except ValueError:
+                return None
+    return None
+
+
+def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
+    """Options of every client channel."""
+    max_bytes = max_message_mb * 1024 * 1024
+    return [
+        # Batches of audio and encoder embeddings outgrow gRPC's 4 MiB default.
+        ("grpc.max_receive_message_length", max_bytes),
+        ("grpc.max_send_message_length", max_bytes),
+        # Trainers hold channels for hours; ping so a dead peer is seen in ~40 s. The servers permit
+        # pings every 10 s without calls (speechrl.services.server.grpc_options).
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.keepalive_timeout_ms", 10_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        # A restarted scorer is reconnected within 5 s instead of gRPC's default of up to 120 s.
+        ("grpc.max_reconnect_backoff_ms", 5_000),
+    ]
+
+
+def parse_endpoints(endpoints: Endpoints) -> tuple[str, ...]:
+    """A tuple of gRPC targets from "host:port", "a:1,b:2" or a list of either.
+
+    >>> parse_endpoints("10.0.0.1:50051, 10.0.0.2:50051")
+    ('10.0.0.1:50051', '10.0.0.2:50051')
+    """
+    parts = [endpoints] if isinstance(endpoints, str) else list(endpoints)
+    out = tuple(p.strip() for part in parts for p in part.split(",") if p.strip())
+    if not out:
+        raise ValueError(f"no endpoint given in {endpoints!r}; pass 'host:port' or a list of them")
+    return out
+
+
+class ClientOptions(TypedDict, total=False):
+    """Keyword options every client (async or sync) accepts; see `Connection`."""
+
+    timeout_s: float
+    retry: RetryPolicy
+    token: str | None
+    metadata: Sequence[tuple[str, str]]
+    max_message_mb: int
+    seed: int | None
+
+
+class Connection:
+    """Channels to the endpoints of one service, and the retry loop every call runs in.
+
+    Args:
+        endpoints: "host:port", a comma-separated list, or a sequence of them.
+        timeout_s: default deadline of a call, all attempts and waits included.
+        retry: when to retry; `RetryPolicy()` unless given.
+        token: sent as `authorization: Bearer <token>` on every call when set.
+        metadata: further (key, value) pairs sent on every call.
+        max_message_mb: largest message either way.
+        seed: seeds the jitter, for reproducible tests.
+
+    Channels are created on first use, inside the event loop that uses them (grpc.aio channels
+    belong to one loop).
+    """
+
+    def __init__(self, endpoints: Endpoints, *, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
+                 token: str | None = None, metadata: Sequence[tuple[str, str]] = (),
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, seed: int | None = None):
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.endpoints = parse_endpoints(endpoints)
+        self.timeout_s = timeout_s
+        self.retry = retry or RetryPolicy()
+        self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
+        if token:
+            self.metadata += (("authorization", f"Bearer {token}"),)
+        self._options = channel_options(max_message_mb)
+        self._channels: dict[int, grpc.aio.Channel] = {}
+        self._stubs: dict[tuple[type, int], Any] = {}
+        self._next = 0
+        self._rng = random.Random(seed)
+
+    @property
+    def has_channels(self) -> bool:
+        """Whether any channel was opened (channels open on the first call)."""
+        return bool(self._channels)
+
+    def stub(self, stub_class: type[T], index: int) -> T:
+        """The stub of stub_class on the channel to endpoint `index`."""
+        key = (stub_class, index)
+        if key not in self._stubs:
+            if index not in self._channels:
+                self._channels[index] = grpc.aio.insecure_channel(self.endpoints[index], options=self._options)
+            self._stubs[key] = stub_class(self._channels[index])  # type: ignore[call-arg]
+        return self._stubs[key]
+
+    async def call(self, attempt: Callable[[int, float], Awaitable[T]], timeout_s: float | None = None,
+                   what: str = "call") -> T:
+        """Run `attempt(endpoint_index, seconds_left)` until it succeeds, fails for good or time runs out.
+
+        Raises ServiceError with the status of the last attempt.
+        """
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
+        first = self._next
+        self._next = (self._next + 1) % len(self.endpoints)
+        attempts = 0
+        while True:
+            index = (first + attempts) % len(self.endpoints)
+            attempts += 1
+            try:
+                return await attempt(index, max(deadline - time.monotonic(), 0.001))
+            except grpc.aio.AioRpcError as exc:
+                code, details, hint = exc.code(), exc.details() or "", retry_after_hint(exc)
+                if attempts >= self.retry.max_attempts or not self.retry.should_retry(code, details):
+                    raise self._error(code, details, index, attempts, hint) from None
+                wait = self.retry.delay_s(attempts - 1, hint, self._rng)
+                if time.monotonic() + wait >= deadline:
+                    details += f" (gave up: no time for another attempt within the {timeout_s:g} s deadline)"
+                    raise self._error(code, details, index, attempts, hint) from None
+                log.info("%s to %s failed with %s (%s); retry %d in %.3f s", what, self.endpoints[index],
+                         code.name, details, attempts, wait)
+                await asyncio.sleep(wait)
+
+    def _error(self, code: grpc.StatusCode, details: str, index: int, attempts: int, hint: float | None) -> ServiceError:
+        return ServiceError(code, details, endpoint=self.endpoints[index], attempts=attempts, retry_after_s=hint)
+
+    async def unary(self, stub_class: type, method: str, request: Any, timeout_s: float | None = None) -> Any:
+        """Call a unary RPC with retries; returns its response."""
+
+        async def attempt(index: int, seconds_left: float) -> Any:
+            rpc = getattr(self.stub(stub_class, index), method)
+            return await rpc(request, timeout=seconds_left, metadata=self.metadata)
+
+        return await self.call(attempt, timeout_s, method)
+
+    async def server_stream(self, stub_class: type, method: str, request: Any, timeout_s: float | None = None) -> list[Any]:
+        """Call a server-streaming RPC with retries; returns every response of the stream.
+
+        A stream that fails part-way is retried whole: the calls it serves (encoding) are pure, and
+        a half-answered batch is no use to the caller.
+        """
+
+        async def attempt(index: int, seconds_left: float) -> list[Any]:
+            rpc = getattr(self.stub(stub_class, index), method)
+            return [response async for response in rpc(request, timeout=seconds_left, metadata=self.metadata)]
+
+        return await self.call(attempt, timeout_s, method)
+
+    async def health(self, service: str, timeout_s: float = 1.0) -> dict[str, str]:
+        """grpc.health.v1 status of `service` at every endpoint, e.g. {"127.0.0.1:50053": "SERVING"}.
+
+        An endpoint that does not answer reports its gRPC status instead, e.g. "UNAVAILABLE".
+        """
+
+        async def check(index: int) -> str:
+            stub = self.stub(health_pb2_grpc.HealthStub, index)
+            try:
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout_s,
+                                         metadata=self.metadata)
+            except grpc.aio.AioRpcError as exc:
+                return exc.code().name
+            return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+        states = await asyncio.gather(*(check(i) for i in range(len(self.endpoints))))
+        return dict(zip(self.endpoints, states, strict=True))
+
+    async def wait_until_ready(self, service: str, timeout_s: float, all_endpoints: bool = False) -> dict[str, str]:
+        """Poll health until one endpoint (or every one) reports SERVING; raise ServiceError after timeout_s."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            left = deadline - time.monotonic()
+            states = await self.health(service, timeout_s=min(max(left, 0.01), 2.0))
+            serving = [s == "SERVING" for s in states.values()]
+            if all(serving) if all_endpoints else any(serving):
+                return states
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ServiceError(grpc.StatusCode.UNAVAILABLE,
+                                   f"{service} not ready after {timeout_s:g} s: {states}", attempts=0)
+            await asyncio.sleep(min(0.1, left))
+
+    async def close(self) -> None:
+        """Close every channel; calls in flight are cancelled."""
+        channels, self._channels, self._stubs = list(self._channels.values()), {}, {}
+        await asyncio.gather(*(c.close(None) for c in channels))
