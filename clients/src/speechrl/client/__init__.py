@@ -29,9 +29,11 @@ Asyncio, with two replicas and a bearer token:
 from speechrl.client._channel import (
     DEFAULT_MAX_MESSAGE_MB,
     DEFAULT_TIMEOUT_S,
+    ClientOptions,
     Connection,
     RetryPolicy,
     ServiceError,
+    parse_endpoints,
     retry_after_hint,
 )
 from speechrl.client.codec import AudioLike, numpy_to_tensor, tensor_to_numpy, to_audio
@@ -74,10 +76,10 @@ from speechrl.client.sync import (
 __all__ = [
     "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S",
     "AsyncAudioEncoderClient", "AsyncClient", "AsyncIntelligibilityClient", "AsyncRolloutClient",
-    "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AudioEncoderClient", "AudioLike", "Connection",
+    "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AudioEncoderClient", "AudioLike", "ClientOptions", "Connection",
     "EmbeddingResult", "EncodedAudio", "ErrorCounts", "IntelligibilityClient", "IntelligibilityResult",
     "IntelligibilityScore", "ItemError", "ItemFailedError", "PromptResult", "RegisteredSpeaker", "RetryPolicy",
     "RolloutClient", "RuleResult", "RuleRewardsClient", "RuleScore", "Sample", "ServiceError", "ServiceStatus",
     "SpeakerClient", "SpeakerId", "SpeakerResult", "SpeakerScore", "SyncClient", "numpy_to_tensor",
-    "retry_after_hint", "tensor_to_numpy", "to_audio",
+    "parse_endpoints", "retry_after_hint", "tensor_to_numpy", "to_audio",
 ]

@@ -1,0 +1,49 @@
+"""The gateway app: `create_app(config)` wires config, scorer clients, routers, errors and metrics.
+
+>>> from fastapi.testclient import TestClient
+>>> app = create_app(GatewayConfig(intelligibility="", speaker="", rules=""))
+>>> TestClient(app).get("/healthz").json()
+{'status': 'ok'}
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from speechrl.services import __version__
+from speechrl.services.gateway.config import GatewayConfig
+from speechrl.services.gateway.deps import Scorers
+from speechrl.services.gateway.errors import add_error_handlers
+from speechrl.services.gateway.metrics import MetricsMiddleware
+from speechrl.services.gateway.routes import ROUTERS
+
+DESCRIPTION = """REST/JSON front of the SpeechRL reward services.
+
+Batch routes answer one result per item, in order: an item that cannot be scored has `error`
+(code, message, field) instead of `score`, and its neighbours are unaffected. A request that is
+malformed as a whole gets 422 (schema) or 400 (a field the gateway cannot use, e.g. bad base64),
+with the field named; an overloaded scorer gives 429 with Retry-After, a down one 503, a slow one 504.
+"""
+
+
+def create_app(config: GatewayConfig | None = None) -> FastAPI:
+    """The FastAPI app of the gateway for config (defaults: local scorers on their usual ports)."""
+    config = config or GatewayConfig()
+    scorers = Scorers.from_config(config)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await scorers.close()
+
+    app = FastAPI(title="SpeechRL gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
+    app.state.config = config
+    app.state.scorers = scorers
+    for router in ROUTERS:
+        app.include_router(router)
+    add_error_handlers(app)
+    app.add_middleware(MetricsMiddleware)
+    return app
