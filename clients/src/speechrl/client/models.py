@@ -20,7 +20,7 @@ Enum values are names without their proto prefix: error codes upper case as the 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -96,7 +96,10 @@ class ErrorCounts:
         return cls(counts.hits, counts.substitutions, counts.insertions, counts.deletions)
 
 
-class _Outcome:
+V = TypeVar("V")
+
+
+class _Outcome(Generic[V]):
     """What every per-item result shares: `ok`, and `unwrap()` for callers who prefer exceptions."""
 
     error: ItemError | None
@@ -106,10 +109,10 @@ class _Outcome:
         """True when the item was processed."""
         return self.error is None
 
-    def _value(self) -> Any:
+    def _value(self) -> V:
         raise NotImplementedError
 
-    def unwrap(self) -> Any:
+    def unwrap(self) -> V:
         """The item's value; raises ItemFailedError with the item's error when it failed."""
         if self.error is not None:
             raise ItemFailedError(f"{self.error.code}: {self.error.message}"
@@ -136,7 +139,7 @@ class IntelligibilityScore:
 
 
 @dataclass(frozen=True)
-class IntelligibilityResult(_Outcome):
+class IntelligibilityResult(_Outcome[IntelligibilityScore]):
     """One item's IntelligibilityScore, or its error."""
 
     score: IntelligibilityScore | None = None
@@ -174,7 +177,7 @@ class SpeakerScore:
 
 
 @dataclass(frozen=True)
-class SpeakerResult(_Outcome):
+class SpeakerResult(_Outcome[SpeakerScore]):
     """One comparison's SpeakerScore, or its error."""
 
     score: SpeakerScore | None = None
@@ -197,7 +200,7 @@ def speaker_result(result: speaker_pb2.SpeakerSimilarityResult) -> SpeakerResult
 
 
 @dataclass(frozen=True)
-class EmbeddingResult(_Outcome):
+class EmbeddingResult(_Outcome[np.ndarray]):
     """One audio's speaker embedding (float32 [D], L2-normalised), or its error."""
 
     embedding: np.ndarray | None = None
@@ -242,7 +245,7 @@ class RuleScore:
 
 
 @dataclass(frozen=True)
-class RuleResult(_Outcome):
+class RuleResult(_Outcome[RuleScore]):
     """One hypothesis's RuleScore, or its error."""
 
     score: RuleScore | None = None
@@ -269,7 +272,7 @@ def rule_result(result: rule_rewards_pb2.RuleRewardResult) -> RuleResult:
 
 
 @dataclass(frozen=True)
-class EncodedAudio(_Outcome):
+class EncodedAudio(_Outcome[np.ndarray]):
     """One audio's encoder embeddings, [T, D] in the LLM's input space, or its error."""
 
     embeddings: np.ndarray | None = None
@@ -303,7 +306,7 @@ class Sample:
 
 
 @dataclass(frozen=True)
-class PromptResult(_Outcome):
+class PromptResult(_Outcome[list[Sample]]):
     """The n samples of one prompt, or its error."""
 
     samples: list[Sample] = field(default_factory=list)

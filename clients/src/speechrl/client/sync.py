@@ -21,7 +21,7 @@ import asyncio
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, Concatenate, Generic, ParamSpec, TypeVar, Unpack
+from typing import Any, Concatenate, Generic, ParamSpec, Self, TypeVar, Unpack
 
 from speechrl.client._channel import ClientOptions, Endpoints
 from speechrl.client.scorers import (
@@ -103,7 +103,7 @@ class SyncClient(Generic[A]):
         if self.async_client.connection.has_channels:
             _LoopThread.run(self.async_client.close())
 
-    def __enter__(self) -> Any:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
