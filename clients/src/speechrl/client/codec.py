@@ -33,14 +33,35 @@ class TensorError(ValueError):
     """A Tensor message whose dtype, shape and byte length disagree."""
 
 
-def numpy_to_tensor(array: np.ndarray) -> common_pb2.Tensor:
-    """Pack a numpy array (float16/32/64, int32/64) as a little-endian C-order Tensor."""
-    dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
-    enum = _DTYPE_ENUMS.get(np.dtype(dtype).newbyteorder("<"))
+def numpy_to_tensor(array: np.ndarray, dtype: int | None = None) -> common_pb2.Tensor:
+    """Pack a numpy array (float16/32/64, int32/64) as a little-endian C-order Tensor.
+
+    With dtype, the values are cast to that element type first; DTYPE_BFLOAT16 (which numpy lacks)
+    rounds float values to nearest, ties to even, as torch's .to(torch.bfloat16) does.
+
+    >>> tensor_to_numpy(numpy_to_tensor(np.array([1.0, 1.00390625, -2.5]), common_pb2.DTYPE_BFLOAT16))
+    array([ 1. ,  1. , -2.5], dtype=float32)
+    """
+    if dtype == common_pb2.DTYPE_BFLOAT16:
+        return common_pb2.Tensor(data=_bfloat16_bytes(array), dtype=common_pb2.DTYPE_BFLOAT16, shape=list(array.shape))
+    if dtype is not None:
+        if dtype not in _DTYPES:
+            raise TensorError(f"cannot pack as dtype {dtype}; use a float or int DType")
+        array = np.asarray(array, dtype=_DTYPES[dtype])
+    native = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
+    enum = _DTYPE_ENUMS.get(np.dtype(native).newbyteorder("<"))
     if enum is None:
         raise TensorError(f"unsupported dtype {array.dtype}; use float16/32/64 or int32/64")
     data = np.ascontiguousarray(array, dtype=_DTYPES[enum]).tobytes()
     return common_pb2.Tensor(data=data, dtype=enum, shape=list(array.shape))  # type: ignore[arg-type]
+
+
+def _bfloat16_bytes(array: np.ndarray) -> bytes:
+    bits = np.ascontiguousarray(array, dtype="<f4").view("<u4")
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16  # round to nearest, ties to even
+    # A NaN's low payload bits could round it into infinity; keep it a (quiet) NaN.
+    rounded = np.where(np.isnan(array), 0x7FC0, rounded)
+    return rounded.astype("<u2").tobytes()
 
 
 def tensor_to_numpy(tensor: common_pb2.Tensor) -> np.ndarray:

@@ -86,17 +86,25 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT | ItemFailure]:
         """Queue items and wait for their results, in order."""
+        return list(await asyncio.gather(*self.enqueue(items)))
+
+    def enqueue(self, items: Sequence[ItemT]) -> list[asyncio.Future]:
+        """Queue items; one future per item, each done when its batch is (for replies streamed per item).
+
+        Call from the event loop. A caller that stops waiting should cancel the futures it no
+        longer wants, so that their items are skipped.
+        """
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
         if self._queue.qsize() + len(items) > self.max_queue_items:
             raise QueueFull(f"{self.name}: {self._queue.qsize()} items already waiting (limit {self.max_queue_items})")
         loop = asyncio.get_running_loop()
-        pending = [_Pending(item, loop.create_future()) for item in items]
+        pending: list[_Pending[ItemT, ResultT]] = [_Pending(item, loop.create_future()) for item in items]
         for p in pending:
             self._queue.put_nowait(p)
         QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
-        return list(await asyncio.gather(*(p.future for p in pending)))
+        return [p.future for p in pending]
 
     async def _run(self) -> None:
         assert self._queue is not None

@@ -12,6 +12,7 @@ SERVICE_MODULES = {
     "rules": "speechrl.services.rules.server",
     "intelligibility": "speechrl.services.intelligibility.server",
     "speaker": "speechrl.services.speaker.server",
+    "encoder": "speechrl.services.encoder.server",
     "gateway": "speechrl.services.gateway.server",
 }
 

@@ -8,8 +8,9 @@ for problems of the request as a whole.
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
-from collections.abc import Awaitable, Callable, Sized
+from collections.abc import Callable, Sized
 from typing import Any, TypeVar
 
 import grpc
@@ -22,7 +23,7 @@ from speechrl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+F = TypeVar("F", bound=Callable[..., Any])  # a coroutine function or an async generator function
 
 
 def audio_from_proto(audio: common_pb2.Audio) -> AudioInput:
@@ -40,8 +41,8 @@ def audio_from_proto(audio: common_pb2.Audio) -> AudioInput:
 
 def item_error(failure: ItemFailure) -> common_pb2.ItemError:
     """The ItemError message of an engine's ItemFailure."""
-    return common_pb2.ItemError(code=common_pb2.ItemErrorCode.Value(f"ITEM_ERROR_CODE_{failure.code.value}"),
-                                message=failure.message, field=failure.field)
+    code = common_pb2.ItemErrorCode.Value(f"ITEM_ERROR_CODE_{failure.code.value}")
+    return common_pb2.ItemError(code=code, message=failure.message, field=failure.field)  # type: ignore[arg-type]
 
 
 def check_count(items: Sized, field: str, limit: int) -> None:
@@ -52,28 +53,46 @@ def check_count(items: Sized, field: str, limit: int) -> None:
         raise RequestInvalid(field, f"has {len(items)} items, over the server's limit of {limit}; split the request")
 
 
+async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
+    """End the call with the status code of exc (always raises grpc's AbortError)."""
+    if isinstance(exc, grpc.aio.AbortError):
+        raise exc
+    if isinstance(exc, RequestInvalid):
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+    if isinstance(exc, QueueFull):
+        context.set_trailing_metadata((("retry-after-ms", "200"),))
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
+    if isinstance(exc, LeaseError):
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")
+    log.error("%s failed", name, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+
+
 def grpc_method(method: F) -> F:
     """Map exceptions of a servicer method to status codes, in one place.
 
     RequestInvalid -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED (with a retry hint),
     LeaseError (Redis down, lease wait timed out) -> UNAVAILABLE with the reason, anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
+    Works for unary methods and for server-streaming ones (async generators); a stream that fails
+    midway keeps the replies already sent and then ends with the status.
     """
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for reply in method(self, request, context):
+                    yield reply
+            except Exception as exc:  # noqa: BLE001 - _abort_for maps every exception to a status
+                await _abort_for(method.__name__, exc, context)
+
+        return stream_wrapper  # type: ignore[return-value]
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
             return await method(self, request, context)
-        except RequestInvalid as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except QueueFull as exc:
-            context.set_trailing_metadata((("retry-after-ms", "200"),))
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
-        except LeaseError as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")
-        except grpc.aio.AbortError:
-            raise
-        except Exception as exc:
-            log.exception("%s failed", method.__name__)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - _abort_for maps every exception to a status
+            await _abort_for(method.__name__, exc, context)
 
     return wrapper  # type: ignore[return-value]

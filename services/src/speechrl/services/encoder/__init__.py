@@ -1,0 +1,1 @@
+"""Audio-encoder service: the frozen Whisper encoder + adaptor front-end of an LLM-ASR model."""
