@@ -1,10 +1,8 @@
-"""Shared test fixtures: real espeak-ng speech, free ports, and real gRPC servers on loopback."""
+"""Shared test fixtures: real espeak-ng speech, free ports, real gRPC servers on loopback, private Redis."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import shutil
 import socket
 import subprocess
 import threading
@@ -16,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.services.server import RunningServer
 
 
@@ -41,31 +40,13 @@ def serve_in_thread(start: Callable[[], Awaitable[RunningServer]]) -> Iterator[R
         thread.join(timeout=10)
 
 
-class Speech:
-    """Real speech from espeak-ng, cached per (text, voice, rate, pitch) for the session."""
-
-    def __init__(self, cache_dir: Path):
-        if shutil.which("espeak-ng") is None:
-            raise RuntimeError("espeak-ng is not installed: run scripts/bootstrap.sh (apt-get install espeak-ng sox)")
-        self.cache_dir = cache_dir
-
-    def path(self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50) -> Path:
-        """A 22.05 kHz mono WAV of text spoken by an espeak-ng voice."""
-        key = hashlib.sha1(f"{text}|{voice}|{rate}|{pitch}".encode()).hexdigest()[:16]
-        out = self.cache_dir / f"{key}.wav"
-        if not out.exists():
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", str(out), text],
-                           check=True, capture_output=True)
-        return out
-
-    def wav(self, text: str, voice: str = "en-us", rate: int = 160, pitch: int = 50) -> bytes:
-        """WAV bytes of text spoken by an espeak-ng voice."""
-        return self.path(text, voice, rate, pitch).read_bytes()
+Speech = EspeakSynthesizer  # the type of the `speech` fixture, for annotations
 
 
 @pytest.fixture(scope="session")
-def speech(tmp_path_factory: pytest.TempPathFactory) -> Speech:
-    return Speech(tmp_path_factory.mktemp("speech"))
+def speech(tmp_path_factory: pytest.TempPathFactory) -> EspeakSynthesizer:
+    """Real espeak-ng speech: `speech.wav(text, voice, rate, pitch)` -> WAV bytes, `speech.path(...)`."""
+    return EspeakSynthesizer(tmp_path_factory.mktemp("speech"))
 
 
 @pytest.fixture
