@@ -1,0 +1,80 @@
+"""IntelligibilityScorer servicer: translates proto messages to IntelligibilityItems and results back."""
+
+from __future__ import annotations
+
+import grpc
+
+from speechrl.rewards.wer import Counts
+from speechrl.services.batching import DynamicBatcher
+from speechrl.services.errors import ItemFailure, RequestInvalid
+from speechrl.services.intelligibility.engine import IntelligibilityItem, IntelligibilityResult
+from speechrl.services.servicing import audio_from_proto, check_count, grpc_method, item_error
+from speechrl.v1 import common_pb2, intelligibility_pb2, intelligibility_pb2_grpc
+
+# Proto enum value <-> speechrl.rewards.WER_MAPPINGS name.
+MAPPING_NAMES = {
+    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_WER: "one_minus_wer",
+    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER: "one_minus_tanh_3wer",
+    intelligibility_pb2.WER_REWARD_MAPPING_NEGATIVE_WER: "negative_wer",
+}
+MAPPING_VALUES = {name: value for value, name in MAPPING_NAMES.items()}
+
+
+def _counts(counts: Counts) -> common_pb2.ErrorCounts:
+    return common_pb2.ErrorCounts(hits=counts.hits, substitutions=counts.substitutions,
+                                  insertions=counts.insertions, deletions=counts.deletions)
+
+
+def _score_proto(result: IntelligibilityResult) -> intelligibility_pb2.IntelligibilityScore:
+    rates = result.rates
+    return intelligibility_pb2.IntelligibilityScore(
+        transcript=result.transcript, normalized_transcript=rates.normalized_hypothesis,
+        normalized_reference=rates.normalized_reference, wer=rates.wer, cer=rates.cer,
+        word_counts=_counts(rates.word_counts), char_counts=_counts(rates.char_counts), reward=result.reward,
+        reward_mapping=MAPPING_VALUES[result.mapping], audio_duration_seconds=result.audio_seconds)
+
+
+class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServicer):
+    """gRPC face of the intelligibility engine.
+
+    Languages the model cannot be told to transcribe are the caller's configuration error, so
+    they fail the request (INVALID_ARGUMENT naming the item) rather than one item.
+    """
+
+    def __init__(self, batcher: DynamicBatcher[IntelligibilityItem, IntelligibilityResult], max_request_items: int,
+                 languages: frozenset[str], default_language: str, default_mapping: str):
+        self.batcher = batcher
+        self.max_request_items = max_request_items
+        self.languages = languages
+        self.default_language = default_language
+        self.default_mapping = default_mapping
+
+    @grpc_method
+    async def ScoreIntelligibility(self, request: intelligibility_pb2.ScoreIntelligibilityRequest,
+                                   context: grpc.aio.ServicerContext) -> intelligibility_pb2.ScoreIntelligibilityResponse:
+        check_count(request.items, "items", self.max_request_items)
+        mapping = self._mapping(request.reward_mapping)
+        items = []
+        for index, item in enumerate(request.items):
+            # "en-US" -> "en": Whisper's language tokens and the normalisers key on the base code.
+            language = (item.language or self.default_language).lower().split("-")[0]
+            if language not in self.languages:
+                raise RequestInvalid(f"items[{index}].language",
+                                     f"{item.language!r} is not a language this model transcribes; "
+                                     f"it knows {sorted(self.languages)}")
+            items.append(IntelligibilityItem(audio_from_proto(item.audio), item.reference_text, language, mapping))
+        results = await self.batcher.submit(items)
+        response = intelligibility_pb2.ScoreIntelligibilityResponse()
+        for index, result in enumerate(results):
+            if isinstance(result, ItemFailure):
+                response.results.add(error=item_error(result.at(f"items[{index}]")))
+            else:
+                response.results.add(score=_score_proto(result))
+        return response
+
+    def _mapping(self, value: int) -> str:
+        if value == intelligibility_pb2.WER_REWARD_MAPPING_UNSPECIFIED:
+            return self.default_mapping
+        if value not in MAPPING_NAMES:
+            raise RequestInvalid("reward_mapping", f"unknown WerRewardMapping value {value}")
+        return MAPPING_NAMES[value]  # type: ignore[index]
