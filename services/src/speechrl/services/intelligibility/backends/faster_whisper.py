@@ -9,6 +9,11 @@ fall back to `WhisperModel.transcribe` (sequential 30 s windows), one at a time.
 
 Decoding is greedy (beam_size 1) by default with no temperature fallback, so a score is a
 deterministic function of the audio, as seed-tts-eval's WER is.
+
+Measured on 2 CPU cores, tiny.en int8, 3.3 s espeak utterances: batch 1 and batch 8 both ~2.1
+utterances/s. The encoder always sees a 30 s window (~0.34 s per utterance here, ~80% of the
+time) and its cost grows linearly with the batch on a CPU; batching only amortises the decoder.
+The batch pays off on a GPU, where the encoder batch runs in parallel.
 """
 
 from __future__ import annotations
