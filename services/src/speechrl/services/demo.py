@@ -28,7 +28,7 @@ SENTENCES = [
     "Please turn on the kitchen lights before dinner.",
     "The weather in Paris will be sunny tomorrow afternoon.",
 ]
-VOICES = ["en-us", "en-gb", "en-gb-scotland", "en-us+f3"]
+VOICES = ["en-us", "en-gb-scotland", "en-us+f3", "en-us+m7"]
 
 
 def plot(path: Path, wer_right: np.ndarray, wer_wrong: np.ndarray, similarity: np.ndarray) -> None:
@@ -46,12 +46,13 @@ def plot(path: Path, wer_right: np.ndarray, wer_wrong: np.ndarray, similarity: n
     left.set_ylabel("mean WER (Whisper tiny.en)")
     left.set_title("Intelligibility scorer")
     left.legend()
-    image = right.imshow(similarity, vmin=-1, vmax=1, cmap="viridis")
+    image = right.imshow(similarity, vmin=0, vmax=1, cmap="Blues")
     right.set_xticks(x, VOICES, rotation=20)
     right.set_yticks(x, VOICES)
     for i in range(len(VOICES)):
         for j in range(len(VOICES)):
-            right.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", color="w", fontsize=9)
+            right.text(j, i, f"{similarity[i, j]:.2f}", ha="center", va="center", fontsize=9,
+                       color="white" if similarity[i, j] > 0.6 else "black")
     right.set_title("Speaker similarity (cosine, other sentence)")
     fig.colorbar(image, ax=right, shrink=0.8)
     fig.tight_layout()
