@@ -251,3 +251,22 @@ def test_flags_are_documented(capsys: pytest.CaptureFixture[str]) -> None:
                  "--default-reward-mapping", "--max-audio-seconds"):
         assert flag in out
     assert "float16" in out and "whisper-large-v3" in out
+
+
+def test_under_the_gpu_lease_redis_outage_is_unavailable_then_recovers(speech: Speech, redis_server) -> None:
+    config = IntelligibilityConfig(port=free_port(), lease_device="cpu:0", residency="offload",
+                                   redis_url=redis_server.url, lease_wait_seconds=2)
+    text = SENTENCES[2]
+    request = pb.ScoreIntelligibilityRequest(items=[wav_item(speech.wav(text), text)])
+    with serve_in_thread(lambda: start(config)) as running, \
+            grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
+        stub = intelligibility_pb2_grpc.IntelligibilityScorerStub(ch)
+        assert stub.ScoreIntelligibility(request).results[0].score.wer < 0.5
+        status = common_pb2_grpc.ServiceStatusStub(ch).GetServiceStatus(common_pb2.GetServiceStatusRequest())
+        assert status.lease.device == "cpu:0" and not status.lease.held and status.residency == "offloaded"
+        redis_server.stop()
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ScoreIntelligibility(request)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE and "Redis unreachable" in info.value.details()
+        redis_server.start()
+        assert stub.ScoreIntelligibility(request).results[0].score.wer < 0.5

@@ -8,6 +8,7 @@ wheel, int8. GPU box: `--backend transformers --model-path /models/whisper-large
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from speechrl.services.config import ServerConfig, option, parse_config
 from speechrl.services.intelligibility.backends import BACKENDS, BackendOptions, load_backend
 from speechrl.services.intelligibility.engine import IntelligibilityEngine
 from speechrl.services.intelligibility.servicer import IntelligibilityServicer
+from speechrl.services.residency import make_guard
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
@@ -84,8 +86,10 @@ async def start(config: IntelligibilityConfig) -> RunningServer:
     # Loading takes seconds; a thread keeps the event loop free meanwhile.
     engine = await asyncio.to_thread(build_engine, config)
     backend = engine.backend
+    guard = make_guard(config, backend, owner=f"{SERVICE}-{os.getpid()}")
     batcher = DynamicBatcher(engine.score_batch, max_batch_size=config.max_batch_size,
-                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items)
+                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
+                             guard=guard)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         return status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)

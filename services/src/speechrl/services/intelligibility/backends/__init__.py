@@ -59,6 +59,14 @@ class AsrBackend(Protocol):
         """Transcripts of mono float32 utterances at sample_rate, index-aligned with audios."""
         ...
 
+    def load_to_device(self) -> None:
+        """Put the weights on the compute device (called in the model thread, under the GPU lease)."""
+        ...
+
+    def offload(self, mode: str) -> None:
+        """Free the device between leased batches: mode "offload" or "sleep" (see residency.py)."""
+        ...
+
 
 def _faster_whisper(options: BackendOptions) -> AsrBackend:
     from speechrl.services.intelligibility.backends.faster_whisper import FasterWhisperBackend

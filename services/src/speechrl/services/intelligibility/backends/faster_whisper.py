@@ -62,6 +62,7 @@ class FasterWhisperBackend:
             # WhisperModel would treat any other string as a hub id and try to download it.
             raise FileNotFoundError(f"model_path {self.model!r} is not a CTranslate2 Whisper folder")
         device, _, index = options.device.partition(":")
+        self._on_gpu = device != "cpu"
         compute_type = AUTO_COMPUTE_TYPES[device] if options.compute_type == "auto" else options.compute_type
         self.beam_size = options.beam_size
         # One intra-op pool of `threads` and one worker: the batcher already calls from a single
@@ -79,6 +80,17 @@ class FasterWhisperBackend:
         self._tokenizers: dict[str, Tokenizer] = {}
         log.info("faster-whisper: %s on %s (%s), multilingual=%s", self.model, options.device, compute_type,
                  self._ct2.is_multilingual)
+
+    def load_to_device(self) -> None:
+        """Bring the weights back onto the device after an offload (residency policy)."""
+        if not self._ct2.model_is_loaded:
+            self._ct2.load_model()
+
+    def offload(self, mode: str) -> None:
+        """Free the GPU between leased batches: "offload" parks the weights in CPU memory (fast to
+        bring back), "sleep" drops them until the next batch reloads them. Nothing to free on CPU."""
+        if self._on_gpu:
+            self._ct2.unload_model(to_cpu=mode == "offload")
 
     def transcribe(self, audios: list[np.ndarray], languages: list[str]) -> list[str]:
         """Transcripts of 16 kHz mono float32 utterances; one generate call for all <= 30 s."""

@@ -71,6 +71,18 @@ class TransformersWhisperBackend:
         log.info("transformers Whisper: %s on %s (%s), multilingual=%s", self.model, self.device, dtype_name,
                  self._multilingual)
 
+    def load_to_device(self) -> None:
+        """Put the weights on the compute device (residency policy)."""
+        module: torch.nn.Module = self._whisper
+        module.to(self.device)
+
+    def offload(self, mode: str) -> None:
+        """Move the weights to CPU memory between leased batches ("sleep" is the same for torch)."""
+        if self.device.type == "cuda":
+            module: torch.nn.Module = self._whisper
+            module.to("cpu")
+            torch.cuda.empty_cache()
+
     def transcribe(self, audios: list[np.ndarray], languages: list[str]) -> list[str]:
         """Transcripts of 16 kHz mono float32 utterances; one generate call for all <= 30 s."""
         window = int(WINDOW_SECONDS * self.sample_rate)
