@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import subprocess
 import threading
 import time
@@ -15,14 +14,8 @@ from typing import Any
 import pytest
 
 from speechrl.services.espeak import EspeakSynthesizer
+from speechrl.services.ports import free_port
 from speechrl.services.server import RunningServer
-
-
-def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextmanager

@@ -80,3 +80,20 @@ async def test_queue_limit_sheds_load() -> None:
 def test_invalid_limits_are_refused() -> None:
     with pytest.raises(ValueError, match="max_batch_size"):
         DynamicBatcher(lambda xs: xs, max_batch_size=0, max_wait_ms=1, name="bad")
+
+
+async def test_without_a_wait_items_arriving_during_a_batch_form_the_next_one() -> None:
+    sizes: list[int] = []
+
+    def slow(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        threading.Event().wait(0.05)
+        return xs
+
+    batcher = DynamicBatcher(slow, max_batch_size=32, max_wait_ms=0, name="t-greedy")
+    first = asyncio.ensure_future(batcher.submit([0]))
+    await asyncio.sleep(0.01)  # the first batch (one item) is running
+    rest = await asyncio.gather(*(batcher.submit([i]) for i in range(1, 11)))
+    assert await first == [0] and rest == [[i] for i in range(1, 11)]
+    batcher.close()
+    assert sizes == [1, 10], "no added latency when idle; everything that queued meanwhile runs together"

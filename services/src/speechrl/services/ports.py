@@ -9,3 +9,12 @@ DEFAULT_PORTS: dict[str, int] = {
     "gateway": 8000,
     "trainer": 8100,
 }
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now (for tests and benchmarks)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
