@@ -79,7 +79,7 @@ def _speaker_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
     from speechrl.services.speaker.server import SpeakerConfig, build_engine
 
     engine = build_engine(SpeakerConfig())
-    engine.process(engine.warm_up_items())
+    engine.process(list(engine.warm_up_items()))
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
     return lambda start, n: engine.process([ScoreItem(audio[i % len(audio)], audio[(i + 1) % len(audio)])
                                             for i in range(start, start + n)])

@@ -15,7 +15,7 @@ import soxr
 
 from speechrl.services.errors import ErrorCode, ItemFailure
 
-PCM_DTYPES = {"PCM_S16LE": np.dtype("<i2"), "PCM_F32LE": np.dtype("<f4")}
+PCM_DTYPES: dict[str, np.dtype] = {"PCM_S16LE": np.dtype("<i2"), "PCM_F32LE": np.dtype("<f4")}
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import os
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -94,17 +94,17 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
 
 
 def from_namespace(cls: type[ConfigT], service: str, args: argparse.Namespace | None = None,
-                   environ: dict[str, str] | None = None) -> ConfigT:
+                   environ: Mapping[str, str] | None = None) -> ConfigT:
     """Build cls from parsed flags, then SPEECHRL_<SERVICE>_* variables, then defaults."""
-    environ = os.environ if environ is None else environ
+    env: Mapping[str, str] = os.environ if environ is None else environ
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         flag_value = getattr(args, f.name, None) if args is not None else None
         if flag_value is not None:
             values[f.name] = flag_value
-        elif env_name(service, f.name) in environ:
-            raw = environ[env_name(service, f.name)]
+        elif env_name(service, f.name) in env:
+            raw = env[env_name(service, f.name)]
             try:
                 values[f.name] = _convert(hints[f.name], raw)
             except ValueError as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]  # set up at import time
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
@@ -78,7 +79,7 @@ def status_response(service: str, backend: str, model: str, config: ServerConfig
 class RunningServer:
     """A started server: its port, and how to stop it (draining in-flight calls)."""
 
-    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health.aio.HealthServicer,
+    def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer,
                  names: Sequence[str], on_stop: Callable[[], None] | None):
         self.server = server
         self.port = port
@@ -103,7 +104,7 @@ async def start_server(config: ServerConfig, default_port: int, services: Sequen
     for spec in services:
         spec.add_to_server(spec.servicer, server)
     common_pb2_grpc.add_ServiceStatusServicer_to_server(StatusServicer(describe), server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [spec.full_name for spec in services]
     reflection.enable_server_reflection(

@@ -17,7 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,16 +52,16 @@ class StackPaths:
         return self.logs / f"{name}.log"
 
 
-def service_port(name: str, environ: dict[str, str] | None = None) -> int:
+def service_port(name: str, environ: Mapping[str, str] | None = None) -> int:
     """The port a stack service listens on: SPEECHRL_<NAME>_PORT or the default."""
-    environ = os.environ if environ is None else environ
-    return int(environ.get(f"SPEECHRL_{name.upper()}_PORT") or DEFAULT_PORTS[name])
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    return int(env.get(f"SPEECHRL_{name.upper()}_PORT") or DEFAULT_PORTS[name])
 
 
-def redis_url(environ: dict[str, str] | None = None) -> str:
+def redis_url(environ: Mapping[str, str] | None = None) -> str:
     """The Redis every component uses: SPEECHRL_REDIS_URL or the local default."""
-    environ = os.environ if environ is None else environ
-    return environ.get("SPEECHRL_REDIS_URL", "redis://127.0.0.1:6379/0")
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    return env.get("SPEECHRL_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
 def service_env(base: dict[str, str]) -> dict[str, str]:

@@ -148,8 +148,9 @@ class GpuLease:
                     remaining = deadline - self.clock()
                     if remaining <= 0:
                         holder = await self.client.hget(k["info"], "owner")
+                        owner = holder.decode() if isinstance(holder, bytes) else (holder or "nobody")
                         raise LeaseTimeout(f"lease of {device} not granted within {timeout:g} s: "
-                                           f"held by {holder.decode() if holder else 'nobody'}, we were at "
+                                           f"held by {owner}, we were at "
                                            f"queue position {int(value) + 1}")
                     wait_s = min(wait_s, remaining)
                 # Woken at once by a release, else re-checked each poll (a dead holder only times out).

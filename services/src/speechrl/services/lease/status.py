@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -27,7 +28,7 @@ class DeviceStatus:
     stats: dict[str, int] = field(default_factory=dict)
 
 
-def _text(value: bytes | str | None) -> str:
+def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else (value or "")
 
 
