@@ -136,6 +136,8 @@ class RolloutEngine:
                 return ItemFailure(ErrorCode.EMPTY_TEXT, "the prompt has no token ids", "token_ids.ids")
         elif prompt.text is not None and prompt.text.strip():
             ids, ids_field = tuple(self.backend.tokenize(prompt.text)), "text"
+            if not ids:
+                return ItemFailure(ErrorCode.EMPTY_TEXT, "the text tokenizes to no tokens", "text")
         else:
             return ItemFailure(ErrorCode.EMPTY_TEXT, "the prompt is empty: set text, token_ids or embeddings", "content")
         bad = [i for i in ids if not 0 <= i < self.backend.vocab_size]
