@@ -1,0 +1,143 @@
+"""The policy as the loss sees it: per-token logprobs of sampled completions under a HF causal LM.
+
+A prompt is token ids (a text LLM, an LLM-TTS) or input embeddings (an LLM-ASR: the audio
+encoder's embeddings followed by the instruction's token embeddings); the completion is always
+token ids. One forward scores a whole micro-batch, whatever the padding of either part.
+
+The reference pi_ref is a frozen copy of the starting policy (`make_reference`), or, with LoRA,
+the same model with its adapters switched off, so that LoRA training holds one set of weights.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import Tensor, nn
+
+from speechrl.trainer.config import GRPOConfig
+from speechrl.trainer.losses import token_entropy, token_logprobs
+
+
+def _pack_left(mask: Tensor) -> Tensor:
+    """The permutation [B, L] that moves every row's padding to the left, keeping the order of its tokens.
+
+    A stable sort of the 0/1 mask: pads (0) first, then the real positions in their order. Prompts
+    padded on the right, completions padded on the right or left, or holes in the middle all come
+    out as one contiguous left-padded sequence, which is what a causal LM scores correctly.
+    """
+    return torch.argsort(mask.to(torch.int8), dim=1, stable=True)  # [B, L]
+
+
+def completion_logprobs(model: nn.Module, completion_ids: Tensor, completion_mask: Tensor, *,
+                        prompt_mask: Tensor, prompt_ids: Tensor | None = None,
+                        prompt_embeds: Tensor | None = None, temperature: float = 1.0,
+                        with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """log pi(o_t | q, o_<t) of every completion token, in one forward; returns ([B, T], [B, T] | None).
+
+    completion_ids [B, T], completion_mask [B, T] (1 on sampled tokens); the prompt as exactly one
+    of prompt_ids [B, S] or prompt_embeds [B, S, H], with prompt_mask [B, S] (every row needs at
+    least one prompt position: the first completion token is predicted from it). Logits are divided
+    by the sampling temperature. Padded positions of the result are 0. The second result is the
+    per-token entropy (no gradient) when with_entropy, else None.
+
+    The model must accept `logits_to_keep` (every HF causal LM since transformers 4.45): only the
+    last T + 1 positions go through the output head, never the prompt's.
+    """
+    if (prompt_ids is None) == (prompt_embeds is None):
+        raise ValueError("pass exactly one of prompt_ids and prompt_embeds")
+    batch, length = completion_ids.shape
+    completion_mask = completion_mask.bool()  # [B, T]
+    mask = torch.cat([prompt_mask.bool(), completion_mask], dim=1)  # [B, S + T]
+    order = _pack_left(mask)  # [B, S + T]
+    # Pad ids may be anything (-100, the pad id); 0 is always a valid row of the embedding table.
+    safe_completion = completion_ids.masked_fill(~completion_mask, 0)  # [B, T]
+    # The ids each position predicts; the prompt's are placeholders that the mask drops.
+    targets = torch.cat([torch.zeros_like(prompt_mask, dtype=completion_ids.dtype), safe_completion], 1)  # [B, S+T]
+    targets = targets.gather(1, order)[:, -length:]  # [B, T] the last T packed positions
+    attention = mask.gather(1, order).long()  # [B, S + T] left-padded
+    positions = (attention.cumsum(1) - 1).clamp(min=0)  # [B, S + T] 0 at each row's first real token
+
+    if prompt_embeds is not None:
+        embedding = cast(Any, model).get_input_embeddings()  # nn.Embedding (a HF or peft model)
+        completion_embeds = embedding(safe_completion)  # [B, T, H]
+        embeds = torch.cat([prompt_embeds.to(completion_embeds.dtype), completion_embeds], dim=1)  # [B, S+T, H]
+        embeds = embeds.gather(1, order[..., None].expand_as(embeds))  # [B, S + T, H]
+        inputs = {"inputs_embeds": embeds}
+    else:
+        assert prompt_ids is not None
+        ids = torch.cat([prompt_ids.masked_fill(~prompt_mask.bool(), 0), safe_completion], dim=1)  # [B, S + T]
+        inputs = {"input_ids": ids.gather(1, order)}
+    output = model(**inputs, attention_mask=attention, position_ids=positions, logits_to_keep=length + 1,
+                   use_cache=False)
+    logits = output.logits[:, :-1]  # [B, T, V] position k predicts packed token k + 1
+
+    # Back from the packed window (each completion right-aligned in it) to the caller's layout:
+    # the r-th sampled token of a row with n of them sits at window index T - n + r.
+    rank = completion_mask.long().cumsum(1) - 1  # [B, T]
+    index = (length - completion_mask.sum(1, keepdim=True) + rank).clamp(0, length - 1)  # [B, T]
+    logprobs = token_logprobs(logits, targets, temperature).gather(1, index)  # [B, T]
+    logprobs = logprobs.masked_fill(~completion_mask, 0.0)  # [B, T]
+    entropy = None
+    if with_entropy:
+        entropy = token_entropy(logits, temperature).gather(1, index).masked_fill(~completion_mask, 0.0)  # [B, T]
+    return logprobs, entropy
+
+
+@dataclass
+class Reference:
+    """The frozen reference policy pi_ref. Use it as `with reference.active() as model: ...`."""
+
+    model: nn.Module
+    adapters_off: bool  # True: a LoRA policy itself, scored with its adapters switched off
+
+    @contextmanager
+    def active(self) -> Iterator[nn.Module]:
+        """The reference model, ready to score (for LoRA: adapters off until the block ends)."""
+        if self.adapters_off:
+            assert isinstance(self.model, PeftModel)
+            with self.model.disable_adapter():
+                yield self.model
+        else:
+            yield self.model
+
+
+def make_reference(model: nn.Module) -> Reference:
+    """pi_ref for a policy at the start of training.
+
+    A LoRA policy (a peft model) is its own reference with the adapters disabled: no copy, and
+    exactly the base weights. Any other model is deep-copied, frozen (requires_grad False) and put
+    in eval mode; the copy costs one more set of weights on the device.
+    """
+    if isinstance(model, PeftModel):
+        return Reference(model, adapters_off=True)
+    reference = copy.deepcopy(model).eval()
+    reference.requires_grad_(False)
+    return Reference(reference, adapters_off=False)
+
+
+def apply_lora(model: nn.Module, config: GRPOConfig) -> PeftModel:
+    """Wrap a causal LM in LoRA adapters (peft) on config.lora_target_modules; only the adapters train."""
+    targets = config.lora_target_modules
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules="all-linear" if targets == ("all-linear",) else list(targets),
+                      task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
+    assert isinstance(peft_model, PeftModel)
+    return peft_model
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer updates (all of them, or the LoRA adapters)."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_optimizer(model: nn.Module, config: GRPOConfig) -> torch.optim.Optimizer:
+    """AdamW over the trainable parameters with config.learning_rate and weight_decay."""
+    return torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate,
+                             weight_decay=config.weight_decay)
