@@ -1,0 +1,397 @@
+"""ASR data sets for RL: an espeak-ng English corpus, the paper's RL-data selectors, long segments.
+
+The corpus (`build_asr_dataset`) is small enough for a CPU and learnable by a small LLM-ASR: the
+sentences come from templates over a controlled vocabulary (names, numbers written as words,
+places, objects, actions), a share of them "keyword-rich" with rare domain words, spoken by
+several espeak-ng voices at 140-190 words per minute. train / dev / test hold disjoint sentences.
+Everything is a function of the seed: the same seed gives the same manifest and the same WAV bytes.
+
+On disk (DIR):
+
+    manifest.jsonl     one Row per line: id, audio (relative to DIR), text, voice, rate, duration,
+                       keywords, split, sources (the utterances a long segment joins)
+    wav/<id>.wav       16 kHz mono 16-bit PCM (the encoder's rate, so every reader sees the same samples)
+
+Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction) pick
+the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
+
+    python -m speechrl.trainer.data --out runs/asr-data --train 1200 --dev 150 --test 150
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import soundfile
+import soxr
+from tqdm import tqdm
+
+from speechrl.rewards import error_rates, normalize_text
+from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.espeak import EspeakSynthesizer
+
+MANIFEST = "manifest.jsonl"
+SAMPLE_RATE = 16_000
+VOICES = "en-us,en-gb,en-gb-scotland,en-us+f3,en-us+m7,en-gb-x-rp+f2,en-029,en-us-nyc+m3"
+
+# The controlled vocabulary. Numbers are words, as a transcript would spell them.
+NAMES = ("alice bob carol david emma frank grace henry irene jack kate leo maria nick olivia peter rose sam "
+         "tina victor").split()
+NUMBERS = "two three four five six seven eight nine ten eleven twelve fifteen twenty thirty forty fifty".split()
+PLACES = "kitchen garden station library market office harbor museum bakery school village bridge river farm".split()
+OBJECTS = {"book": "books", "cup": "cups", "key": "keys", "letter": "letters", "box": "boxes", "chair": "chairs",
+           "lamp": "lamps", "bottle": "bottles", "basket": "baskets", "ticket": "tickets", "map": "maps",
+           "coat": "coats", "bag": "bags", "clock": "clocks", "candle": "candles"}
+ADJECTIVES = "red blue green small large old new heavy bright wooden".split()
+ACTIONS = "moved found opened painted carried cleaned dropped sold packed fixed".split()
+DAYS = "monday tuesday wednesday thursday friday saturday sunday".split()
+TIMES = [*DAYS, "noon", "midnight", "tonight", "lunch", "dinner"]
+# Rare domain words: the keywords. A small model meets each one rarely, so it tends to miss them.
+KEYWORDS = ("ibuprofen insulin amoxicillin tachycardia kubernetes latency firmware thermostat bandwidth router "
+            "spectrometer telescope algorithm vaccine antibody protocol turbine satellite voltage catalyst").split()
+
+TEMPLATES = (
+    "{name} {action} the {adj} {obj} in the {place}",
+    "{name} bought {number} {objs} at the {place} on {day}",
+    "please bring the {adj} {obj} to {name} before {time}",
+    "the {obj} near the {place} was {action} by {name}",
+    "{name} and {name2} walked to the {place} at {number} o'clock",
+    "there are {number} {adj} {objs} in the {place}",
+    "did {name} leave the {obj} at the {place} on {day}",
+    "{name} {action} {number} {objs} and a {adj} {obj}",
+    "{name} {action} the {kw} in the {place}",
+)
+KEYWORD_TEMPLATES = (
+    "{name} checked the {kw} and the {kw2} in the {place}",
+    "the {kw} report mentions {kw2} and {kw3}",
+    "{name} measured the {kw} of the {kw2} on {day}",
+    "please order {number} units of {kw} and {kw2} for the {place}",
+    "the {kw} in the {place} needs new {kw2} before {time}",
+)
+
+
+@dataclass(frozen=True)
+class Row:
+    """One manifest line: an utterance, or a long segment joining several (sources)."""
+
+    id: str
+    audio: str  # a WAV file: relative to the manifest's folder on disk, absolute once read
+    text: str  # the reference transcript (lower case, no punctuation)
+    voice: str  # espeak-ng voice, e.g. en-us+f3; a long segment joins one voice's utterances
+    rate: int  # words per minute (a long segment: the mean of its sources)
+    duration: float  # seconds
+    keywords: tuple[str, ...] = ()  # the rare domain words in text, for the keyword reward (R3)
+    split: str = "train"  # train, dev, test, or a long split
+    sources: tuple[str, ...] = ()  # ids of the utterances a long segment joins
+
+    def to_json(self, root: Path) -> str:
+        values = asdict(self)
+        audio = Path(self.audio)
+        values["audio"] = str(audio.relative_to(root)) if audio.is_absolute() and audio.is_relative_to(root) else self.audio
+        values["keywords"], values["sources"] = list(self.keywords), list(self.sources)
+        return json.dumps(values)
+
+    @classmethod
+    def from_json(cls, line: str, root: Path) -> Row:
+        values = json.loads(line)
+        values["audio"] = str(root / values["audio"])
+        values["keywords"], values["sources"] = tuple(values.get("keywords", ())), tuple(values.get("sources", ()))
+        return cls(**values)
+
+
+def write_manifest(path: str | Path, rows: Sequence[Row]) -> Path:
+    """Write rows as JSONL; audio paths under the manifest's folder are stored relative to it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = path.parent.resolve()
+    path.write_text("".join(row.to_json(root) + "\n" for row in rows))
+    return path
+
+
+def read_manifest(path: str | Path, split: str | None = None) -> list[Row]:
+    """Rows of a manifest (file, or the folder holding manifest.jsonl), audio paths absolute; one split if named."""
+    path = Path(path)
+    path = path / MANIFEST if path.is_dir() else path
+    root = path.parent.resolve()
+    rows = [Row.from_json(line, root) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.split == split]
+
+
+# -- sentences ---------------------------------------------------------------------------------
+
+
+def generate_sentences(count: int, seed: int, keyword_rich_fraction: float = 0.2) -> list[tuple[str, tuple[str, ...]]]:
+    """count distinct sentences with their keywords; keyword_rich_fraction of them from the keyword templates.
+
+    >>> generate_sentences(2, seed=0) == generate_sentences(2, seed=0)
+    True
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    out: list[tuple[str, tuple[str, ...]]] = []
+    attempts = 0
+    while len(out) < count:
+        attempts += 1
+        if attempts > 100 * count + 1000:
+            raise ValueError(f"the templates cannot make {count} distinct sentences; ask for fewer")
+        rich = rng.random() < keyword_rich_fraction
+        sentence = _render(rng.choice(KEYWORD_TEMPLATES if rich else TEMPLATES), rng)
+        if sentence[0] not in seen:
+            seen.add(sentence[0])
+            out.append(sentence)
+    return out
+
+
+def _render(template: str, rng: random.Random) -> tuple[str, tuple[str, ...]]:
+    """Fill a template; the keywords are the domain words the sentence ended up with, in order."""
+    name, name2 = rng.sample(NAMES, 2)
+    kw, kw2, kw3 = rng.sample(KEYWORDS, 3)
+    text = template.format(name=name, name2=name2, action=rng.choice(ACTIONS), adj=rng.choice(ADJECTIVES),
+                           obj=rng.choice(sorted(OBJECTS)), objs=OBJECTS[rng.choice(sorted(OBJECTS))],
+                           place=rng.choice(PLACES), number=rng.choice(NUMBERS), time=rng.choice(TIMES),
+                           day=rng.choice(DAYS),
+                           kw=kw, kw2=kw2, kw3=kw3)
+    keywords = tuple(word for word in text.split() if word in KEYWORDS)
+    return text, keywords
+
+
+# -- the corpus --------------------------------------------------------------------------------
+
+
+@dataclass
+class DataConfig:
+    """An espeak-ng ASR corpus; every field is a flag of `python -m speechrl.trainer.data`."""
+
+    out: str = option("runs/asr-data", "Folder to write manifest.jsonl and wav/ into.")
+    seed: int = option(0, "Seed of sentences, voices and rates: the same seed gives the same corpus.")
+    train: int = option(1200, "Training utterances.")
+    dev: int = option(150, "Development utterances (model selection).")
+    test: int = option(150, "Test utterances (the reported WER).")
+    voices: str = option(VOICES, "Comma-separated espeak-ng voices (voice+variant); each utterance draws one.")
+    min_rate: int = option(140, "Slowest speaking rate, words per minute.")
+    max_rate: int = option(190, "Fastest speaking rate, words per minute.")
+    keyword_rich_fraction: float = option(0.2, "Share of sentences from the keyword-rich templates (2-3 rare words).")
+    max_seconds: float = option(20.0, "Length cap of an utterance (the paper keeps RL audio under 20 s).")
+    long_test: int = option(40, "Long segments joined from test utterances: split 'long' (0: none).")
+    long_train: int = option(0, "Long segments joined from training utterances: split 'long_train' (0: none).")
+    long_min_seconds: float = option(15.0, "Shortest long segment.")
+    long_max_seconds: float = option(28.0, "Longest long segment; under the encoder's 30 s window.")
+    gap_seconds: float = option(0.3, "Silence between the joined utterances of a long segment.")
+    workers: int = option(2, "espeak-ng processes at a time.")
+
+    def __post_init__(self) -> None:
+        if min(self.train, self.dev, self.test) < 0 or self.train + self.dev + self.test == 0:
+            raise ValueError("train, dev and test must be >= 0 and not all 0")
+        if not 80 <= self.min_rate <= self.max_rate <= 450:
+            raise ValueError(f"rates must satisfy 80 <= min_rate <= max_rate <= 450, got {self.min_rate}-{self.max_rate}")
+        if not 0 < self.long_min_seconds <= self.long_max_seconds <= 30:
+            raise ValueError("long segments need 0 < long_min_seconds <= long_max_seconds <= 30 (the encoder window)")
+        if not self.voice_list:
+            raise ValueError("voices must name at least one espeak-ng voice")
+
+    @property
+    def voice_list(self) -> list[str]:
+        return [v.strip() for v in self.voices.split(",") if v.strip()]
+
+
+def _write_wav(path: Path, samples: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    soundfile.write(path, samples, SAMPLE_RATE, subtype="PCM_16")
+
+
+def _speak(synth: EspeakSynthesizer, text: str, voice: str, rate: int, out: Path) -> float:
+    """espeak-ng -> 16 kHz 16-bit WAV at out; returns its duration in seconds."""
+    samples, source_rate = soundfile.read(synth.path(text, voice=voice, rate=rate), dtype="float32")
+    samples = soxr.resample(samples, source_rate, SAMPLE_RATE, quality="HQ")  # [N] float32
+    _write_wav(out, samples)
+    return int(soundfile.info(out).frames) / SAMPLE_RATE
+
+
+def _plan(config: DataConfig) -> list[Row]:
+    """The utterances to speak (duration still 0): sentences, splits, voices and rates from the seed."""
+    sizes = {"train": config.train, "dev": config.dev, "test": config.test}
+    sentences = generate_sentences(sum(sizes.values()), config.seed, config.keyword_rich_fraction)
+    rng = random.Random(config.seed + 1)
+    voices = config.voice_list
+    rows, start = [], 0
+    for split, size in sizes.items():
+        for i, (text, keywords) in enumerate(sentences[start:start + size]):
+            rows.append(Row(id=f"{split}-{i:05d}", audio=f"wav/{split}-{i:05d}.wav", text=text,
+                            voice=rng.choice(voices), rate=rng.randint(config.min_rate, config.max_rate),
+                            duration=0.0, keywords=keywords, split=split))
+        start += size
+    return rows
+
+
+def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
+    """Speak the corpus, add the long splits, write manifest.jsonl; returns its path.
+
+    Utterances over max_seconds are dropped (none are with the default templates and rates).
+    """
+    out = Path(config.out).resolve()
+    planned = _plan(config)
+    with tempfile.TemporaryDirectory(prefix="espeak-") as scratch, ThreadPoolExecutor(config.workers) as pool:
+        synth = EspeakSynthesizer(Path(scratch))
+        jobs = [pool.submit(_speak, synth, r.text, r.voice, r.rate, out / r.audio) for r in planned]
+        bar = tqdm(jobs, desc="espeak-ng", unit="utt", disable=not progress)
+        rows = [replace(r, audio=str(out / r.audio), duration=job.result()) for r, job in zip(planned, bar, strict=True)]
+    rows = select_max_duration(rows, config.max_seconds)
+    for source, split, count in (("test", "long", config.long_test), ("train", "long_train", config.long_train)):
+        if count:
+            rows += build_long_segments([r for r in rows if r.split == source], out, split=split, limit=count,
+                                        min_seconds=config.long_min_seconds, max_seconds=config.long_max_seconds,
+                                        gap_seconds=config.gap_seconds, seed=config.seed)
+    return write_manifest(out / MANIFEST, rows)
+
+
+# -- long segments -----------------------------------------------------------------------------
+
+
+def _runs(rows: Sequence[Row], rng: random.Random, min_seconds: float, max_seconds: float,
+          gap_seconds: float) -> Iterator[list[Row]]:
+    """Consecutive rows of one voice, greedily joined until a random target in [min, max] seconds."""
+    target = rng.uniform(min_seconds, max_seconds)
+    run: list[Row] = []
+    for row in rows:
+        length = sum(r.duration for r in run) + gap_seconds * len(run)  # with the gap before row
+        if run and length + row.duration > max_seconds:
+            if length - gap_seconds >= min_seconds:
+                yield run
+            run, target = [], rng.uniform(min_seconds, max_seconds)
+        if row.duration > max_seconds:
+            continue
+        run.append(row)
+        if sum(r.duration for r in run) + gap_seconds * (len(run) - 1) >= target:
+            yield run
+            run, target = [], rng.uniform(min_seconds, max_seconds)
+
+
+def build_long_segments(rows: Sequence[Row], out: str | Path, *, split: str = "long", min_seconds: float = 15.0,
+                        max_seconds: float = 28.0, gap_seconds: float = 0.3, seed: int = 0,
+                        limit: int | None = None) -> list[Row]:
+    """Join consecutive utterances of the same voice into long segments with their joined references.
+
+    Why: an LLM-ASR warm-started on short utterances meets long inputs rarely, and there it
+    loops, repeats or invents words: these are the hallucination-prone inputs on which the paper's
+    hallucination reward (R2) is trained and measured. Each segment is min_seconds..max_seconds
+    (under the encoder's 30 s window), its audio the sources with gap_seconds of silence between,
+    its text the sources' texts joined by spaces, its duration their sum plus the gaps. Segments
+    are ordered by their first source; the first `limit` are kept. WAVs go to out/wav/<id>.wav.
+    """
+    out = Path(out).resolve()
+    rng = random.Random(seed)
+    position = {row.id: i for i, row in enumerate(rows)}
+    by_voice: dict[str, list[Row]] = {}
+    for row in rows:
+        by_voice.setdefault(row.voice, []).append(row)
+    runs = [run for voice in sorted(by_voice) for run in _runs(by_voice[voice], rng, min_seconds, max_seconds,
+                                                                 gap_seconds)]
+    runs.sort(key=lambda run: position[run[0].id])
+    gap = np.zeros(round(gap_seconds * SAMPLE_RATE), dtype=np.float32)
+    segments = []
+    for i, run in enumerate(runs[:limit]):
+        pieces: list[np.ndarray] = []
+        for j, row in enumerate(run):
+            samples, rate = soundfile.read(row.audio, dtype="float32")
+            if rate != SAMPLE_RATE:
+                samples = soxr.resample(samples, rate, SAMPLE_RATE, quality="HQ")
+            pieces += [gap, samples] if j else [samples]
+        audio = np.concatenate(pieces)  # [N] float32
+        path = out / "wav" / f"{split}-{i:05d}.wav"
+        _write_wav(path, audio)
+        keywords = tuple(dict.fromkeys(k for row in run for k in row.keywords))
+        segments.append(Row(id=f"{split}-{i:05d}", audio=str(path), text=" ".join(r.text for r in run),
+                            voice=run[0].voice, rate=round(sum(r.rate for r in run) / len(run)),
+                            duration=audio.shape[0] / SAMPLE_RATE, keywords=keywords, split=split,
+                            sources=tuple(r.id for r in run)))
+    return segments
+
+
+# -- selectors ---------------------------------------------------------------------------------
+
+
+def select_random(rows: Sequence[Row], count: int, seed: int = 0) -> list[Row]:
+    """A uniform random subset of count rows (all when there are fewer), in manifest order.
+
+    Why: the paper's baseline RL set; it shows what RL gains without any targeting of the data.
+    """
+    if count >= len(rows):
+        return list(rows)
+    keep = set(random.Random(seed).sample(range(len(rows)), count))
+    return [row for i, row in enumerate(rows) if i in keep]
+
+
+def hypothesis_disagreement(first: str, second: str) -> float:
+    """WER of second against first as the reference (normalised text); 1 when exactly one is empty."""
+    if not normalize_text(first).strip():
+        return 0.0 if not normalize_text(second).strip() else 1.0
+    return error_rates(second, first).wer
+
+
+def select_hard_cases(rows: Sequence[Row], first: Sequence[str], second: Sequence[str] | None = None, *,
+                      min_disagreement: float = 0.2, min_wer: float | None = None) -> list[Row]:
+    """Rows where two systems disagree, or where the baseline is wrong: the hard cases.
+
+    first[i] and second[i] are hypotheses of rows[i] from two ASR systems (e.g. Whisper and the
+    policy) or two checkpoints of the policy. A row is hard when WER(second | first as reference) >
+    min_disagreement, or, with min_wer set, when the baseline `first` has WER > min_wer against the
+    row's reference. Why: GRPO learns only from groups whose rewards differ; utterances that every
+    sample already gets right give zero advantage, so the paper spends its RL data on the
+    utterances the models are unsure about, which is where disagreement and high WER point.
+    """
+    if len(first) != len(rows) or (second is not None and len(second) != len(rows)):
+        raise ValueError(f"need one hypothesis per row: {len(rows)} rows, {len(first)} first, "
+                         f"{len(second) if second is not None else 0} second")
+    if second is None and min_wer is None:
+        raise ValueError("give a second hypothesis list, a min_wer, or both")
+    hard = []
+    for i, row in enumerate(rows):
+        disagree = second is not None and hypothesis_disagreement(first[i], second[i]) > min_disagreement
+        wrong = min_wer is not None and error_rates(first[i], row.text).wer > min_wer
+        if disagree or wrong:
+            hard.append(row)
+    return hard
+
+
+def select_max_duration(rows: Sequence[Row], max_seconds: float = 20.0) -> list[Row]:
+    """Rows shorter than max_seconds.
+
+    Why: the paper caps RL audio at 20 s; longer inputs cost memory quadratically in attention and
+    fall outside what the warm start saw (long inputs are studied on their own, see long segments).
+    """
+    return [row for row in rows if row.duration < max_seconds]
+
+
+def select_keyword_rich(rows: Sequence[Row], min_keywords: int = 2) -> list[Row]:
+    """Rows whose reference holds at least min_keywords keywords.
+
+    Why: the keyword reward (R3: keyword precision and recall) only has signal where there are
+    keywords; a set rich in rare domain words is where the paper trains and measures it.
+    """
+    return [row for row in rows if len(row.keywords) >= min_keywords]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m speechrl.trainer.data --out DIR [flags]`: build the corpus and print its splits."""
+    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.data", description=__doc__.split("\n")[0])
+    add_arguments(parser, DataConfig)
+    config = from_namespace(DataConfig, "data", parser.parse_args(argv))
+    manifest = build_asr_dataset(config)
+    rows = read_manifest(manifest)
+    for split in dict.fromkeys(r.split for r in rows):
+        part = [r for r in rows if r.split == split]
+        print(f"{split:>10}: {len(part):5d} rows, {sum(r.duration for r in part) / 60:6.1f} min, "
+              f"{max(r.duration for r in part):5.1f} s longest")
+    print(f"manifest: {manifest}")
+
+
+if __name__ == "__main__":
+    main()
