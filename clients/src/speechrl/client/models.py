@@ -345,10 +345,13 @@ class ServiceStatus:
     items_processed: int
     items_failed: int
     version: str
+    policy_version: int = 0
+    """The policy version a rollout generator samples with; 0 for other services."""
 
     @classmethod
     def from_proto(cls, s: common_pb2.GetServiceStatusResponse) -> ServiceStatus:
         return cls(service=s.service, backend=s.backend, model=s.model, device=s.device, residency=s.residency,
                    lease_device=s.lease.device, lease_held=s.lease.held, fencing_token=s.lease.fencing_token,
                    max_batch_size=s.batching.max_batch_size, max_wait_ms=s.batching.max_wait_ms,
-                   items_processed=s.items_processed, items_failed=s.items_failed, version=s.version)
+                   items_processed=s.items_processed, items_failed=s.items_failed, version=s.version,
+                   policy_version=s.policy_version)

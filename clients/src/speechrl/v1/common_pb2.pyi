@@ -113,7 +113,7 @@ class GetServiceStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServiceStatusResponse(_message.Message):
-    __slots__ = ("service", "backend", "model", "device", "residency", "lease", "batching", "items_processed", "items_failed", "version")
+    __slots__ = ("service", "backend", "model", "device", "residency", "lease", "batching", "items_processed", "items_failed", "version", "policy_version")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,7 @@ class GetServiceStatusResponse(_message.Message):
     ITEMS_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     ITEMS_FAILED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
+    POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     service: str
     backend: str
     model: str
@@ -134,7 +135,8 @@ class GetServiceStatusResponse(_message.Message):
     items_processed: int
     items_failed: int
     version: str
-    def __init__(self, service: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., residency: _Optional[str] = ..., lease: _Optional[_Union[LeaseState, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., items_processed: _Optional[int] = ..., items_failed: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+    policy_version: int
+    def __init__(self, service: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., residency: _Optional[str] = ..., lease: _Optional[_Union[LeaseState, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., items_processed: _Optional[int] = ..., items_failed: _Optional[int] = ..., version: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
 
 class LeaseState(_message.Message):
     __slots__ = ("device", "held", "fencing_token")

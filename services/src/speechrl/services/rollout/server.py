@@ -119,7 +119,9 @@ async def start(config: RolloutConfig) -> RunningServer:
     update_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{SERVICE}-weights")
 
     def describe() -> common_pb2.GetServiceStatusResponse:
-        return status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)
+        status = status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)
+        status.policy_version = engine.version
+        return status
 
     def stop() -> None:
         batcher.close()
