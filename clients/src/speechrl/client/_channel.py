@@ -126,7 +126,7 @@ def retry_after_hint(error: grpc.aio.AioRpcError) -> float | None:
     return None
 
 
-def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int]]:
+def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int | str]]:
     """Options of every client channel."""
     max_bytes = max_message_mb * 1024 * 1024
     return [
@@ -140,6 +140,10 @@ def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[
         ("grpc.keepalive_permit_without_calls", 1),
         # A restarted scorer is reconnected within 5 s instead of gRPC's default of up to 120 s.
         ("grpc.max_reconnect_backoff_ms", 5_000),
+        # A name that resolves to several addresses (a Kubernetes headless Service: one per ready
+        # pod) gets calls spread over all of them; gRPC's default, pick_first, sends every call
+        # to one. The same as pick_first for a name with one address.
+        ("grpc.lb_policy_name", "round_robin"),
     ]
 
 

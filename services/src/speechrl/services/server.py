@@ -48,6 +48,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # Let clients see a dead peer within ~40 s instead of the kernel's TCP timeout.
         ("grpc.keepalive_time_ms", 30_000),
         ("grpc.keepalive_timeout_ms", 10_000),
+        # Clients re-resolve a service name only when a connection ends: ending each one after
+        # ~5 min (gRPC adds jitter; calls in flight finish) lets round_robin clients of a
+        # Kubernetes headless Service find the pods a scale-up added.
+        ("grpc.max_connection_age_ms", 300_000),
     ]
 
 
