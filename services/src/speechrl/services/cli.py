@@ -15,6 +15,7 @@ SERVICE_MODULES = {
     "encoder": "speechrl.services.encoder.server",
     "gateway": "speechrl.services.gateway.server",
     "rollout": "speechrl.services.rollout.server",
+    "trainer": "speechrl.trainer.service",  # in the speechrl-trainer distribution
 }
 
 # Other subcommands -> module with main(argv).
@@ -23,6 +24,7 @@ COMMAND_MODULES = {
     "down": "speechrl.services.stack",
     "status": "speechrl.services.stack",
     "demo": "speechrl.services.demo",
+    "train": "speechrl.trainer.cli",  # in the speechrl-trainer distribution
 }
 
 # Subcommands whose module takes the rest of the line as is, e.g. `speechrl gpu status`.

@@ -1,0 +1,345 @@
+"""A GRPO run for LLM-based ASR through the services: the step the paper alternates on the GPUs.
+
+    encode (audio encoder service) -> rollout (G samples per prompt, rollout service)
+    -> score (rule rewards service: R1 accuracy, R2 hallucination, R3 keywords)
+    -> update (GRPO on the trainer's device, under its GPU lease, priority "high")
+    -> sync (new weights to the rollout service; its reply must echo the new version)
+
+Every GPU phase takes its device's lease: the encoder and rollout services take theirs per batch,
+the update here. Per step: time of each phase, every reward component, KL, clip fraction, WER,
+insertions -> metrics.jsonl and TensorBoard. Checkpoints every `checkpoint_every` steps; a run
+started again with the same out_dir resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from speechrl.client import AsyncAudioEncoderClient, AsyncRolloutClient, AsyncRuleRewardsClient
+from speechrl.services.config import option
+from speechrl.trainer.advantages import reward_statistics, weighted_rewards
+from speechrl.trainer.asr_policy import AsrPolicy
+from speechrl.trainer.checkpoint import (
+    TrainState,
+    latest_checkpoint,
+    load_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+from speechrl.trainer.config import GRPOConfig
+from speechrl.trainer.data import Row, read_manifest
+from speechrl.trainer.policy import make_optimizer, make_reference
+from speechrl.trainer.step import RolloutBatch, grpo_update
+
+REWARD_COMPONENTS = ("accuracy", "hallucination", "keyword")
+
+
+@dataclass
+class AsrJobConfig:
+    """A GRPO run for the LLM-ASR; `grpo` holds the update's settings (GRPOConfig)."""
+
+    policy: str = option("", "Warm-start checkpoint folder (AsrPolicy.save): the LM, tokenizer, layout, front-end.")
+    data: str = option("", "Manifest (data.py) whose rows are the RL prompts.")
+    train_split: str = option("train", "Manifest split to sample prompts from.")
+    eval_split: str = option("dev", "Split evaluated greedily every eval_every steps; empty turns it off.")
+    eval_size: int = option(64, "Rows of eval_split evaluated.")
+    eval_every: int = option(5, "Evaluate every this many steps (and at the end); 0: only at the end.")
+    steps: int = option(20, "Policy updates to run.")
+    checkpoint_every: int = option(5, "Write a checkpoint every this many steps (and at the end).")
+    out_dir: str = option("runs/asr-grpo", "Run folder: metrics.jsonl, TensorBoard events, checkpoints, plot.")
+    encoder: str = option("127.0.0.1:50054", "Audio-encoder endpoint(s), comma-separated.")
+    rollout: str = option("127.0.0.1:50055", "Rollout-generator endpoint(s).")
+    rules: str = option("127.0.0.1:50053", "Rule-reward endpoint(s).")
+    sync_dir: str = option("", "Folder the rollout service reads new weights from; empty: <out_dir>/sync "
+                                "(a shared volume in a cluster).")
+    device: str = option("cpu", "Device of the policy update: cpu, or cuda:N.")
+    lease_device: str = option("", "Take this device's GPU lease (priority high) around each update; empty: none.")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease.")
+    seed: int = option(0, "Seed of prompt sampling and rollouts.")
+    grpo: dict[str, Any] = field(default_factory=dict, metadata={
+        "help": "GRPOConfig fields (group_size, batch_size, learning_rate, kl_beta, reward_weights, ...)."})
+
+    def __post_init__(self) -> None:
+        if not self.policy or not self.data:
+            raise ValueError("policy (a warm-start checkpoint) and data (a manifest) are required")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        weights = self.grpo.setdefault("reward_weights", {})
+        for name in weights:
+            if name not in REWARD_COMPONENTS:
+                raise ValueError(f"reward_weights names {name!r}; components are {', '.join(REWARD_COMPONENTS)}")
+        weights.setdefault("keyword", 0.0)  # R3 acts only when asked: not every data set carries keywords
+
+    @property
+    def grpo_config(self) -> GRPOConfig:
+        return GRPOConfig.from_dict(self.grpo)
+
+
+class Progress(Protocol):
+    """Where a run reports: the CLI's progress bar, or the job service's Redis record."""
+
+    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class PhaseTimer:
+    """Wall time of each phase of a step."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Any:
+        start = time.perf_counter()
+        yield
+        self.seconds[f"time/{name}"] = time.perf_counter() - start
+
+
+@dataclass
+class Services:
+    """The clients of one run."""
+
+    encoder: AsyncAudioEncoderClient
+    rollout: AsyncRolloutClient
+    rules: AsyncRuleRewardsClient
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, config: AsrJobConfig) -> AsyncIterator[Services]:
+        async with AsyncAudioEncoderClient(config.encoder, timeout_s=600) as encoder, \
+                AsyncRolloutClient(config.rollout, timeout_s=600) as rollout, \
+                AsyncRuleRewardsClient(config.rules, timeout_s=120) as rules:
+            yield cls(encoder, rollout, rules)
+
+
+async def encode(services: Services, rows: Sequence[Row]) -> list[torch.Tensor]:
+    """Front-end embeddings [T_i, D] of each row's audio."""
+    results = await services.encoder.encode([str(row.audio) for row in rows])
+    return [torch.from_numpy(np.array(r.unwrap(), dtype=np.float32)) for r in results]
+
+
+async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Row]) -> dict[str, list[Any]]:
+    """Rule-reward components per hypothesis (None where unscored), plus WER and insertions."""
+    results = await services.rules.score(list(hypotheses), [r.text for r in rows],
+                                         keywords=[list(r.keywords) for r in rows])
+    scores = [r.score for r in results]
+    return {
+        "accuracy": [s.accuracy_reward if s else None for s in scores],
+        "hallucination": [s.hallucination_reward if s else None for s in scores],
+        "keyword": [s.keyword_reward if s else None for s in scores],
+        "wer": [s.wer if s else None for s in scores],
+        "insertions": [s.word_counts.insertions if s else None for s in scores],
+    }
+
+
+def _mean(values: Sequence[float | None]) -> float:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else math.nan
+
+
+def rollout_batch(policy: AsrPolicy, audio: Sequence[torch.Tensor], samples: Sequence[Any],
+                  rewards: Sequence[float | None]) -> RolloutBatch:
+    """The GRPO batch: prompts once each (left-padded embeddings), completions with EOS where sampled."""
+    with torch.no_grad():
+        prompts = policy.inputs(audio, padding_side="left")  # instruction embeddings: fixed during this step
+    eos = policy.layout.eos_token_id
+    completions = [list(s.token_ids) + ([eos] if s.finish_reason == "stop" else []) for s in samples]
+    width = max(1, max(len(c) for c in completions))
+    ids = torch.full((len(completions), width), policy.layout.pad_token_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros(len(completions), width, dtype=torch.long)  # [N, T]
+    for i, c in enumerate(completions):
+        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+        mask[i, :len(c)] = 1
+    return RolloutBatch(completion_ids=ids, completion_mask=mask, rewards=list(rewards),
+                        prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
+
+
+async def sync_weights(services: Services, policy: AsrPolicy, sync_dir: Path, version: int) -> int:
+    """Push the policy's weights as `version`; returns the version the rollout service confirms."""
+    sync_dir.mkdir(parents=True, exist_ok=True)
+    path = sync_dir / f"policy-v{version:06d}.safetensors"
+    state = {k: v.detach().to("cpu").contiguous() for k, v in policy.model.state_dict().items()}
+    await asyncio.to_thread(save_file, state, str(path))
+    confirmed = await services.rollout.update_weights(version, str(path), format="full")
+    for old in sync_dir.glob("policy-v*.safetensors"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    if confirmed != version:
+        raise RuntimeError(f"rollout service confirmed policy version {confirmed}, expected {version}")
+    return confirmed
+
+
+@contextlib.asynccontextmanager
+async def update_lease(config: AsrJobConfig) -> AsyncIterator[None]:
+    """The trainer device's GPU lease around the update, when configured."""
+    if not config.lease_device:
+        yield
+        return
+    import redis.asyncio as aioredis
+
+    from speechrl.services.lease import GpuLease
+
+    client = aioredis.Redis.from_url(config.redis_url)
+    try:
+        async with GpuLease(client, owner="trainer").hold(config.lease_device, priority="high", timeout=600):
+            yield
+    finally:
+        await client.aclose()
+
+
+async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy, reference: Any,
+                     optimizer: torch.optim.Optimizer, services: Services, config: AsrJobConfig,
+                     grpo: GRPOConfig, version: int) -> tuple[dict[str, Any], int]:
+    """encode -> rollout -> score -> update -> sync for one batch of prompts; returns (metrics, version)."""
+    timer = PhaseTimer()
+    with timer("encode"):
+        audio = await encode(services, rows)  # P x [T_i, D]
+    with timer("rollout"):
+        budget = max(policy.layout.max_new_tokens(a.shape[0]) for a in audio)
+        results = await services.rollout.generate(
+            [a.numpy() for a in audio], n=grpo.group_size, max_tokens=budget, temperature=grpo.temperature,
+            seed=config.seed * 100_003 + step, suffix_token_ids=list(policy.layout.instruction_ids))
+        samples = [s for r in results for s in r.unwrap()]  # P * G, group order
+    stale = {s.policy_version for s in samples} - {version}
+    if stale:
+        raise RuntimeError(f"rollouts came from policy versions {sorted(stale)}, not {version}: the rollout "
+                           "service is not serving the trainer's weights")
+    group_rows = [row for row in rows for _ in range(grpo.group_size)]
+    with timer("score"):
+        components = await score(services, [s.text for s in samples], group_rows)
+    rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
+    batch = rollout_batch(policy, audio, samples, rewards)
+    with timer("update"):
+        async with update_lease(config):
+            update = await asyncio.to_thread(grpo_update, policy.model, reference, optimizer, batch, grpo)
+    with timer("sync"):
+        version = await sync_weights(services, policy, sync_dir(config), version + 1)
+    metrics: dict[str, Any] = {
+        **update, **reward_statistics(rewards, grpo.group_size), **timer.seconds,
+        **{f"reward/{k}": _mean(components[k]) for k in REWARD_COMPONENTS},
+        "wer": _mean(components["wer"]), "insertions": _mean(components["insertions"]),
+        "hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]]),
+        "completion_tokens": float(np.mean([len(s.token_ids) for s in samples])),
+        "policy_version": version,
+    }
+    return metrics, version
+
+
+async def evaluate(services: Services, rows: Sequence[Row], layout_budget: Callable[[int], int],
+                   instruction_ids: Sequence[int]) -> dict[str, float]:
+    """Greedy transcripts of rows from the rollout service (current weights), scored by the rule rewards."""
+    audio = await encode(services, rows)
+    results = await services.rollout.generate(
+        [a.numpy() for a in audio], n=1, temperature=0.0, max_tokens=max(layout_budget(a.shape[0]) for a in audio),
+        suffix_token_ids=list(instruction_ids))
+    components = await score(services, [r.unwrap()[0].text for r in results], rows)
+    return {"eval/wer": _mean(components["wer"]), "eval/insertions": _mean(components["insertions"]),
+            "eval/hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]])}
+
+
+def sync_dir(config: AsrJobConfig) -> Path:
+    return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
+
+
+class MetricsLog:
+    """metrics.jsonl and TensorBoard events of a run (a resumed run drops records past its checkpoint)."""
+
+    def __init__(self, out_dir: Path, resume_step: int):
+        self.path = out_dir / "metrics.jsonl"
+        kept = [line for line in self.path.read_text().splitlines()
+                if json.loads(line)["step"] <= resume_step] if self.path.exists() else []
+        self.path.write_text("".join(line + "\n" for line in kept))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer: Any = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+        except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
+            self.writer = None
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.writer is not None:
+            for key, value in metrics.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.writer.add_scalar(key, value, step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
+    """Run (or resume) the GRPO job to config.steps; returns the summary written to summary.json."""
+    grpo = config.grpo_config
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(grpo.seed)
+    random.seed(config.seed)
+    resume = latest_checkpoint(out)
+    policy = AsrPolicy.load(resume / "policy" if resume else config.policy, device=config.device)
+    policy.model.train()
+    reference = make_reference(AsrPolicy.load(config.policy, device=config.device).model)
+    optimizer = make_optimizer(policy.model, grpo)
+    state = TrainState()
+    if resume is not None:
+        state = TrainState.load(resume)
+        load_optimizer(resume, optimizer)
+        restore_rng(state)
+    rows = read_manifest(config.data, config.train_split)
+    eval_rows = read_manifest(config.data, config.eval_split)[:config.eval_size] if config.eval_split else []
+    log = MetricsLog(out, state.step)
+    async with Services.connect(config) as services:
+        status = await services.rollout.get_service_status()
+        # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
+        # weights with a version newer than both, so every later sample is provably ours.
+        version = await sync_weights(services, policy, sync_dir(config), max(state.version, status.policy_version) + 1)
+        while state.step < config.steps and not progress.cancelled():
+            batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
+            metrics, version = await train_step(state.step, batch_rows, policy, reference, optimizer, services,
+                                                config, grpo, version)
+            state.step += 1
+            state.version = version
+            last = state.step == config.steps
+            if eval_rows and (last or (config.eval_every and state.step % config.eval_every == 0)):
+                metrics.update(await evaluate(services, eval_rows, policy.layout.max_new_tokens,
+                                              policy.layout.instruction_ids))
+            log.write(state.step, metrics)
+            progress.report(state.step, config.steps, metrics)
+            if last or state.step % config.checkpoint_every == 0:
+                await asyncio.to_thread(save_checkpoint, out, state, lambda f: policy.save(f / "policy"), optimizer)
+    log.close()
+    summary = summarize(out)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def summarize(out: Path) -> dict[str, Any]:
+    """First and last values of the headline metrics, and the plot."""
+    from speechrl.trainer.plots import plot_run
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/wer" in r]
+    summary: dict[str, Any] = {"steps": rows[-1]["step"] if rows else 0}
+    for key in ("reward_mean", "wer", "insertions", "kl"):
+        if rows and key in rows[0]:
+            summary[key] = {"first": rows[0][key], "last": rows[-1][key]}
+    if evals:
+        summary["eval_wer"] = {"first": evals[0]["eval/wer"], "last": evals[-1]["eval/wer"]}
+    summary["plot"] = str(plot_run(rows, out / "training.png"))
+    return summary

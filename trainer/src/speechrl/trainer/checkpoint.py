@@ -1,0 +1,82 @@
+"""Checkpoints of a training run: written whole or not at all, found again after a crash.
+
+Layout: <out_dir>/checkpoints/step-000010/ holding the policy folder (AsrPolicy.save),
+optimizer.pt and state.json (step, policy version, RNG state). A checkpoint is written to a
+temporary folder and renamed into place, so a run killed mid-write leaves the previous one intact.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+STATE_FILE = "state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+@dataclass
+class TrainState:
+    """What a resumed run needs besides the weights."""
+
+    step: int = 0
+    version: int = 0  # the policy version last pushed to the rollout service
+    rng: list[Any] = field(default_factory=list)  # random.getstate(), JSON-friendly
+
+    def save(self, folder: Path) -> None:
+        (folder / STATE_FILE).write_text(json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, folder: Path) -> TrainState:
+        values = json.loads((folder / STATE_FILE).read_text())
+        return cls(**values)
+
+
+def checkpoint_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    folders = sorted(p for p in checkpoint_dir(out_dir).glob("step-*") if (p / STATE_FILE).exists())
+    return folders[-1] if folders else None
+
+
+def save_checkpoint(out_dir: str | Path, state: TrainState, save_policy: Any, optimizer: torch.optim.Optimizer,
+                    keep: int = 2) -> Path:
+    """Write a checkpoint atomically; save_policy(folder) writes the weights. Keeps the newest `keep`."""
+    root = checkpoint_dir(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step:06d}"
+    partial = root / f".partial-{state.step:06d}"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    save_policy(partial)
+    torch.save(optimizer.state_dict(), partial / OPTIMIZER_FILE)
+    state.rng = _json_rng(random.getstate())
+    state.save(partial)
+    shutil.rmtree(final, ignore_errors=True)
+    partial.rename(final)
+    for old in sorted(p for p in root.glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def restore_rng(state: TrainState) -> None:
+    if state.rng:
+        version, internal, gauss = state.rng
+        random.setstate((version, tuple(internal), gauss))
+
+
+def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
+
+
+def _json_rng(state: tuple[Any, ...]) -> list[Any]:
+    version, internal, gauss = state
+    return [version, list(internal), gauss]

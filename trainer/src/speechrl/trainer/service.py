@@ -1,0 +1,191 @@
+"""The trainer service: an HTTP job API over the same runner as `speechrl train`.
+
+    POST /v1/jobs                  submit a job (JSON, or YAML with content-type application/yaml)
+    GET  /v1/jobs                  list jobs, newest first
+    GET  /v1/jobs/{id}             one job's status and progress
+    GET  /v1/jobs/{id}/metrics     its per-step metrics (?since_step=N for the new ones)
+    POST /v1/jobs/{id}/cancel      stop it after the current step (it keeps its checkpoints)
+    GET  /healthz, /readyz         liveness; readiness = Redis answers
+
+Jobs live in Redis (jobs.py), so a restarted trainer finds them: jobs it was running are queued
+again and resume from their newest checkpoint. One worker thread runs one job at a time (the
+update owns the trainer's device); run one trainer per device pool.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import threading
+import traceback
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+from typing import Annotated, Any
+
+import redis
+import yaml
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
+
+from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.ports import DEFAULT_PORTS
+from speechrl.trainer.jobs import Job, JobNotFound, JobStore
+from speechrl.trainer.runner import JobConfigError, parse_job, run_job
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    """Settings of the trainer service."""
+
+    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
+    port: int = option(DEFAULT_PORTS["trainer"], "HTTP port of the job API.")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis holding the jobs (persist it: appendonly yes).")
+    poll_seconds: float = option(1.0, "How long the worker waits on the queue before checking for shutdown.")
+
+
+class StoreProgress:
+    """Progress of a job as the service records it: per-step metrics into Redis, cancel from Redis."""
+
+    def __init__(self, store: JobStore, job_id: str):
+        self.store = store
+        self.job_id = job_id
+
+    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
+        self.store.record_step(self.job_id, step, metrics)
+
+    def cancelled(self) -> bool:
+        return self.store.get(self.job_id).cancel
+
+
+class Worker:
+    """Runs queued jobs one at a time in a background thread."""
+
+    def __init__(self, store: JobStore, poll_seconds: float):
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="trainer-worker", daemon=True)
+
+    def start(self) -> None:
+        for job_id in self.store.requeue_interrupted():
+            log.info("job %s was running when the trainer stopped: queued to resume", job_id)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                job_id = self.store.next_queued(self.poll_seconds)
+            except redis.RedisError as exc:
+                log.warning("job queue unreachable (%s); retrying", exc)
+                self.stopping.wait(self.poll_seconds)
+                continue
+            if job_id is not None:
+                self.run(job_id)
+
+    def run(self, job_id: str) -> None:
+        job = self.store.get(job_id)
+        if job.status != "queued":
+            return
+        self.store.update(job_id, status="running", error="")
+        self.store.trim_metrics(job_id, job.step)  # steps past the last checkpoint run again
+        try:
+            kind, config = parse_job({"kind": job.kind, **job.config})
+            run_job(kind, config, StoreProgress(self.store, job_id))
+            final = "cancelled" if self.store.get(job_id).cancel else "succeeded"
+            self.store.update(job_id, status=final)
+        except Exception as exc:
+            log.exception("job %s failed", job_id)
+            self.store.update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}\n"
+                              + "".join(traceback.format_exc(limit=5)))
+
+
+def get_store(request: Request) -> JobStore:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+StoreDep = Annotated[JobStore, Depends(get_store)]
+
+
+def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
+    """The job API for config; the worker starts with the app."""
+    store = JobStore(redis.Redis.from_url(config.redis_url))
+    worker = Worker(store, config.poll_seconds)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if start_worker:
+            worker.start()
+        yield
+        worker.stopping.set()
+
+    app = FastAPI(title="SpeechRL trainer", lifespan=lifespan,
+                  description="Submit, watch and cancel GRPO training jobs; the same job files as `speechrl train`.")
+    app.state.store = store
+    app.state.worker = worker
+
+    @app.exception_handler(JobNotFound)
+    async def not_found(request: Request, exc: JobNotFound) -> JSONResponse:
+        return JSONResponse({"detail": f"no job {exc.args[0]!r}"}, status_code=404)
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(request: Request, exc: redis.RedisError) -> JSONResponse:
+        return JSONResponse({"detail": f"job store unavailable: {exc}"}, status_code=503, headers={"Retry-After": "5"})
+
+    @app.post("/v1/jobs", status_code=201, summary="Submit a training job")
+    async def submit(request: Request, store: StoreDep) -> dict[str, Any]:
+        body = await request.body()
+        try:
+            values = yaml.safe_load(body) if body else None  # YAML is a superset of JSON
+        except yaml.YAMLError as exc:
+            raise HTTPException(400, f"body: not YAML or JSON: {exc}") from None
+        if not isinstance(values, dict):
+            raise HTTPException(400, "body: a job is a mapping with `kind` and its config fields")
+        try:
+            kind, job_config = parse_job(values)
+        except JobConfigError as exc:
+            raise HTTPException(400, str(exc)) from None
+        fields = asdict(job_config)
+        return store.submit(kind, fields, fields.get("out_dir", ""), int(fields.get("steps", 0))).to_json()
+
+    @app.get("/v1/jobs", summary="List jobs, newest first")
+    async def list_jobs(store: StoreDep) -> list[dict[str, Any]]:
+        return [job.to_json() for job in store.list()]
+
+    @app.get("/v1/jobs/{job_id}", summary="One job's status and progress")
+    async def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
+        return store.get(job_id).to_json()
+
+    @app.get("/v1/jobs/{job_id}/metrics", summary="Per-step metrics of a job")
+    async def job_metrics(job_id: str, store: StoreDep, since_step: int = 0) -> list[dict[str, Any]]:
+        store.get(job_id)
+        return store.metrics(job_id, since_step)
+
+    @app.post("/v1/jobs/{job_id}/cancel", summary="Stop a job after its current step")
+    async def cancel(job_id: str, store: StoreDep) -> dict[str, Any]:
+        job: Job = store.request_cancel(job_id)
+        return job.to_json()
+
+    @app.get("/healthz", summary="Liveness")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: the job store answers")
+    async def readyz(store: StoreDep) -> dict[str, str]:
+        store.client.ping()
+        return {"status": "ready"}
+
+    return app
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="speechrl serve trainer", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser, TrainerConfig)
+    config = from_namespace(TrainerConfig, "trainer", parser.parse_args(argv))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
