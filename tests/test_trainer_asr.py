@@ -1,0 +1,107 @@
+"""GRPO for the LLM-ASR through the real services and Redis: two steps change the weights, the
+rollout service's version follows the trainer's, and a checkpoint resumes to the same step."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from speechrl.client import RolloutClient
+from speechrl.services.encoder.server import EncoderConfig
+from speechrl.services.encoder.server import start as start_encoder
+from speechrl.services.rollout.server import RolloutConfig
+from speechrl.services.rollout.server import start as start_rollout
+from speechrl.services.rules.server import RulesConfig
+from speechrl.services.rules.server import start as start_rules
+from speechrl.trainer.asr_job import AsrJobConfig
+from speechrl.trainer.checkpoint import latest_checkpoint
+from speechrl.trainer.data import DataConfig, build_asr_dataset
+from speechrl.trainer.runner import run_job
+from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
+from tests.conftest import RedisServer, free_port, serve_in_thread
+
+
+@dataclass
+class Stack:
+    policy: Path
+    manifest: Path
+    encoder: str
+    rollout: str
+    rules: str
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("asr-grpo")
+    data = build_asr_dataset(DataConfig(out=str(root / "data"), train=6, dev=2, test=0, long_test=0), progress=False)
+    policy = root / "policy"
+    run_warmstart(WarmStartConfig(data=str(data.parent), out=str(policy), hidden_size=64, num_layers=1, epochs=1,
+                                  batch_size=6, eval_splits="", threads=1))
+    configs = [(start_rules, RulesConfig(port=free_port())),
+               (start_encoder, EncoderConfig(port=free_port(), backend="ct2-whisper", model_path=str(policy / "frontend"),
+                                             threads=1)),
+               (start_rollout, RolloutConfig(port=free_port(), model_path=str(policy), threads=1))]
+    with ExitStack() as servers:
+        ports = [servers.enter_context(serve_in_thread(lambda s=start, c=cfg: s(c))).port for start, cfg in configs]
+        yield Stack(policy, data, encoder=f"127.0.0.1:{ports[1]}", rollout=f"127.0.0.1:{ports[2]}",
+                    rules=f"127.0.0.1:{ports[0]}")
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, dict[str, Any]]] = []
+
+    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
+        self.steps.append((step, metrics))
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def job(stack: Stack, out: Path, steps: int, redis_url: str) -> AsrJobConfig:
+    return AsrJobConfig(policy=str(stack.policy), data=str(stack.manifest), steps=steps, out_dir=str(out),
+                        eval_split="dev", eval_size=2, eval_every=2, checkpoint_every=1, encoder=stack.encoder,
+                        rollout=stack.rollout, rules=stack.rules, lease_device="cpu:0", redis_url=redis_url,
+                        grpo={"group_size": 3, "batch_size": 2, "mini_batch_size": 6, "learning_rate": 1e-3,
+                              "max_completion_length": 32})
+
+
+def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:
+    out = tmp_path / "run"
+    first = Recorder()
+    summary = run_job("asr-grpo", job(stack, out, 2, redis_server.url), first)
+    assert [s for s, _ in first.steps] == [1, 2]
+    for _, metrics in first.steps:
+        for key in ("reward_mean", "reward/accuracy", "reward/hallucination", "wer", "insertions", "kl",
+                    "clip_fraction", "time/encode", "time/rollout", "time/score", "time/update", "time/sync"):
+            assert math.isfinite(metrics[key]), key
+    assert "eval/wer" in first.steps[-1][1]
+    # Version 1 is the trainer's initial sync, then one per step: the rollouts stayed on-policy.
+    with RolloutClient(stack.rollout) as rollout:
+        assert rollout.get_service_status().policy_version == 3
+    assert first.steps[-1][1]["policy_version"] == 3
+
+    initial = load_file(str(stack.policy / "model.safetensors"))
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == "step-000002"
+    trained = load_file(str(checkpoint / "policy" / "model.safetensors"))
+    moved = [name for name in initial if not torch.equal(initial[name], trained[name])]
+    assert len(moved) > len(initial) // 2, f"only {moved} changed"
+
+    second = Recorder()
+    run_job("asr-grpo", job(stack, out, 3, redis_server.url), second)
+    assert [s for s, _ in second.steps] == [3], "the resumed run continues after its checkpoint"
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert Path(summary["plot"]).exists() and (out / "tensorboard").is_dir()
+    with RolloutClient(stack.rollout) as rollout:
+        assert rollout.get_service_status().policy_version == 5  # resume sync, then step 3
