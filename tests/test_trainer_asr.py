@@ -105,3 +105,93 @@ def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: Redis
     assert Path(summary["plot"]).exists() and (out / "tensorboard").is_dir()
     with RolloutClient(stack.rollout) as rollout:
         assert rollout.get_service_status().policy_version == 5  # resume sync, then step 3
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def job_payload(stack: Stack, out: Path, steps: int, redis_url: str) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {"kind": "asr-grpo", **asdict(job(stack, out, steps, redis_url))}
+
+
+def test_job_api_submit_watch_and_refuse_bad_jobs(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:
+    from fastapi.testclient import TestClient
+
+    from speechrl.trainer.service import TrainerConfig, create_app
+
+    app = create_app(TrainerConfig(redis_url=redis_server.url, poll_seconds=0.2))
+    with TestClient(app) as http:
+        bad = http.post("/v1/jobs", json={"kind": "asr-grpo", "policy": "p", "data": "d", "stepz": 3})
+        assert bad.status_code == 400 and "stepz" in bad.json()["detail"]
+        assert http.post("/v1/jobs", json={"kind": "tts"}).status_code == 400
+        assert http.get("/v1/jobs/nope").status_code == 404
+        submitted = http.post("/v1/jobs", json=job_payload(stack, tmp_path / "api", 2, redis_server.url))
+        assert submitted.status_code == 201
+        job_id = submitted.json()["id"]
+        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
+                        300, "the job to finish")
+        assert done["status"] == "succeeded", done["error"]
+        assert [m["step"] for m in http.get(f"/v1/jobs/{job_id}/metrics").json()] == [1, 2]
+        assert [m["step"] for m in http.get(f"/v1/jobs/{job_id}/metrics?since_step=1").json()] == [2]
+        assert http.get("/v1/jobs").json()[0]["id"] == job_id
+        assert http.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "succeeded"
+        assert http.get("/readyz").status_code == 200
+
+
+def test_a_killed_trainer_resumes_its_job_from_the_checkpoint(stack: Stack, tmp_path: Path,
+                                                             redis_server: RedisServer) -> None:
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    port = free_port()
+    cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", "trainer", "--port", str(port),
+           "--redis-url", redis_server.url, "--poll-seconds", "0.2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    log = open(tmp_path / "trainer.log", "ab")
+
+    def start() -> subprocess.Popen[bytes]:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        wait_for(lambda: _ready(f"http://127.0.0.1:{port}/readyz"), 60, "the trainer service")
+        return proc
+
+    base = f"http://127.0.0.1:{port}"
+    proc = start()
+    try:
+        job_id = httpx.post(f"{base}/v1/jobs", json=job_payload(stack, tmp_path / "killed", 4, redis_server.url)).json()["id"]
+        wait_for(lambda: httpx.get(f"{base}/v1/jobs/{job_id}").json()["step"] >= 2, 300, "two steps")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc = start()
+        done = wait_for(lambda: (j := httpx.get(f"{base}/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed")
+                        and j, 300, "the resumed job")
+        assert done["status"] == "succeeded", done["error"]
+        steps = [m["step"] for m in httpx.get(f"{base}/v1/jobs/{job_id}/metrics").json()]
+        assert steps == [1, 2, 3, 4], "each step recorded once: steps after the checkpoint ran again, not twice"
+    finally:
+        proc.kill()
+        proc.wait()
+        log.close()
+
+
+def _ready(url: str) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
