@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from speechrl.client import parse_endpoints
@@ -29,12 +30,31 @@ class GatewayConfig:
     health_timeout_s: float = option(1.0, "How long /readyz waits for each scorer's health answer.")
     log_level: str = option("info", "uvicorn log level: critical, error, warning, info, debug.")
     grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
+    # Trainer protocol front-ends: OpenRLHF's remote reward model (/v1/openrlhf) and KServe v2 (/v2).
+    max_inflight_requests: int = option(512, "Most requests answered at once on the OpenRLHF and /v2 infer routes; "
+                                             "past it they get 429 with Retry-After (OpenRLHF sends one request per "
+                                             "sample, all at once).")
+    adapter_failure_reward: float = option(0.0, "Reward that the OpenRLHF and /v2 routes give an item that could not "
+                                                "be scored (their protocols have no null); flagged and logged.")
+    adapter_scorer_errors: str = option("reward", "When a scorer call fails as a whole on the OpenRLHF and /v2 routes: "
+                                                  "reward (answer 200 with adapter_failure_reward per item) or http "
+                                                  "(answer 429/503/504 so the trainer's own retry applies).")
+    openrlhf_scorer: str = option("rules", "Scorer of POST /v1/openrlhf/reward: rules (ASR text) or token2wav_asr (TTS "
+                                           "speech tokens, needs a token2wav backend).")
 
     def __post_init__(self) -> None:
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1 (1 turns retries off), got {self.max_attempts}")
+        if self.max_inflight_requests < 1:
+            raise ValueError(f"max_inflight_requests must be >= 1, got {self.max_inflight_requests}")
+        if not math.isfinite(self.adapter_failure_reward):
+            raise ValueError(f"adapter_failure_reward must be a finite number (JSON has no NaN), got {self.adapter_failure_reward}")
+        if self.adapter_scorer_errors not in ("reward", "http"):
+            raise ValueError(f"adapter_scorer_errors must be reward or http, got {self.adapter_scorer_errors!r}")
+        if self.openrlhf_scorer not in ("rules", "token2wav_asr"):
+            raise ValueError(f"openrlhf_scorer must be rules or token2wav_asr, got {self.openrlhf_scorer!r}")
         for name in SCORERS:
             if getattr(self, name).strip():
                 parse_endpoints(getattr(self, name))

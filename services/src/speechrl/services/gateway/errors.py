@@ -14,7 +14,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
+from speechrl.adapters.common import Token2WavNotConfigured
 from speechrl.client import ServiceError
+from speechrl.services.gateway.inflight import TooBusy
 
 # gRPC status of a failed scorer call -> HTTP status of the gateway's reply.
 HTTP_STATUS = {
@@ -94,6 +96,15 @@ def service_error_response(exc: ServiceError) -> JSONResponse:
                         headers=headers)
 
 
+async def _too_busy(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, TooBusy)
+    return JSONResponse(_body(str(exc)), status_code=429, headers={"Retry-After": str(exc.retry_after_s)})
+
+
+async def _token2wav_missing(request: Request, exc: Exception) -> JSONResponse:
+    return JSONResponse(_body(str(exc)), status_code=503)
+
+
 async def _service_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ServiceError)
     return service_error_response(exc)
@@ -104,3 +115,6 @@ def add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(BadRequest, _bad_request)
     app.add_exception_handler(ScorerOff, _scorer_off)
     app.add_exception_handler(ServiceError, _service_error)
+    # The trainer-protocol routes' own refusals (routes/openrlhf.py, routes/triton.py).
+    app.add_exception_handler(TooBusy, _too_busy)
+    app.add_exception_handler(Token2WavNotConfigured, _token2wav_missing)

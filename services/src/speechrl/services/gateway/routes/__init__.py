@@ -1,18 +1,19 @@
 """Routers of the gateway, one module per resource; `ROUTERS` is what the app mounts.
 
-Later protocol front-ends go in this list as their own modules, translating to the same SDK
-clients: the OpenRLHF remote reward-model endpoint (POST /v1/openrlhf/reward, `routes/openrlhf.py`)
-and the Triton / KServe v2 inference protocol (/v2/models/{model}/infer, `routes/triton.py`).
+Trainer protocol front-ends translate to the same SDK clients: the OpenRLHF remote reward-model
+endpoint (POST /v1/openrlhf/{scorer}, `routes/openrlhf.py`) and the Triton / KServe v2 inference
+protocol (/v2/models/{model}/infer, `routes/triton.py`).
 """
 
 from fastapi import APIRouter
 
-from speechrl.services.gateway.routes import health, intelligibility, rules, speaker
+from speechrl.services.gateway.routes import health, intelligibility, openrlhf, rules, speaker, triton
 
 ROUTERS: list[APIRouter] = [
     health.router,
     intelligibility.router,
     speaker.router,
     rules.router,
-    # openrlhf.router, triton.router: a later issue adds them here.
+    openrlhf.router,
+    triton.router,
 ]

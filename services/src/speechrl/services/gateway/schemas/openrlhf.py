@@ -1,0 +1,118 @@
+"""JSON models of /v1/openrlhf: OpenRLHF's remote reward-model protocol, and how its fields map to ours.
+
+OpenRLHF (`--reward.remote_url`) POSTs `{"query": [...], "prompts": [...], "labels": [...]}` and reads
+`rewards`, `scores` and `extra_logs` from the reply; its single-turn agent sends one sample per
+request (lists of one), each query being the whole decoded sequence, prompt + response, with special
+tokens kept (openrlhf/utils/agent.py). So:
+
+- completion = the query after its prompt (`completion_of`), special tokens removed for text;
+- label = the reference text, or a dict (or its JSON) {"reference", "keywords", "language"}.
+
+>>> completion_of("<|im_start|>user\\nsay hi<|im_end|>\\n<|im_start|>assistant\\nhello there<|im_end|>",
+...               "<|im_start|>user\\nsay hi<|im_end|>\\n<|im_start|>assistant\\n")
+'hello there<|im_end|>'
+>>> text_of('hello there<|im_end|><|endoftext|>')
+'hello there'
+>>> label_fields('{"reference": "turn it on", "keywords": ["on"]}')
+('turn it on', ['on'], '')
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from speechrl.services.gateway.scoring import ItemScores
+
+# Markers of special tokens that a decode with skip_special_tokens=False leaves in the text
+# (<|im_end|>, <|endoftext|>, </s>, ...); speech tokens <|s_N|> are read before this is applied.
+SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>|</?s>|<(?:eos|pad|bos|unk)>")
+
+
+def completion_of(query: str, prompt: str | None) -> str:
+    """The response part of an OpenRLHF query (prompt + response as one decoded string).
+
+    The prompt is cut where the query starts with it, else after its first occurrence, else after
+    the longest common prefix (a tokenizer round trip may change a few characters of the prompt).
+    """
+    if not prompt:
+        return query
+    if query.startswith(prompt):
+        return query[len(prompt):]
+    found = query.find(prompt)
+    if found >= 0:
+        return query[found + len(prompt):]
+    return query[len(os.path.commonprefix([query, prompt])):]
+
+
+def text_of(completion: str) -> str:
+    """A completion as text: special-token markers removed, outer whitespace stripped."""
+    return SPECIAL_TOKEN.sub("", completion).strip()
+
+
+def label_fields(label: Any) -> tuple[str | None, list[str], str]:
+    """(reference text, keywords, language) of a label: a string, a dict, or the dict as JSON."""
+    if isinstance(label, str) and label.lstrip().startswith("{"):
+        try:
+            label = json.loads(label)
+        except ValueError:
+            pass  # a reference that happens to start with "{"
+    if isinstance(label, Mapping):
+        reference = next((label[k] for k in ("reference", "text", "ground_truth", "label") if label.get(k) is not None), None)
+        keywords = label.get("keywords") or []
+        return (None if reference is None else str(reference),
+                [keywords] if isinstance(keywords, str) else [str(k) for k in keywords], str(label.get("language") or ""))
+    return (None if label is None else str(label)), [], ""
+
+
+class OpenRLHFRewardBody(BaseModel):
+    """What OpenRLHF's remote reward client sends: one entry per sample in each list."""
+
+    model_config = ConfigDict(extra="allow", json_schema_extra={"examples": [{
+        "query": ["<|im_start|>user\nTranscribe the audio.<|im_end|>\n<|im_start|>assistant\nturn on the light<|im_end|>"],
+        "prompts": ["<|im_start|>user\nTranscribe the audio.<|im_end|>\n<|im_start|>assistant\n"],
+        "labels": ["turn on the lights"]}]})
+
+    query: list[str] = Field(min_length=1, description="Prompt + response of each sample, decoded with special tokens.")
+    prompts: list[str] | None = Field(default=None, description="The prompt of each sample; cut from the query.")
+    labels: list[Any] | None = Field(default=None, description="Reference text per sample, or a dict "
+                                     '{"reference", "keywords", "language"} (or its JSON).')
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> OpenRLHFRewardBody:
+        for name in ("prompts", "labels"):
+            values = getattr(self, name)
+            if values is not None and len(values) != len(self.query):
+                raise ValueError(f"{name} has {len(values)} entries for {len(self.query)} queries; give one per query")
+        return self
+
+    def completions(self) -> list[str]:
+        prompts: list[str | None] = list(self.prompts) if self.prompts else [None] * len(self.query)
+        return [completion_of(q, p) for q, p in zip(self.query, prompts, strict=True)]
+
+    def label_fields(self) -> list[tuple[str | None, list[str], str]]:
+        return [label_fields(label) for label in (self.labels or [None] * len(self.query))]
+
+
+class OpenRLHFRewardReply(BaseModel):
+    """What OpenRLHF reads back: `rewards` for training, `scores` for filtering, `extra_logs` as metrics."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "rewards": [0.75], "scores": [0.75],
+        "extra_logs": {"scored": [1.0], "wer": [0.25], "accuracy": [0.75], "hallucination": [0.0], "keyword": [1.0]}}]})
+
+    rewards: list[float] = Field(description="One reward per query; adapter_failure_reward where not scored.")
+    scores: list[float] = Field(description="The same numbers (OpenRLHF's dynamic filtering reads scores).")
+    extra_logs: dict[str, list[float]] = Field(
+        description="Per-sample numbers OpenRLHF logs as metrics: scored (1/0) and the reward's components "
+                    "(0 where not scored).")
+
+    @classmethod
+    def of(cls, scores: ItemScores) -> OpenRLHFRewardReply:
+        logs = {"scored": [1.0 if s else 0.0 for s in scores.scored], **scores.components}
+        return cls(rewards=scores.rewards, scores=scores.rewards, extra_logs=logs)
