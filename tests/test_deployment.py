@@ -28,6 +28,7 @@ from speechrl.services import stack
 from speechrl.services.cli import SERVICE_MODULES
 from speechrl.services.healthcheck import grpc_status, http_status
 from speechrl.services.ports import DEFAULT_PORTS, free_port
+from tests.conftest import RedisServer
 from tests.deployment_render import (
     K8S_VERSION,
     OVERLAYS,
@@ -44,8 +45,13 @@ from tests.deployment_render import (
 )
 
 SERVICES = tuple(SERVICE_MODULES)  # every `speechrl serve` service is deployed
-GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout")
-STARTED_HERE = ("rules", "intelligibility", "speaker", "encoder", "rollout", "gateway")
+GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "trainer")  # reserve the GPU (gpu variants)
+# Services whose Config takes the lease per batch; the trainer's jobs name theirs (a job's lease_device).
+LEASED_SERVICES = ("intelligibility", "speaker", "encoder", "rollout")
+STARTED_HERE = stack.STACK_SERVICES  # in `speechrl up`'s order
+# The trainer's runs volume: its working directory (relative out_dir / sync_dir land on it), and
+# read-only at the same path in the rollout service, which loads the weights a job syncs.
+RUNS_READERS = ("rollout",)
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +83,41 @@ def stack_launch(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
 
 
 def health_target(name: str, port: int) -> str:
-    """What `speechrl up` checks (stack.healthy): /readyz for the gateway, gRPC health otherwise."""
-    return f"http://127.0.0.1:{port}/readyz" if name == "gateway" else f"127.0.0.1:{port}"
+    """What `speechrl up` checks (stack.healthy): the HTTP readiness path of an HTTP service, else gRPC health."""
+    path = stack.HTTP_READY_PATHS.get(name)
+    return f"http://127.0.0.1:{port}{path}" if path else f"127.0.0.1:{port}"
+
+
+def image_workdir(target: str) -> str:
+    """The WORKDIR of a final stage of docker/Dockerfile (where the trainer's runs volume goes)."""
+    import dockerfile
+
+    workdir, stage = "", None
+    for command in dockerfile.parse_file(str(ROOT / "docker" / "Dockerfile")):
+        if command.cmd == "FROM":
+            stage = command.value[-1]
+        elif command.cmd == "WORKDIR" and stage == target:
+            workdir = command.value[0]
+    assert workdir.startswith("/"), f"{target}: no absolute WORKDIR"
+    return workdir
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def ingress_admits(docs: list[dict[str, Any]], target: dict[str, str], source: dict[str, str]) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` (same namespace) reach one labelled `target`."""
+    rules = [rule for policy in find(docs, "NetworkPolicy") if selects(policy["spec"]["podSelector"], target)
+             for rule in policy["spec"].get("ingress", [])]
+    return any("from" not in rule or any("podSelector" in peer and "namespaceSelector" not in peer
+                                         and selects(peer["podSelector"], source) for peer in rule["from"])
+               for rule in rules)
 
 
 # ------------------------------------------------------------------------------------- schemas
@@ -170,6 +209,7 @@ def test_image_targets_are_lean_and_non_root(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_compose_runs_what_the_local_stack_runs(compose: dict[str, dict[str, Any]], tmp_path: Path,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    assert sorted(stack.STACK_SERVICES) == sorted(SERVICES) and stack.STACK_SERVICES[-1] == "gateway"
     for variant, model in compose.items():
         services = model["services"]
         assert set(services) == {*SERVICES, "redis"}, f"{variant}: {sorted(services)}"
@@ -188,12 +228,22 @@ def test_compose_runs_what_the_local_stack_runs(compose: dict[str, dict[str, Any
             gpu = [d for d in (service.get("deploy") or {}).get("resources", {}).get("reservations", {})
                    .get("devices", []) if d["driver"] == "nvidia"]
             leased = bool(getattr(config, "lease_device", ""))
-            assert bool(gpu) == leased == (variant == "gpu" and name in GPU_SERVICES), (variant, name)
-            if leased:  # all on one GPU, one lease, one Redis
+            assert bool(gpu) == (variant == "gpu" and name in GPU_SERVICES), (variant, name)
+            assert leased == (variant == "gpu" and name in LEASED_SERVICES), (variant, name)
+            if gpu:  # all on one GPU
                 assert gpu[0]["device_ids"] == ["0"] and "gpu" in gpu[0]["capabilities"]
+            if leased:  # one lease, one Redis
                 assert config.lease_device == config.device == "cuda:0" and config.residency in ("offload", "sleep")
                 assert config.redis_url == "redis://redis:6379/0"
                 assert service["depends_on"]["redis"]["condition"] == "service_healthy"
+            runs = [(v["target"], v.get("read_only", False)) for v in service["volumes"] if v.get("source") == "runs"]
+            workdir = image_workdir(variant.replace("gpu", "cuda"))
+            assert runs == ([(workdir, False)] if name == "trainer" else [(workdir, True)] if name in RUNS_READERS
+                            else []), (variant, name, runs)
+            if name == "trainer":  # jobs in Redis; jobs call the encoder, rollout and rules services
+                assert config.redis_url == "redis://redis:6379/0"
+                for needed in ("redis", "encoder", "rollout", "rules"):
+                    assert service["depends_on"][needed]["condition"] == "service_healthy"
             if name == "gateway":
                 for scorer in ("intelligibility", "speaker", "rules"):
                     assert getattr(config, scorer) == f"{scorer}:{DEFAULT_PORTS[scorer]}"
@@ -213,9 +263,10 @@ def test_manifests_run_what_compose_runs(compose: dict[str, dict[str, Any]],
             assert container["ports"][0]["containerPort"] == port
             (svc,) = find(docs, "Service", name)
             assert svc["spec"]["ports"][0]["port"] == port
-            if name == "gateway":
-                assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+            if name in stack.HTTP_READY_PATHS:  # the stack's readiness path; a ClusterIP Service
+                assert container["readinessProbe"]["httpGet"]["path"] == stack.HTTP_READY_PATHS[name]
                 assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+                assert "clusterIP" not in svc["spec"]
             else:  # native gRPC probes; headless Service so clients balance over the pods
                 for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                     assert container[probe]["grpc"]["port"] == port, (name, probe)
@@ -231,6 +282,14 @@ def test_manifests_run_what_compose_runs(compose: dict[str, dict[str, Any]],
                     assert (k8s_value or "").endswith(compose_value or "") and bool(k8s_value) == bool(compose_value)
             assert k8s == ours, f"{overlay}/{name}: k8s and compose disagree"
             assert (container["resources"].get("limits", {}).get("nvidia.com/gpu") == 1) == gpu, (overlay, name)
+            claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+            runs = [(m["mountPath"], m.get("readOnly", False)) for m in container["volumeMounts"]
+                    if claims.get(m["name"], {}).get("claimName") == "speechrl-runs"]
+            workdir = image_workdir(container["image"].split(":")[1])
+            assert runs == ([(workdir, False)] if name == "trainer" else [(workdir, True)] if name in RUNS_READERS
+                            else []), (overlay, name, runs)
+            if name in RUNS_READERS:
+                assert all(c.get("readOnly") for c in claims.values() if c["claimName"] == "speechrl-runs")
 
 
 def test_manifests_are_locked_down(manifests: dict[str, list[dict[str, Any]]]) -> None:
@@ -245,9 +304,10 @@ def test_manifests_are_locked_down(manifests: dict[str, list[dict[str, Any]]]) -
                 assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
                 if container["image"].startswith("speechrl"):
                     assert {"/tmp", "/cache"} <= {m["mountPath"] for m in container["volumeMounts"]}
-        (trainer,) = find(docs, "Deployment", "trainer")  # the placeholder until issue 4 lands
-        assert trainer["spec"]["replicas"] == 0 and "issue 4" in trainer["metadata"]["annotations"]["speechrl.io/placeholder"]
-        assert trainer["spec"]["template"]["spec"]["containers"][0]["ports"][0]["containerPort"] == DEFAULT_PORTS["trainer"]
+        (trainer,) = find(docs, "Deployment", "trainer")  # one writer of the runs volume, replaced not rolled
+        assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
+        (runs,) = find(docs, "PersistentVolumeClaim", "speechrl-runs")
+        assert runs["spec"]["accessModes"] == ["ReadWriteMany"]  # trainer writes, rollout pods on any node read
         assert {h["spec"]["scaleTargetRef"]["name"] for h in find(docs, "HorizontalPodAutoscaler")} == {
             "rules", "intelligibility", "speaker"}
         assert {p["spec"]["selector"]["matchLabels"]["app.kubernetes.io/name"]
@@ -261,6 +321,16 @@ def test_manifests_are_locked_down(manifests: dict[str, list[dict[str, Any]]]) -
         redis_clients = {d["metadata"]["name"] for d in find(docs, "Deployment")
                          if d["spec"]["template"]["metadata"]["labels"].get("speechrl.io/redis-client") == "true"}
         assert {*GPU_SERVICES, "trainer"} <= redis_clients
+        # The trainer reaches every gRPC service and Redis; the gateway only the scorers, not the trainer.
+        labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+                  for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
+        for target in ("rules", "intelligibility", "speaker", "encoder", "rollout", "redis"):
+            assert ingress_admits(docs, labels[target], labels["trainer"]), f"trainer cannot reach {target}"
+        for target in ("rules", "intelligibility", "speaker"):
+            assert ingress_admits(docs, labels[target], labels["gateway"]), f"gateway cannot reach {target}"
+        for target in ("encoder", "rollout", "redis", "trainer"):
+            assert not ingress_admits(docs, labels[target], labels["gateway"]), f"gateway reaches {target}"
+        assert ingress_admits(docs, labels["trainer"], {"speechrl.io/trainer-client": "true"})
         (redis,) = find(docs, "StatefulSet", "redis")
         assert redis["spec"]["volumeClaimTemplates"][0]["metadata"]["name"] == "data"
 
@@ -300,9 +370,11 @@ def stop_within(proc: subprocess.Popen[bytes], grace: float) -> int | str:
         return "killed"
 
 
-def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[str, Any]], tmp_path: Path,
+                                                      redis_server: RedisServer) -> None:
     """Each CPU compose service's command and environment, on this machine: ports remapped to free
-    ones, the image's ENV with /cache in tmp_path (and Hugging Face offline), no lease."""
+    ones, the image's ENV with /cache in tmp_path (and Hugging Face offline), no lease, the compose
+    Redis replaced by a private redis-server (the trainer's job store)."""
     services = compose["cpu"]["services"]
     ports = {name: free_port() for name in STARTED_HERE}
     image = {k: v.replace("/cache", str(tmp_path / "cache")) for k, v in image_env("cpu").items()
@@ -320,6 +392,9 @@ def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[st
                     env[key] = "127.0.0.1"
                 elif key.endswith("_METRICS_PORT"):
                     env[key] = str(free_port())
+                elif key.endswith("_REDIS_URL"):
+                    assert value == "redis://redis:6379/0"
+                    env[key] = redis_server.url
                 elif m := re.fullmatch(r"(\w+):(\d+)", value):  # gateway -> scorer endpoints
                     assert int(m.group(2)) == DEFAULT_PORTS[m.group(1)]
                     env[key] = f"127.0.0.1:{ports[m.group(1)]}"
@@ -334,7 +409,8 @@ def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[st
                 if procs[name].poll() is not None:
                     pytest.fail(f"{name} exited: {(tmp_path / f'{name}.log').read_text()[-3000:]}")
                 target = health_target(name, ports[name])
-                if (http_status(target, 1.0) == "200") if name == "gateway" else (grpc_status(target, timeout=1.0) == "SERVING"):
+                if (http_status(target, 1.0) == "200") if name in stack.HTTP_READY_PATHS \
+                        else (grpc_status(target, timeout=1.0) == "SERVING"):
                     pending.discard(name)
             time.sleep(0.5)
         assert not pending, f"not healthy within 240 s: {sorted(pending)}"
@@ -350,7 +426,8 @@ def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[st
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
         codes = {name: stop_within(proc, grace=30) for name, proc in procs.items()}
-    # uvicorn re-raises SIGTERM after its graceful shutdown, so the gateway's clean stop reads -15.
-    clean = {name: 0 for name in STARTED_HERE} | {"gateway": -signal.SIGTERM}
+    # uvicorn re-raises SIGTERM after its graceful shutdown, so the HTTP services' clean stop reads -15.
+    clean = {name: -signal.SIGTERM if name in stack.HTTP_READY_PATHS else 0 for name in STARTED_HERE}
     assert codes == clean, f"not a clean stop on SIGTERM: {codes}"
-    assert "Application shutdown complete" in (tmp_path / "gateway.log").read_text()
+    for name in stack.HTTP_READY_PATHS:
+        assert "Application shutdown complete" in (tmp_path / f"{name}.log").read_text(), name

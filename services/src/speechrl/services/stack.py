@@ -26,8 +26,13 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from speechrl.services.ports import DEFAULT_PORTS
 
-# Start order: the gateway last, since its readiness needs the scorers.
-STACK_SERVICES = ("rules", "intelligibility", "speaker", "gateway")
+# Every `speechrl serve` service, in start order: the gateway last, since its readiness needs the scorers.
+STACK_SERVICES = ("rules", "intelligibility", "speaker", "encoder", "rollout", "trainer", "gateway")
+# How `up` and `status` check health: these answer HTTP 200 on this path when ready (the gateway once
+# its scorers serve, the trainer once its job store in Redis answers); the others, gRPC health.
+HTTP_READY_PATHS = {"gateway": "/readyz", "trainer": "/readyz"}
+# Services with a Redis (the GPU lease, the trainer's jobs): `up` points them at the stack's Redis.
+REDIS_CLIENTS = ("intelligibility", "speaker", "encoder", "rollout", "trainer")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
@@ -122,7 +127,14 @@ def http_ready(port: int, path: str = "/readyz", timeout: float = 2.0) -> bool:
 
 
 def healthy(name: str, port: int) -> bool:
-    return http_ready(port) if name == "gateway" else grpc_healthy(port)
+    """The stack's health check of a service: HTTP readiness (HTTP_READY_PATHS) or gRPC health."""
+    path = HTTP_READY_PATHS.get(name)
+    return http_ready(port, path) if path else grpc_healthy(port)
+
+
+def service_address(name: str, port: int) -> str:
+    """Where clients reach a service on this machine: a URL for HTTP services, host:port for gRPC."""
+    return f"http://127.0.0.1:{port}" if name in HTTP_READY_PATHS else f"127.0.0.1:{port}"
 
 
 def redis_answers(url: str) -> bool:
@@ -163,8 +175,11 @@ def start_service(name: str, paths: StackPaths) -> int:
         return existing
     log = paths.log_file(name).open("ab")
     cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", name, "--port", str(service_port(name))]
+    env = service_env(dict(os.environ))
+    if name in REDIS_CLIENTS:  # its own SPEECHRL_<NAME>_REDIS_URL, if set, wins
+        env.setdefault(f"SPEECHRL_{name.upper()}_REDIS_URL", redis_url())
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            env=service_env(dict(os.environ)), start_new_session=True)
+                            env=env, start_new_session=True)
     paths.pid_file(name).write_text(str(proc.pid))
     return proc.pid
 
@@ -233,8 +248,7 @@ def status_table(names: Sequence[str], paths: StackPaths) -> str:
         pid = read_pid(paths.pid_file(name))
         port = service_port(name)
         state = "healthy" if healthy(name, port) else ("starting/unhealthy" if pid else "stopped")
-        address = f"http://127.0.0.1:{port}" if name == "gateway" else f"127.0.0.1:{port}"
-        rows.append(f"{name:<16} {address:<22} {pid or '-':<8} {state}")
+        rows.append(f"{name:<16} {service_address(name, port):<22} {pid or '-':<8} {state}")
     rows.append(f"{'redis':<16} {redis_url():<22} {'':<8} {'up' if redis_answers(redis_url()) else 'down'}")
     return "\n".join(rows)
 
