@@ -23,7 +23,8 @@ COMMAND_MODULES = {
     "up": "speechrl.services.stack",
     "down": "speechrl.services.stack",
     "status": "speechrl.services.stack",
-    "demo": "speechrl.services.demo",
+    "demo": "speechrl.trainer.demo",  # the main job: a short RL run (speechrl-trainer distribution)
+    "score-demo": "speechrl.services.demo",
     "train": "speechrl.trainer.cli",  # in the speechrl-trainer distribution
 }
 
@@ -37,8 +38,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="speechrl", description="SpeechRL reward services for speech RL.")
     parser.add_argument("command", choices=["serve", *COMMAND_MODULES, *GROUP_MODULES],
-                        help="serve SERVICE: run one server; up/down/status: the local stack; demo: the main job; "
-                             "gpu status: the GPU lease")
+                        help="serve SERVICE: run one server; up/down/status: the local stack; demo: the main job (a short "
+                             "RL run); score-demo: score generated speech; train JOB.yaml; gpu status: the GPU lease")
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         print("\nservices:", ", ".join(SERVICE_MODULES))

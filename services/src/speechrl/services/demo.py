@@ -1,6 +1,6 @@
-"""The main job until the trainer lands: bring up the stack, score generated speech, plot it.
+"""Score generated speech with the running scorers and plot it (the scorers' own demo).
 
-    speechrl demo [--out runs/demo] [--keep-running]
+    speechrl score-demo [--out runs/score-demo] [--keep-running]
 
 Speaks a few sentences with several espeak-ng voices, then through the running services:
 transcribes each and scores it against the right and a wrong reference (intelligibility),
@@ -102,19 +102,20 @@ def run(out: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="speechrl demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="speechrl score-demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=["demo"])
-    parser.add_argument("--out", default="runs/demo", help="folder for generated speech and the plot")
+    parser.add_argument("command", choices=["score-demo"])
+    parser.add_argument("--out", default="runs/score-demo", help="folder for generated speech and the plot")
     parser.add_argument("--keep-running", action="store_true", help="leave the stack up afterwards")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     home = os.environ.get("SPEECHRL_HOME", ".speechrl")
     print("bringing the stack up (first start warms the models; about a minute on 2 cores)")
-    stack.main(["up", "--home", home])
+    only = ["--only", "rules,intelligibility,speaker,gateway"]
+    stack.main(["up", "--home", home, *only])
     try:
         run(out)
     finally:
         if not args.keep_running:
-            stack.main(["down", "--home", home])
+            stack.main(["down", "--home", home, *only])
