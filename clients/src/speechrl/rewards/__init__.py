@@ -10,10 +10,11 @@
 from speechrl.rewards.asr_rules import RuleRewardConfig, RuleRewardResult, rule_rewards
 from speechrl.rewards.mappings import SIMILARITY_MAPPINGS, WER_MAPPINGS, similarity_reward, wer_reward
 from speechrl.rewards.text import is_character_language, normalize_text
+from speechrl.rewards.tts import diversity_rewards, duration_rewards, edit_distance, f0_std, f0_track
 from speechrl.rewards.wer import ErrorRates, error_rates
 
 __all__ = [
     "ErrorRates", "RuleRewardConfig", "RuleRewardResult", "SIMILARITY_MAPPINGS", "WER_MAPPINGS",
-    "error_rates", "is_character_language", "normalize_text", "rule_rewards", "similarity_reward",
-    "wer_reward",
+    "diversity_rewards", "duration_rewards", "edit_distance", "error_rates", "f0_std", "f0_track",
+    "is_character_language", "normalize_text", "rule_rewards", "similarity_reward", "wer_reward",
 ]
