@@ -29,7 +29,7 @@ def duration_rewards(lengths: Sequence[float]) -> list[float]:
     median = float(np.median(np.asarray(lengths, dtype=np.float64)))
     if median <= 0:
         return [0.0] * len(lengths)  # no typical length to compare against
-    return [-abs(float(n) - median) / median for n in lengths]
+    return [-abs(float(n) - median) / median + 0.0 for n in lengths]  # + 0.0: no -0.0
 
 
 def edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
