@@ -63,6 +63,16 @@ class GRPOConfig:
                                                  "token of the step weighs the same, DAPO), sequence_mean (mean "
                                                  "per sequence, then over sequences, the GRPO paper), constant "
                                                  "(sum / (sequences * max_completion_length), Dr. GRPO).")
+    # -- DiffRO (loss "diffro" or "grpo+diffro"; diffro.py)
+    diffro_tau: float = option(1.0, "Gumbel-Softmax temperature tau of DiffRO's relaxed tokens; lower is closer to "
+                                    "one-hot and noisier in gradient.")
+    diffro_hard: bool = option(False, "Straight-through Gumbel-Softmax: one-hot tokens forward, the soft "
+                                      "distribution's gradient backward.")
+    diffro_beta: float = option(0.1, "beta of DiffRO's sum_t KL(pi_theta(.|t) || pi_ref(.|t)) over the full token "
+                                     "distributions; 0 skips the reference's logits.")
+    diffro_lambda: float = option(1.0, "lambda: weight of the DiffRO term in grpo+diffro.")
+    diffro_filter: bool = option(True, "grpo+diffro: the DiffRO term only over samples whose group advantage "
+                                       "is > 0 (the sample filter); off for the ablation (every scored sample).")
     # -- the optimisation
     learning_rate: float = option(1e-5, "AdamW learning rate (the paper: 1e-5; LoRA usually wants ~1e-4).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
@@ -106,7 +116,8 @@ class GRPOConfig:
         _check(0 < self.clip_epsilon < 1, f"clip_epsilon must be in (0, 1), got {self.clip_epsilon}")
         _check(self.clip_epsilon_high is None or self.clip_epsilon_high > 0,
                f"clip_epsilon_high must be > 0 or unset, got {self.clip_epsilon_high}")
-        for name in ("kl_beta", "std_epsilon", "learning_rate", "weight_decay", "max_grad_norm", "lora_dropout"):
+        _check(self.diffro_tau > 0, f"diffro_tau must be > 0, got {self.diffro_tau}")
+        for name in ("kl_beta", "diffro_beta", "diffro_lambda", "std_epsilon", "learning_rate", "weight_decay", "max_grad_norm", "lora_dropout"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         _check_choice("loss", self.loss, LOSSES)
         _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -49,6 +50,12 @@ class LossInputs:
     mask: Tensor  # [B, T] 1 on completion tokens that count; 0 on padding and on unscored samples
     normalizer: Tensor | float | None = None  # Z of the whole optimizer step; None: this batch's own
     entropy: Tensor | None = None  # [B, T] per-token entropy of pi_theta, for metrics only
+    # -- DiffRO (diffro.py): the full distributions and the differentiable reward
+    logits: Tensor | None = None  # [B, T, V] pi_theta's logits at the completion positions; carries the gradient
+    ref_logits: Tensor | None = None  # [B, T, V] pi_ref's logits there, detached; None when diffro_beta == 0
+    diffro_reward: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None  # (soft [b, T, V], mask [b, T],
+    # rows [b] of this micro-batch) -> log P(text | soft tokens) [b], differentiable in soft
+    sample_normalizer: Tensor | float | None = None  # samples of the whole optimizer step; None: this batch's B
 
 
 # -- per-token KL estimators of KL(pi_theta || pi_ref), from logp = log pi_theta, ref = log pi_ref, [B, T]
@@ -141,6 +148,8 @@ LossFn = Callable[[LossInputs, GRPOConfig], tuple[Tensor, Metrics]]
 
 LOSSES: dict[str, LossFn] = {
     "grpo": grpo_loss,
+    "diffro": lambda inputs, config: _diffro().diffro_loss(inputs, config),
+    "grpo+diffro": lambda inputs, config: _diffro().grpo_diffro_loss(inputs, config),
 }
 """Loss variants by name (GRPOConfig.loss), all with one signature: (LossInputs, GRPOConfig) -> (loss, metrics).
 
@@ -152,6 +161,13 @@ them, write `def diffro_loss(inputs: LossInputs, config: GRPOConfig)` and add it
 compose: "grpo+diffro" is grpo_loss over all samples plus lambda times diffro_loss over the
 samples with a positive advantage.
 """
+
+
+def _diffro() -> Any:
+    """speechrl.trainer.diffro, imported on first use: it imports this module."""
+    from speechrl.trainer import diffro
+
+    return diffro
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:
