@@ -9,18 +9,23 @@ Every GPU phase takes its device's lease: the encoder and rollout services take 
 the update here. Per step: time of each phase, every reward component, KL, clip fraction, WER,
 insertions -> metrics.jsonl and TensorBoard. Checkpoints every `checkpoint_every` steps; a run
 started again with the same out_dir resumes from the newest one.
+
+Under torchrun with several processes (`torchrun --nproc-per-node 2 -m speechrl.trainer.cli train
+job.yaml`) the update runs data-parallel (distributed.py): rank 0 runs this job, ranks > 0 only
+their part of each update, each under the lease of its own device.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +35,7 @@ from safetensors.torch import save_file
 
 from speechrl.client import AsyncAudioEncoderClient, AsyncRolloutClient, AsyncRuleRewardsClient
 from speechrl.services.config import option
+from speechrl.trainer import distributed
 from speechrl.trainer.advantages import reward_statistics, weighted_rewards
 from speechrl.trainer.asr_policy import AsrPolicy
 from speechrl.trainer.checkpoint import (
@@ -201,10 +207,14 @@ async def update_lease(config: AsrJobConfig) -> AsyncIterator[None]:
         await client.aclose()
 
 
-async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy, reference: Any,
-                     optimizer: torch.optim.Optimizer, services: Services, config: AsrJobConfig,
+async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
+                     update: Callable[[RolloutBatch], dict[str, float]], services: Services, config: AsrJobConfig,
                      grpo: GRPOConfig, version: int) -> tuple[dict[str, Any], int]:
-    """encode -> rollout -> score -> update -> sync for one batch of prompts; returns (metrics, version)."""
+    """encode -> rollout -> score -> update -> sync for one batch of prompts; returns (metrics, version).
+
+    update(batch) is grpo_update on policy.model, or a distributed.DataParallelUpdate that leaves the
+    new weights in policy.model.
+    """
     timer = PhaseTimer()
     with timer("encode"):
         audio = await encode(services, rows)  # P x [T_i, D]
@@ -225,11 +235,11 @@ async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy, referenc
     batch = rollout_batch(policy, audio, samples, rewards)
     with timer("update"):
         async with update_lease(config):
-            update = await asyncio.to_thread(grpo_update, policy.model, reference, optimizer, batch, grpo)
+            update_metrics = await asyncio.to_thread(update, batch)
     with timer("sync"):
         version = await sync_weights(services, policy, sync_dir(config), version + 1)
     metrics: dict[str, Any] = {
-        **update, **reward_statistics(rewards, grpo.group_size), **timer.seconds,
+        **update_metrics, **reward_statistics(rewards, grpo.group_size), **timer.seconds,
         **{f"reward/{k}": _mean(components[k]) for k in REWARD_COMPONENTS},
         "wer": _mean(components["wer"]), "insertions": _mean(components["insertions"]),
         "hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]]),
@@ -284,18 +294,44 @@ class MetricsLog:
             self.writer.close()
 
 
+def sharded_update(config: AsrJobConfig, grpo: GRPOConfig) -> distributed.ShardedUpdate:
+    """This rank's part of the data-parallel update, from the warm-start weights (rank 0 then sends its own)."""
+    model = AsrPolicy.load(config.policy).model
+    return distributed.ShardedUpdate(model, make_reference(model), grpo, torch.device(config.device))
+
+
 async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
-    """Run (or resume) the GRPO job to config.steps; returns the summary written to summary.json."""
+    """Run (or resume) the GRPO job to config.steps; returns the summary written to summary.json.
+
+    Launched by torchrun with several processes, rank 0 runs the job and ranks > 0 only take part
+    in the updates (distributed.follow); they return {} and write nothing.
+    """
     grpo = config.grpo_config
+    launch = distributed.Launch.from_env()
+    if launch is not None:
+        distributed.check_shardable(grpo, launch.world_size)
+        config = replace(config, device=launch.device(config.device),
+                         lease_device=launch.lease_device(config.lease_device))
+        control = distributed.init_process_group(torch.device(config.device))
+    torch.manual_seed(grpo.seed)
+    if launch is not None and not launch.is_main:
+        await distributed.follow(sharded_update(config, grpo), control, lambda: update_lease(config))
+        return {}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(grpo.seed)
     random.seed(config.seed)
     resume = latest_checkpoint(out)
-    policy = AsrPolicy.load(resume / "policy" if resume else config.policy, device=config.device)
-    policy.model.train()
-    reference = make_reference(AsrPolicy.load(config.policy, device=config.device).model)
-    optimizer = make_optimizer(policy.model, grpo)
+    # Data-parallel, rank 0's policy is the unsharded CPU mirror that the I/O reads (distributed.py).
+    policy = AsrPolicy.load(resume / "policy" if resume else config.policy, device="cpu" if launch else config.device)
+    optimizer: torch.optim.Optimizer | distributed.DataParallelUpdate
+    if launch is None:
+        policy.model.train()
+        reference = make_reference(AsrPolicy.load(config.policy, device=config.device).model)
+        optimizer = make_optimizer(policy.model, grpo)
+        update: Callable[[RolloutBatch], dict[str, float]] = functools.partial(
+            grpo_update, policy.model, reference, optimizer, config=grpo)
+    else:
+        optimizer = update = distributed.DataParallelUpdate(sharded_update(config, grpo), policy.model, control)
     state = TrainState()
     if resume is not None:
         state = TrainState.load(resume)
@@ -311,8 +347,8 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
         version = await sync_weights(services, policy, sync_dir(config), max(state.version, status.policy_version) + 1)
         while state.step < config.steps and not progress.cancelled():
             batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
-            metrics, version = await train_step(state.step, batch_rows, policy, reference, optimizer, services,
-                                                config, grpo, version)
+            metrics, version = await train_step(state.step, batch_rows, policy, update, services, config, grpo,
+                                                version)
             state.step += 1
             state.version = version
             last = state.step == config.steps
@@ -323,6 +359,8 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
             progress.report(state.step, config.steps, metrics)
             if last or state.step % config.checkpoint_every == 0:
                 await asyncio.to_thread(save_checkpoint, out, state, lambda f: policy.save(f / "policy"), optimizer)
+    if isinstance(update, distributed.DataParallelUpdate):
+        update.close()  # ranks > 0 return
     log.close()
     summary = summarize(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")

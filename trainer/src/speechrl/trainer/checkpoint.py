@@ -12,12 +12,20 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+
+
+class OptimizerState(Protocol):
+    """A torch optimizer, or distributed.DataParallelUpdate, which gathers and scatters the sharded state."""
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state_dict: dict[str, Any], /) -> None: ...
 
 
 @dataclass
@@ -47,7 +55,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return folders[-1] if folders else None
 
 
-def save_checkpoint(out_dir: str | Path, state: TrainState, save_policy: Any, optimizer: torch.optim.Optimizer,
+def save_checkpoint(out_dir: str | Path, state: TrainState, save_policy: Any, optimizer: OptimizerState,
                     keep: int = 2) -> Path:
     """Write a checkpoint atomically; save_policy(folder) writes the weights. Keeps the newest `keep`."""
     root = checkpoint_dir(out_dir)
@@ -73,7 +81,7 @@ def restore_rng(state: TrainState) -> None:
         random.setstate((version, tuple(internal), gauss))
 
 
-def load_optimizer(folder: Path, optimizer: torch.optim.Optimizer) -> None:
+def load_optimizer(folder: Path, optimizer: OptimizerState) -> None:
     optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, weights_only=True))
 
 

@@ -1,7 +1,9 @@
 """`speechrl train JOB.yaml`: run a training job in the foreground with a progress bar.
 
 The same job file can be submitted to the trainer service (POST /v1/jobs); both run the same code.
-Running it again with the same out_dir resumes from the newest checkpoint.
+Running it again with the same out_dir resumes from the newest checkpoint. Data-parallel updates:
+`torchrun --nproc-per-node 2 -m speechrl.trainer.cli train job.yaml` (rank 0 shows the bar and
+writes every file).
 """
 
 from __future__ import annotations
@@ -54,4 +56,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         summary = run_job(kind, config, progress)
     finally:
         progress.close()
-    print(json.dumps(summary, indent=2))
+    if summary:  # ranks > 0 of a torchrun launch have none
+        print(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":
+    main()

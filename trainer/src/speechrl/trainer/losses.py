@@ -86,9 +86,14 @@ AGGREGATIONS: dict[str, Aggregation] = {
 }
 
 
-def normalizer(mask: Tensor, config: GRPOConfig) -> Tensor:
-    """Z of config.loss_aggregation over the mask [B, T] of a whole optimizer step (at least 1)."""
-    return AGGREGATIONS[config.loss_aggregation].count(mask.float(), config).clamp(min=1)
+def normalizer(mask: Tensor, config: GRPOConfig, all_reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+    """Z of config.loss_aggregation over the mask [B, T] of a whole optimizer step (at least 1).
+
+    Data-parallel: mask is this rank's part of the step and all_reduce sums a tensor over the ranks;
+    every count is a sum over samples, so the sum of the ranks' counts is the whole step's.
+    """
+    count = AGGREGATIONS[config.loss_aggregation].count(mask.float(), config)  # []
+    return (count if all_reduce is None else all_reduce(count)).clamp(min=1)  # clamped after the sum, not per rank
 
 
 def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:

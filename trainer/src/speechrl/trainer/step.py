@@ -9,17 +9,19 @@
             clip the gradient norm; optimizer.step()
 
 Rollout, scoring and weight sync are the caller's (the trainer's step); this is the math on the
-trainer's device, with no services involved.
+trainer's device, with no services involved. The data-parallel update (distributed.py) runs this
+same function on each rank's shard, with the advantages of the full batch and Z summed over ranks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from speechrl.trainer.advantages import group_advantages, reward_statistics
 from speechrl.trainer.config import GRPOConfig
@@ -118,12 +120,17 @@ class _MetricSum:
 
 
 def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch.optim.Optimizer,
-                batch: RolloutBatch, config: GRPOConfig) -> dict[str, float]:
+                batch: RolloutBatch, config: GRPOConfig, *, shard_advantages: tuple[Tensor, Tensor] | None = None,
+                all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
     """One policy update on a scored rollout batch; returns metrics averaged over the update.
 
     Every optimizer step sees mini_batch_size * gradient_accumulation_steps samples (all of them
     when gradient_accumulation_steps is 0), in rollout order; the batch is passed over
     num_iterations times. reference may be None when config.kl_beta is 0.
+
+    For one rank of a data-parallel update (distributed.grpo_update_distributed): shard_advantages
+    are (advantages [N], scored [N]) of this shard's samples, computed on the full batch, and
+    all_reduce sums a tensor over the ranks (for each step's normaliser Z).
     """
     policy.train()
     params = trainable_parameters(policy)
@@ -133,8 +140,8 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
     samples = batch.completion_ids.shape[0]
     step_size = config.mini_batch_size * config.gradient_accumulation_steps or samples
 
-    advantages, scored = group_advantages(batch.rewards, batch.group_size, config.scale_rewards,
-                                          config.std_epsilon)  # [N], [N]
+    advantages, scored = shard_advantages or group_advantages(batch.rewards, batch.group_size, config.scale_rewards,
+                                                              config.std_epsilon)  # [N], [N]
     advantages, scored = advantages.to(device), scored.to(device)  # [N], [N]
     mask = batch.completion_mask & scored[:, None]  # [N, T] unscored samples count nowhere
 
@@ -154,7 +161,7 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
     totals, step_losses, grad_norms = _MetricSum(), [], []
     for _ in range(config.num_iterations):
         for step_rows in torch.arange(samples, device=device).split(step_size):  # [K]
-            z = normalizer(mask[step_rows], config)  # [] Z over the whole optimizer step
+            z = normalizer(mask[step_rows], config, all_reduce)  # [] Z over the whole optimizer step
             step_loss = torch.zeros((), device=device)
             for rows in step_rows.split(config.mini_batch_size):  # [M]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -171,7 +178,8 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
                 step_loss += loss.detach()
                 totals.add(metrics)
             max_norm = config.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
-            grad_norms.append(torch.nn.utils.clip_grad_norm_(params, max_norm).detach())
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # [] a DTensor when FSDP shards the params
+            grad_norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).detach())
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_losses.append(step_loss)
