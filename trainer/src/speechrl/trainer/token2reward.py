@@ -1,0 +1,227 @@
+"""Token2Reward (DiffRO, arXiv 2507.05911): an ASR model that reads speech tokens, not audio.
+
+Its input layer is an embedding table over the K speech-token ids, so it reads either hard ids
+(a row lookup) or a distribution over them (probs @ table: DiffRO's Gumbel-Softmax tokens); a
+one-hot distribution gives exactly the hard input. A small transformer encoder, each token
+upsampled to `upsample` frames (CTC needs at least as many frames as characters, and text has
+more characters than a phoneme-like token sequence has tokens), and a CTC head over characters:
+
+    log P(text | tokens) = -CTC(log_softmax(head(encoder(upsample(embed(tokens))))), text)
+
+which is DiffRO's reward R, differentiable in the token distribution.
+
+Train it on (tokens, text) pairs, one JSON object a line, {"tokens": [ids in 0..K-1], "text": "..."}:
+
+    python -m speechrl.trainer.token2reward --data pairs.jsonl --out runs/token2reward --steps 300
+
+>>> model = Token2Reward(Token2RewardConfig(num_tokens=8, d_model=16, layers=1, heads=2)).eval()
+>>> hard = model.log_prob_text(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool), ["ab"])
+>>> soft = model.log_prob_text(F.one_hot(torch.tensor([[1, 2, 3]]), 8).float(), torch.ones(1, 3, dtype=torch.bool),
+...                            ["ab"])
+>>> torch.allclose(hard, soft, atol=1e-5)
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+ALPHABET = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..28; 0 is the blank
+CHECKPOINT = "token2reward.pt"
+
+
+def encode_text(text: str) -> list[int]:
+    """Lower-cased characters of ALPHABET as class ids 1..len(ALPHABET); others dropped, spaces collapsed."""
+    kept = "".join(c for c in text.lower() if c in ALPHABET)
+    return [ALPHABET.index(c) + 1 for c in " ".join(kept.split())]
+
+
+@dataclass(frozen=True)
+class Token2RewardConfig:
+    """Shape of the model; saved next to its weights."""
+
+    num_tokens: int  # K: speech-token ids 0..K-1 (the policy's speech range, offset removed)
+    d_model: int = 128  # width of the embedding and the encoder
+    layers: int = 2  # transformer encoder layers
+    heads: int = 4  # attention heads per layer
+    upsample: int = 3  # CTC frames per speech token
+    max_tokens: int = 512  # longest token sequence (learned positions)
+    dropout: float = 0.1  # encoder dropout while training
+
+
+class Token2Reward(nn.Module):
+    """Speech tokens (ids [B, T] or distributions [B, T, K]) -> CTC log-probs over characters."""
+
+    def __init__(self, config: Token2RewardConfig) -> None:
+        super().__init__()
+        self.config = config
+        d = config.d_model
+        self.embedding = nn.Parameter(torch.randn(config.num_tokens, d) / math.sqrt(d))  # [K, d] the input layer
+        self.positions = nn.Parameter(torch.zeros(config.max_tokens * config.upsample, d))  # [T*U, d]
+        self.expand = nn.Linear(d, d * config.upsample)  # each token -> U frames
+        layer = nn.TransformerEncoderLayer(d, config.heads, 4 * d, config.dropout, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
+        self.head = nn.Linear(d, len(ALPHABET) + 1)  # [d] -> blank + characters
+
+    def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """CTC log-probs [B, T*U, C] of tokens (ids [B, T] or probabilities [B, T, K]); mask [B, T] bool."""
+        if tokens.dtype.is_floating_point:
+            embedded = tokens.to(self.embedding.dtype) @ self.embedding  # [B, T, d] the soft path
+        else:
+            embedded = self.embedding[tokens.clamp(0, self.config.num_tokens - 1)]  # [B, T, d]
+        batch, length, d = embedded.shape
+        if length > self.config.max_tokens:
+            raise ValueError(f"{length} tokens is more than max_tokens={self.config.max_tokens}")
+        frames = self.expand(embedded).reshape(batch, length * self.config.upsample, d)  # [B, T*U, d]
+        frames = frames + self.positions[: frames.shape[1]]  # [B, T*U, d]
+        frame_mask = mask.bool().repeat_interleave(self.config.upsample, dim=1)  # [B, T*U]
+        hidden = self.encoder(frames, src_key_padding_mask=~frame_mask)  # [B, T*U, d]
+        return torch.log_softmax(self.head(hidden).float(), dim=-1)  # [B, T*U, C]
+
+    def log_prob_text(self, tokens: Tensor, mask: Tensor, texts: Sequence[str]) -> Tensor:
+        """log P(text_i | tokens_i) [B] by CTC; -inf-free (zero_infinity) so an impossible text is very negative.
+
+        Tokens must be left-aligned (mask a prefix of each row): CTC reads the first
+        input_lengths frames.
+        """
+        log_probs = self(tokens, mask)  # [B, T*U, C]
+        targets = [torch.tensor(encode_text(t), dtype=torch.long) for t in texts]
+        target_lengths = torch.tensor([len(t) for t in targets])  # [B]
+        flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)  # [sum L]
+        input_lengths = mask.bool().sum(1).cpu() * self.config.upsample  # [B]
+        nll = F.ctc_loss(log_probs.transpose(0, 1), flat.to(log_probs.device), input_lengths, target_lengths,
+                         blank=0, reduction="none", zero_infinity=False)  # [B]
+        # An impossible alignment (text longer than the frames) is +inf; a large finite penalty keeps sums finite.
+        return -torch.nan_to_num(nll, posinf=1e4)  # [B]
+
+    def diffro_reward(self, texts: Sequence[str], token_offset: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
+        """DiffRO's reward over a policy's full vocabulary: (soft [b, T, V], mask [b, T], rows [b]) -> [b].
+
+        texts are the micro-batch's target texts, one per sample; the speech range is
+        [token_offset, token_offset + K) of the policy's vocabulary. Probability outside it (EOS)
+        embeds as nothing.
+        """
+        def reward(soft: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
+            speech = soft[..., token_offset:token_offset + self.config.num_tokens]  # [b, T, K]
+            return self.log_prob_text(_left_align(speech, mask), _left_align(mask, mask),
+                                      [texts[int(r)] for r in rows])
+
+        return reward
+
+
+def _left_align(values: Tensor, mask: Tensor) -> Tensor:
+    """Move each row's masked-in positions to its front, in order: [B, T, ...] by mask [B, T]."""
+    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # [B, T] real positions first
+    index = order.reshape(*order.shape, *([1] * (values.dim() - 2))).expand_as(values)
+    return values.gather(1, index)
+
+
+def save(model: Token2Reward, out: str | Path) -> Path:
+    """Write config and weights to out/token2reward.pt; returns the file."""
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": asdict(model.config), "state_dict": model.state_dict()}, path / CHECKPOINT)
+    return path / CHECKPOINT
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> Token2Reward:
+    """A saved model (a folder holding token2reward.pt, or the file), in eval mode."""
+    file = Path(path)
+    file = file / CHECKPOINT if file.is_dir() else file
+    if not file.exists():
+        raise FileNotFoundError(f"no Token2Reward checkpoint at {file}; train one with "
+                                f"`python -m speechrl.trainer.token2reward --data pairs.jsonl --out DIR`")
+    saved = torch.load(file, map_location=device, weights_only=True)
+    model = Token2Reward(Token2RewardConfig(**saved["config"]))
+    model.load_state_dict(saved["state_dict"])
+    return model.to(device).eval()
+
+
+def train(pairs: Sequence[tuple[Sequence[int], str]], config: Token2RewardConfig, *, steps: int = 300,
+          batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
+          log: Callable[[int, float], None] | None = None) -> Token2Reward:
+    """Fit a Token2Reward on (token ids, text) pairs by CTC; returns it in eval mode."""
+    if not pairs:
+        raise ValueError("train needs at least one (tokens, text) pair")
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    model = Token2Reward(config).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
+    for step in range(steps):
+        chosen = [pairs[rng.randrange(len(pairs))] for _ in range(min(batch_size, len(pairs)))]
+        tokens, mask = pad([list(t) for t, _ in chosen])  # [B, T], [B, T]
+        loss = -model.log_prob_text(tokens, mask, [text for _, text in chosen]).mean()  # []
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log is not None:
+            log(step, loss.item())
+    return model.eval()
+
+
+def pad(sequences: Sequence[Sequence[int]]) -> tuple[Tensor, Tensor]:
+    """Right-padded ids [B, T] and mask [B, T] (bool) of token sequences."""
+    length = max((len(s) for s in sequences), default=0) or 1
+    tokens = torch.zeros(len(sequences), length, dtype=torch.long)  # [B, T]
+    mask = torch.zeros(len(sequences), length, dtype=torch.bool)  # [B, T]
+    for i, sequence in enumerate(sequences):
+        tokens[i, :len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[i, :len(sequence)] = True
+    return tokens, mask
+
+
+def read_pairs(path: str | Path) -> list[tuple[list[int], str]]:
+    """(tokens, text) pairs of a JSON-lines file with "tokens" and "text" on each line."""
+    pairs = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if line.strip():
+            row = json.loads(line)
+            if "tokens" not in row or "text" not in row:
+                raise ValueError(f"{path}:{number}: each line needs \"tokens\" and \"text\"")
+            pairs.append(([int(t) for t in row["tokens"]], str(row["text"])))
+    return pairs
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a Token2Reward (speech tokens -> text by CTC).")
+    parser.add_argument("--data", required=True, help="JSON lines of {\"tokens\": [...], \"text\": \"...\"}")
+    parser.add_argument("--out", required=True, help="Folder to write token2reward.pt into.")
+    parser.add_argument("--num-tokens", type=int, default=0, help="K, the speech-token ids; 0: max id in data + 1.")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--learning-rate", type=float, default=3e-3)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--upsample", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    pairs = read_pairs(args.data)
+    num_tokens = args.num_tokens or max(max(t, default=0) for t, _ in pairs) + 1
+    longest = max(len(t) for t, _ in pairs)
+    config = Token2RewardConfig(num_tokens=num_tokens, d_model=args.d_model, layers=args.layers,
+                                upsample=args.upsample, max_tokens=max(512, longest))
+
+    def log(step: int, loss: float) -> None:
+        if step % 50 == 0 or step == args.steps - 1:
+            print(f"step {step} ctc {loss:.3f}", flush=True)
+
+    model = train(pairs, config, steps=args.steps, batch_size=args.batch_size, learning_rate=args.learning_rate,
+                  seed=args.seed, log=log)
+    print(f"saved {save(model, args.out)}")
+
+
+if __name__ == "__main__":
+    main()
