@@ -25,7 +25,7 @@ import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -319,6 +319,7 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
         return {}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps({"kind": "asr-grpo", **asdict(config)}, indent=2) + "\n")
     random.seed(config.seed)
     resume = latest_checkpoint(out)
     # Data-parallel, rank 0's policy is the unsharded CPU mirror that the I/O reads (distributed.py).
