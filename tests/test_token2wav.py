@@ -1,0 +1,61 @@
+"""token2wav with real espeak-ng audio judged by the real intelligibility scorer's model (issue 7)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soxr
+
+from speechrl.rewards import error_rates
+from speechrl.services.errors import ErrorCode, ItemFailure
+from speechrl.services.intelligibility.backends import BackendOptions as AsrOptions
+from speechrl.services.intelligibility.backends import load_backend as load_asr
+from speechrl.services.token2wav.backends import BackendOptions, SynthesisItem, Waveform, load_backend
+from speechrl.services.token2wav.engine import Token2WavEngine
+from speechrl.services.token2wav.tokens import VOCABULARY, PhonemeVocabulary
+
+SENTENCES = ["The weather today is sunny with a light breeze from the west.",
+             "Please call Stella and ask her to bring these things from the store."]
+
+
+@pytest.fixture(scope="module")
+def engine() -> Token2WavEngine:
+    return Token2WavEngine(load_backend("espeak-phonemes", BackendOptions()))
+
+
+def test_text_to_tokens_round_trips_through_espeak_phoneme_strings() -> None:
+    vocab = PhonemeVocabulary()
+    ids = vocab.text_to_ids("the cat sat")
+    assert all(0 <= i < len(VOCABULARY) for i in ids)
+    assert vocab.ids_to_phonemes(ids) == "D@2 k'at s'at"  # espeak's -x of the phrase
+
+
+def test_tokens_of_a_sentence_are_intelligible_to_whisper(engine: Token2WavEngine) -> None:
+    asr = load_asr("faster-whisper", AsrOptions())
+    vocab = PhonemeVocabulary()
+    items = [SynthesisItem(vocab.text_to_ids(s), voice=v) for s in SENTENCES for v in ("en-us", "en-gb+f3")]
+    waves = engine.synthesize_batch(items)
+    audio = []
+    for wave in waves:
+        assert isinstance(wave, Waveform)
+        assert wave.samples.dtype == np.float32 and len(wave.samples) > wave.sample_rate_hertz  # over a second
+        audio.append(soxr.resample(wave.samples, wave.sample_rate_hertz, asr.sample_rate).astype(np.float32))
+    transcripts = asr.transcribe(audio, ["en"] * len(audio))
+    for transcript, item_text in zip(transcripts, [s for s in SENTENCES for _ in range(2)], strict=True):
+        assert error_rates(transcript, item_text).wer < 0.5, transcript
+
+
+def test_bad_items_fail_alone(engine: Token2WavEngine) -> None:
+    good = PhonemeVocabulary().text_to_ids("hello")
+    results = engine.synthesize_batch([SynthesisItem([]), SynthesisItem([len(VOCABULARY)]), SynthesisItem(good),
+                                       SynthesisItem(good, voice="nonexistentvoice"), SynthesisItem([0, 0])])
+    assert [type(r) for r in results] == [ItemFailure, ItemFailure, Waveform, ItemFailure, ItemFailure]
+    codes = [r.code for r in results if isinstance(r, ItemFailure)]
+    assert codes == [ErrorCode.EMPTY_TEXT, ErrorCode.INVALID_TENSOR, ErrorCode.UNKNOWN_SPEAKER, ErrorCode.EMPTY_TEXT]
+
+
+def test_cosyvoice2_without_its_folder_says_what_it_needs(tmp_path: object) -> None:
+    with pytest.raises(FileNotFoundError, match="CosyVoice2 folder"):
+        load_backend("cosyvoice2", BackendOptions(model_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="espeak-phonemes"):
+        load_backend("nope", BackendOptions())
