@@ -29,12 +29,14 @@ Asyncio, with two replicas and a bearer token:
 from speechrl.client._channel import (
     DEFAULT_MAX_MESSAGE_MB,
     DEFAULT_TIMEOUT_S,
+    REQUEST_ID,
     ClientOptions,
     Connection,
     RetryPolicy,
     ServiceError,
     parse_endpoints,
     retry_after_hint,
+    tls_credentials,
 )
 from speechrl.client.codec import AudioLike, numpy_to_tensor, tensor_to_numpy, to_audio
 from speechrl.client.models import (
@@ -74,12 +76,12 @@ from speechrl.client.sync import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S",
+    "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S", "REQUEST_ID",
     "AsyncAudioEncoderClient", "AsyncClient", "AsyncIntelligibilityClient", "AsyncRolloutClient",
     "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AudioEncoderClient", "AudioLike", "ClientOptions", "Connection",
     "EmbeddingResult", "EncodedAudio", "ErrorCounts", "IntelligibilityClient", "IntelligibilityResult",
     "IntelligibilityScore", "ItemError", "ItemFailedError", "PromptResult", "RegisteredSpeaker", "RetryPolicy",
     "RolloutClient", "RuleResult", "RuleRewardsClient", "RuleScore", "Sample", "ServiceError", "ServiceStatus",
     "SpeakerClient", "SpeakerId", "SpeakerResult", "SpeakerScore", "SyncClient", "numpy_to_tensor",
-    "parse_endpoints", "retry_after_hint", "tensor_to_numpy", "to_audio",
+    "parse_endpoints", "retry_after_hint", "tensor_to_numpy", "tls_credentials", "to_audio",
 ]

@@ -18,11 +18,13 @@ are retried: both mean the server did not do the work. Every other status is the
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
 
 import grpc
@@ -38,6 +40,10 @@ through Whisper tiny on a laptop CPU takes ~10 s; raise it for larger models or 
 
 DEFAULT_MAX_MESSAGE_MB = 64
 """Largest message either way, MiB; matches the servers' default (gRPC's own is 4 MiB)."""
+
+REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("speechrl_request_id", default=None)
+"""The id of the request being served; when set, every call sends it as `x-request-id` metadata so
+that the server's logs of the call carry the same id (the gateway sets it per HTTP request)."""
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
@@ -169,6 +175,26 @@ class ClientOptions(TypedDict, total=False):
     metadata: Sequence[tuple[str, str]]
     max_message_mb: int
     seed: int | None
+    tls_root_cert: str | bytes | None
+    tls_client_cert: str | bytes | None
+    tls_client_key: str | bytes | None
+
+
+def _pem(value: str | bytes | None) -> bytes | None:
+    """PEM bytes given either themselves or a file path."""
+    if value is None or isinstance(value, bytes):
+        return value
+    return Path(value).read_bytes()
+
+
+def tls_credentials(root_cert: str | bytes | None = None, client_cert: str | bytes | None = None,
+                    client_key: str | bytes | None = None) -> grpc.ChannelCredentials:
+    """Channel credentials for a TLS server: its CA (None: the system's roots), and for mutual TLS this
+    client's certificate chain and key (PEM bytes or file paths)."""
+    if (client_cert is None) != (client_key is None):
+        raise ValueError("mutual TLS needs both tls_client_cert and tls_client_key")
+    return grpc.ssl_channel_credentials(root_certificates=_pem(root_cert), private_key=_pem(client_key),
+                                        certificate_chain=_pem(client_cert))
 
 
 class Connection:
@@ -182,6 +208,9 @@ class Connection:
         metadata: further (key, value) pairs sent on every call.
         max_message_mb: largest message either way.
         seed: seeds the jitter, for reproducible tests.
+        tls_root_cert: connect with TLS, trusting this CA certificate (PEM bytes or a file path).
+        tls_client_cert, tls_client_key: this client's certificate and key, for servers that
+            require mutual TLS (PEM bytes or file paths); setting them also turns TLS on.
 
     Channels are created on first use, inside the event loop that uses them (grpc.aio channels
     belong to one loop).
@@ -189,7 +218,9 @@ class Connection:
 
     def __init__(self, endpoints: Endpoints, *, timeout_s: float = DEFAULT_TIMEOUT_S, retry: RetryPolicy | None = None,
                  token: str | None = None, metadata: Sequence[tuple[str, str]] = (),
-                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, seed: int | None = None):
+                 max_message_mb: int = DEFAULT_MAX_MESSAGE_MB, seed: int | None = None,
+                 tls_root_cert: str | bytes | None = None, tls_client_cert: str | bytes | None = None,
+                 tls_client_key: str | bytes | None = None):
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
         self.endpoints = parse_endpoints(endpoints)
@@ -199,6 +230,8 @@ class Connection:
         if token:
             self.metadata += (("authorization", f"Bearer {token}"),)
         self._options = channel_options(max_message_mb)
+        self._credentials = (tls_credentials(tls_root_cert, tls_client_cert, tls_client_key)
+                             if tls_root_cert is not None or tls_client_cert is not None else None)
         self._channels: dict[int, grpc.aio.Channel] = {}
         self._stubs: dict[tuple[type, int], Any] = {}
         self._next = 0
@@ -214,9 +247,17 @@ class Connection:
         key = (stub_class, index)
         if key not in self._stubs:
             if index not in self._channels:
-                self._channels[index] = grpc.aio.insecure_channel(self.endpoints[index], options=self._options)
+                target = self.endpoints[index]
+                self._channels[index] = (
+                    grpc.aio.secure_channel(target, self._credentials, options=self._options)
+                    if self._credentials is not None else grpc.aio.insecure_channel(target, options=self._options))
             self._stubs[key] = stub_class(self._channels[index])  # type: ignore[call-arg]
         return self._stubs[key]
+
+    def call_metadata(self) -> tuple[tuple[str, str], ...]:
+        """Metadata of one call: the connection's, plus `x-request-id` when REQUEST_ID is set."""
+        request_id = REQUEST_ID.get()
+        return self.metadata + (("x-request-id", request_id),) if request_id else self.metadata
 
     async def call(self, attempt: Callable[[int, float], Awaitable[T]], timeout_s: float | None = None,
                    what: str = "call") -> T:
@@ -254,7 +295,7 @@ class Connection:
 
         async def attempt(index: int, seconds_left: float) -> Any:
             rpc = getattr(self.stub(stub_class, index), method)
-            return await rpc(request, timeout=seconds_left, metadata=self.metadata)
+            return await rpc(request, timeout=seconds_left, metadata=self.call_metadata())
 
         return await self.call(attempt, timeout_s, method)
 
@@ -267,7 +308,7 @@ class Connection:
 
         async def attempt(index: int, seconds_left: float) -> list[Any]:
             rpc = getattr(self.stub(stub_class, index), method)
-            return [response async for response in rpc(request, timeout=seconds_left, metadata=self.metadata)]
+            return [response async for response in rpc(request, timeout=seconds_left, metadata=self.call_metadata())]
 
         return await self.call(attempt, timeout_s, method)
 

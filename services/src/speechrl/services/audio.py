@@ -46,7 +46,7 @@ def decode_audio(audio: AudioInput, target_rate: int, max_seconds: float) -> np.
         raise ItemFailure(ErrorCode.NON_FINITE_AUDIO, f"audio has {bad} NaN or infinite samples")
     seconds = samples.shape[0] / rate
     if seconds > max_seconds:
-        raise ItemFailure(ErrorCode.AUDIO_TOO_LONG, f"audio is {seconds:.1f} s, over the maximum of {max_seconds:g} s")
+        raise ItemFailure(ErrorCode.AUDIO_TOO_LONG, f"audio is {seconds:.1f} s, over the server's max_audio_seconds of {max_seconds:g} s")
     if rate != target_rate:
         samples = soxr.resample(samples, rate, target_rate, quality="HQ")
     return np.ascontiguousarray(samples, dtype=np.float32)

@@ -98,7 +98,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
         if self._queue.qsize() + len(items) > self.max_queue_items:
-            raise QueueFull(f"{self.name}: {self._queue.qsize()} items already waiting (limit {self.max_queue_items})")
+            raise QueueFull(f"{self.name}: {self._queue.qsize()} items already waiting (max_queue_items {self.max_queue_items})")
         loop = asyncio.get_running_loop()
         pending: list[_Pending[ItemT, ResultT]] = [_Pending(item, loop.create_future()) for item in items]
         for p in pending:

@@ -49,6 +49,19 @@ class ServerConfig:
     lease_wait_seconds: float = option(120.0, "Longest wait for the lease before a batch fails UNAVAILABLE.")
     lease_ttl_ms: int = option(10_000, "Lease TTL: a dead holder blocks the device at most this long.")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease.")
+    max_concurrent_requests: int = option(1024, "Most calls answered at once; past it calls get RESOURCE_EXHAUSTED with "
+                                                "a retry-after-ms hint (health and reflection excepted). 0: no bound.")
+    auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `authorization` metadata; with "
+                                  "auth_token_file empty too, no token is needed (the laptop default). Prefer "
+                                  "auth_token_file or a Secret: flags show in `ps`.")
+    auth_token_file: str = option("", "File of accepted bearer tokens, one per line (a mounted Secret); re-read when "
+                                      "it changes and on SIGHUP. Missing or empty: no token is accepted.")
+    tls_cert_file: str = option("", "PEM certificate chain of this server; with tls_key_file, serve TLS instead of "
+                                    "plaintext.")
+    tls_key_file: str = option("", "PEM private key of tls_cert_file.")
+    tls_client_ca_file: str = option("", "PEM CA bundle of client certificates; set, it turns on mutual TLS: clients "
+                                         "without a certificate it signed are refused.")
+    log_format: str = option("text", "Log lines as text or json (one object per line, with the request id).")
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1:
@@ -63,6 +76,14 @@ class ServerConfig:
             raise ValueError(f"residency must be keep, offload or sleep, got {self.residency!r}")
         if self.lease_priority not in ("high", "normal", "low"):
             raise ValueError(f"lease_priority must be high, normal or low, got {self.lease_priority!r}")
+        if self.max_concurrent_requests < 0:
+            raise ValueError(f"max_concurrent_requests must be >= 0 (0: no bound), got {self.max_concurrent_requests}")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("TLS needs both tls_cert_file and tls_key_file (or neither for plaintext)")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ValueError("tls_client_ca_file (mutual TLS) needs tls_cert_file and tls_key_file")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
 
 
 def env_name(service: str, name: str) -> str:

@@ -7,6 +7,7 @@ way for every service.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 from collections.abc import Callable, Sequence
@@ -20,7 +21,10 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from speechrl.services import __version__
+from speechrl.services.auth import TokenStore
 from speechrl.services.config import ServerConfig
+from speechrl.services.interceptor import ServerInterceptor
+from speechrl.services.logs import configure_logging
 from speechrl.v1 import common_pb2, common_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -84,7 +88,8 @@ class RunningServer:
     """A started server: its port, and how to stop it (draining in-flight calls)."""
 
     def __init__(self, server: grpc.aio.Server, port: int, health_servicer: health_aio.HealthServicer,
-                 names: Sequence[str], on_stop: Callable[[], None] | None):
+                 names: Sequence[str], on_stop: Callable[[], None] | None, interceptor: ServerInterceptor):
+        self.interceptor = interceptor
         self.server = server
         self.port = port
         self.health = health_servicer
@@ -104,7 +109,9 @@ async def start_server(config: ServerConfig, default_port: int, services: Sequen
                        describe: Callable[[], common_pb2.GetServiceStatusResponse],
                        on_stop: Callable[[], None] | None = None) -> RunningServer:
     """Start a grpc.aio server hosting services plus health, reflection and ServiceStatus."""
-    server = grpc.aio.server(options=grpc_options(config))
+    interceptor = ServerInterceptor(TokenStore(config.auth_tokens, config.auth_token_file),
+                                    config.max_concurrent_requests)
+    server = grpc.aio.server(options=grpc_options(config), interceptors=[interceptor])
     for spec in services:
         spec.add_to_server(spec.servicer, server)
     common_pb2_grpc.add_ServiceStatusServicer_to_server(StatusServicer(describe), server)
@@ -113,32 +120,90 @@ async def start_server(config: ServerConfig, default_port: int, services: Sequen
     names = [spec.full_name for spec in services]
     reflection.enable_server_reflection(
         [*names, "speechrl.v1.ServiceStatus", health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    port = server.add_insecure_port(f"{config.host}:{config.port or default_port}")
+    address = f"{config.host}:{config.port or default_port}"
+    credentials = server_credentials(config)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot listen on {config.host}:{config.port or default_port}")
     await server.start()
     for name in ("", *names, "speechrl.v1.ServiceStatus"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     if config.metrics_port:
+        register_gpu_metrics()
         start_http_server(config.metrics_port, addr=config.host)
-    log.info("serving %s on %s:%d", ", ".join(names), config.host, port)
-    return RunningServer(server, port, health_servicer, names, on_stop)
+    log.info("serving %s on %s:%d (%s, %s)", ", ".join(names), config.host, port,
+             "mutual TLS" if config.tls_client_ca_file else "TLS" if credentials else "plaintext",
+             "bearer tokens" if interceptor.tokens.enabled else "no auth")
+    return RunningServer(server, port, health_servicer, names, on_stop, interceptor)
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS credentials from the config's PEM files; None for plaintext.
+
+    With tls_client_ca_file, clients must present a certificate signed by it (mutual TLS).
+    """
+    if not config.tls_cert_file:
+        return None
+    with open(config.tls_key_file, "rb") as f:
+        key = f.read()
+    with open(config.tls_cert_file, "rb") as f:
+        chain = f.read()
+    client_ca = None
+    if config.tls_client_ca_file:
+        with open(config.tls_client_ca_file, "rb") as f:
+            client_ca = f.read()
+    return grpc.ssl_server_credentials([(key, chain)], root_certificates=client_ca,
+                                       require_client_auth=client_ca is not None)
+
+
+_gpu_metrics_registered = False
+
+
+def _read_float(read: Callable[[int], int], index: int) -> float:
+    return float(read(index))
+
+
+def register_gpu_metrics() -> None:
+    """GPU memory gauges (allocated, reserved, total by device) when torch sees a CUDA device."""
+    global _gpu_metrics_registered
+    if _gpu_metrics_registered:
+        return
+    try:
+        import torch
+    except ImportError:
+        return
+    if not torch.cuda.is_available():
+        return
+    from prometheus_client import Gauge
+
+    def total(index: int) -> int:
+        return int(torch.cuda.get_device_properties(index).total_memory)
+
+    kinds: dict[str, Callable[[int], int]] = {"allocated": torch.cuda.memory_allocated,
+                                              "reserved": torch.cuda.memory_reserved, "total": total}
+    gauge = Gauge("speechrl_gpu_memory_bytes", "GPU memory of this process by device and kind "
+                  "(allocated and reserved by torch's allocator; total of the device)", ["device", "kind"])
+    for index in range(torch.cuda.device_count()):
+        for kind, read in kinds.items():
+            gauge.labels(f"cuda:{index}", kind).set_function(functools.partial(_read_float, read, index))
+    _gpu_metrics_registered = True
 
 
 async def serve_until_signalled(running: RunningServer, grace_seconds: float) -> None:
-    """Block until SIGTERM/SIGINT, then drain and stop."""
+    """Block until SIGTERM/SIGINT, then drain and stop; SIGHUP re-reads the token file."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, running.interceptor.tokens.reload)
     await stop.wait()
     log.info("signal received: draining for up to %.0f s", grace_seconds)
     await running.stop(grace_seconds)
 
 
 def configure_runtime(config: ServerConfig) -> None:
-    """Logging and the torch thread count, before a model loads."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    """Logging (text or JSON lines, with request ids) and the torch thread count, before a model loads."""
+    configure_logging(config.log_format)
     try:
         import torch
     except ImportError:

@@ -50,7 +50,7 @@ def check_count(items: Sized, field: str, limit: int) -> None:
     if len(items) == 0:
         raise RequestInvalid(field, "must have at least one item")
     if len(items) > limit:
-        raise RequestInvalid(field, f"has {len(items)} items, over the server's limit of {limit}; split the request")
+        raise RequestInvalid(field, f"has {len(items)} items, over the server's limit of {limit} (max_request_items); split the request")
 
 
 async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContext) -> None:
@@ -60,7 +60,8 @@ async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContex
     if isinstance(exc, RequestInvalid):
         await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
     if isinstance(exc, QueueFull):
-        context.set_trailing_metadata((("retry-after-ms", "200"),))
+        # Keep what the interceptor set (x-request-id): set_trailing_metadata replaces.
+        context.set_trailing_metadata((*(context.trailing_metadata() or ()), ("retry-after-ms", "200")))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
     if isinstance(exc, LeaseError):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")

@@ -28,7 +28,9 @@ import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
 
+from speechrl.services.auth import BearerAuthMiddleware, TokenStore
 from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.trainer.jobs import Job, JobNotFound, JobStore
 from speechrl.trainer.runner import JobConfigError, parse_job, run_job
@@ -44,6 +46,12 @@ class TrainerConfig:
     port: int = option(DEFAULT_PORTS["trainer"], "HTTP port of the job API.")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis holding the jobs (persist it: appendonly yes).")
     poll_seconds: float = option(1.0, "How long the worker waits on the queue before checking for shutdown.")
+    auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `Authorization: Bearer`; with "
+                                  "auth_token_file empty too, no token is needed. /healthz, /readyz and the docs "
+                                  "stay open.")
+    auth_token_file: str = option("", "File of accepted bearer tokens, one per line (a mounted Secret); re-read when "
+                                      "it changes. Missing or empty: no token is accepted.")
+    log_format: str = option("text", "Log lines as text or json (one object per line, with the request id).")
 
 
 class StoreProgress:
@@ -125,6 +133,8 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
                   description="Submit, watch and cancel GRPO training jobs; the same job files as `speechrl train`.")
     app.state.store = store
     app.state.worker = worker
+    app.add_middleware(BearerAuthMiddleware, store=TokenStore(config.auth_tokens, config.auth_token_file))
+    app.add_middleware(RequestIdMiddleware)
 
     @app.exception_handler(JobNotFound)
     async def not_found(request: Request, exc: JobNotFound) -> JSONResponse:
@@ -187,5 +197,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, TrainerConfig)
     config = from_namespace(TrainerConfig, "trainer", parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info")
+    configure_logging(config.log_format)
+    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
+                access_log=False)  # speechrl.access logs each request with its request id instead

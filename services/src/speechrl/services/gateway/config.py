@@ -26,7 +26,16 @@ class GatewayConfig:
     rules: str = option(f"127.0.0.1:{DEFAULT_PORTS['rules']}", "Rule-reward service endpoints; empty turns its routes off.")
     request_timeout_s: float = option(30.0, "Deadline of one scorer call, retries included; past it the reply is 504.")
     max_attempts: int = option(3, "Attempts per scorer call on UNAVAILABLE / RESOURCE_EXHAUSTED (1 turns retries off).")
-    scorer_token: str = option("", "Bearer token sent to the scorers; empty sends none.")
+    scorer_token: str = option("", "Bearer token sent to the scorers (one of their auth tokens); empty sends none.")
+    scorer_tls_root_cert: str = option("", "PEM CA file of the scorers' TLS certificates; set, scorer calls use TLS.")
+    scorer_tls_client_cert: str = option("", "PEM certificate the gateway presents to scorers that require mutual TLS.")
+    scorer_tls_client_key: str = option("", "PEM private key of scorer_tls_client_cert.")
+    auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `Authorization: Bearer`; with "
+                                  "auth_token_file empty too, no token is needed. /healthz, /readyz, /metrics and "
+                                  "the docs stay open.")
+    auth_token_file: str = option("", "File of accepted bearer tokens, one per line (a mounted Secret); re-read when "
+                                      "it changes. Missing or empty: no token is accepted.")
+    log_format: str = option("text", "Log lines as text or json (one object per line, with the request id).")
     health_timeout_s: float = option(1.0, "How long /readyz waits for each scorer's health answer.")
     log_level: str = option("info", "uvicorn log level: critical, error, warning, info, debug.")
     grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
@@ -53,6 +62,10 @@ class GatewayConfig:
             raise ValueError(f"adapter_failure_reward must be a finite number (JSON has no NaN), got {self.adapter_failure_reward}")
         if self.adapter_scorer_errors not in ("reward", "http"):
             raise ValueError(f"adapter_scorer_errors must be reward or http, got {self.adapter_scorer_errors!r}")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+        if bool(self.scorer_tls_client_cert) != bool(self.scorer_tls_client_key):
+            raise ValueError("mutual TLS to the scorers needs both scorer_tls_client_cert and scorer_tls_client_key")
         if self.openrlhf_scorer not in ("rules", "token2wav_asr"):
             raise ValueError(f"openrlhf_scorer must be rules or token2wav_asr, got {self.openrlhf_scorer!r}")
         for name in SCORERS:

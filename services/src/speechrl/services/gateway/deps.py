@@ -38,6 +38,10 @@ class Scorers:
         # Channels open lazily on the first call, inside the server's event loop.
         options: ClientOptions = {"timeout_s": config.request_timeout_s, "token": config.scorer_token or None,
                                   "retry": RetryPolicy(max_attempts=config.max_attempts)}
+        if config.scorer_tls_root_cert or config.scorer_tls_client_cert:
+            options["tls_root_cert"] = config.scorer_tls_root_cert or None
+            options["tls_client_cert"] = config.scorer_tls_client_cert or None
+            options["tls_client_key"] = config.scorer_tls_client_key or None
         ends = {name: list(config.endpoints(name)) for name in ("intelligibility", "speaker", "rules")}
         return cls(
             intelligibility=AsyncIntelligibilityClient(ends["intelligibility"], **options) if ends["intelligibility"] else None,

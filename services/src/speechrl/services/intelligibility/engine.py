@@ -47,9 +47,10 @@ class IntelligibilityEngine:
     [IntelligibilityResult(transcript='The cat sat.', ...)]
     """
 
-    def __init__(self, backend: AsrBackend, max_audio_seconds: float = 60.0):
+    def __init__(self, backend: AsrBackend, max_audio_seconds: float = 60.0, max_text_chars: int = 20_000):
         self.backend = backend
         self.max_audio_seconds = max_audio_seconds
+        self.max_text_chars = max_text_chars
 
     def warm_up(self, language: str = "en") -> None:
         """Run one short utterance through the model so the first request pays no first-call costs."""
@@ -77,6 +78,9 @@ class IntelligibilityEngine:
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _prepare(self, item: IntelligibilityItem) -> np.ndarray | ItemFailure:
+        if len(item.reference) > self.max_text_chars:
+            return ItemFailure(ErrorCode.TEXT_TOO_LONG, f"reference_text has {len(item.reference)} characters, over "
+                               f"the server's max_text_chars of {self.max_text_chars}", "reference_text")
         if not item.reference.strip():
             return ItemFailure(ErrorCode.EMPTY_TEXT, "reference_text is empty", "reference_text")
         if not normalize_text(item.reference, item.language):

@@ -51,6 +51,7 @@ class IntelligibilityConfig(ServerConfig):
     default_language: str = option("en", "Language (ISO 639-1) of items that give none; must be one the model knows.")
     default_reward_mapping: str = option("one_minus_wer", "WER-to-reward mapping of requests that give none: "
                                                           "one_minus_wer, one_minus_tanh_3wer or negative_wer.")
+    max_text_chars: int = option(20_000, "Longest reference_text accepted, in characters; longer items get TEXT_TOO_LONG.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,7 +77,7 @@ def build_engine(config: IntelligibilityConfig) -> IntelligibilityEngine:
     if config.default_language not in backend.languages:
         raise ValueError(f"default_language {config.default_language!r} is not one model {backend.model} "
                          f"transcribes; it knows {sorted(backend.languages)}")
-    engine = IntelligibilityEngine(backend, config.max_audio_seconds)
+    engine = IntelligibilityEngine(backend, config.max_audio_seconds, config.max_text_chars)
     engine.warm_up(config.default_language)
     return engine
 

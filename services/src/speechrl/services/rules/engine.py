@@ -33,7 +33,7 @@ class RuleRewardEngine:
     def _score(self, item: RuleItem) -> RuleRewardResult | ItemFailure:
         for name, text in (("hypothesis", item.hypothesis), ("reference", item.reference)):
             if len(text) > self.max_text_chars:
-                return ItemFailure(ErrorCode.TEXT_TOO_LONG, f"{name} has {len(text)} characters, over {self.max_text_chars}", name)
+                return ItemFailure(ErrorCode.TEXT_TOO_LONG, f"{name} has {len(text)} characters, over the server's max_text_chars of {self.max_text_chars}", name)
         if not item.reference.strip():
             return ItemFailure(ErrorCode.EMPTY_TEXT, "reference is empty", "reference")
         try:
