@@ -59,3 +59,29 @@ def test_cosyvoice2_without_its_folder_says_what_it_needs(tmp_path: object) -> N
         load_backend("cosyvoice2", BackendOptions(model_dir=str(tmp_path)))
     with pytest.raises(ValueError, match="espeak-phonemes"):
         load_backend("nope", BackendOptions())
+
+
+def test_served_on_loopback_answers_per_item() -> None:
+    import io
+
+    import grpc
+    import soundfile
+
+    from speechrl.services.token2wav.server import Token2WavConfig, start
+    from speechrl.v1 import token2wav_pb2, token2wav_pb2_grpc
+    from tests.conftest import free_port, serve_in_thread
+
+    ids = PhonemeVocabulary().text_to_ids("hello world")
+    with serve_in_thread(lambda: start(Token2WavConfig(port=free_port()))) as running:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            stub = token2wav_pb2_grpc.Token2WavStub(channel)
+            response = stub.Synthesize(token2wav_pb2.SynthesizeRequest(items=[
+                token2wav_pb2.SynthesisItem(tokens=ids, voice="en-gb"), token2wav_pb2.SynthesisItem(tokens=[])]))
+            with pytest.raises(grpc.RpcError) as error:
+                stub.Synthesize(token2wav_pb2.SynthesizeRequest())
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    first, second = response.results
+    samples, rate = soundfile.read(io.BytesIO(first.audio.wav))
+    assert rate == first.audio.sample_rate_hertz == 22050
+    assert first.audio.duration_seconds == pytest.approx(len(samples) / rate)
+    assert second.error.field == "items[1].tokens"

@@ -6,6 +6,7 @@ DEFAULT_PORTS: dict[str, int] = {
     "rules": 50053,
     "encoder": 50054,
     "rollout": 50055,
+    "token2wav": 50056,
     "gateway": 8000,
     "trainer": 8100,
 }

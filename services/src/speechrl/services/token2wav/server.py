@@ -1,0 +1,74 @@
+"""Entry point of the token2wav server: `speechrl serve token2wav`."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from speechrl.services.batching import DynamicBatcher
+from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.ports import DEFAULT_PORTS
+from speechrl.services.residency import TorchResidency, make_guard
+from speechrl.services.server import (
+    RunningServer,
+    ServiceSpec,
+    configure_runtime,
+    serve_until_signalled,
+    start_server,
+    status_response,
+)
+from speechrl.services.token2wav.backends import BackendOptions, load_backend
+from speechrl.services.token2wav.engine import Token2WavEngine
+from speechrl.services.token2wav.servicer import Token2WavServicer
+from speechrl.v1 import common_pb2, token2wav_pb2_grpc
+
+SERVICE = "token2wav"
+SERVICE_NAME = "speechrl.v1.Token2Wav"
+DEFAULT_PORT = DEFAULT_PORTS[SERVICE]
+
+
+@dataclass
+class Token2WavConfig(ServerConfig):
+    """Settings of the token2wav server."""
+
+    backend: str = option("espeak-phonemes", "token2wav backend: espeak-phonemes (CPU, runs anywhere with "
+                                             "espeak-ng) or cosyvoice2 (flow matching + HiFT from --model-dir; GPU).")
+    model_dir: str = option("", "cosyvoice2: the local CosyVoice2 folder (cosyvoice2.yaml, flow.pt, hift.pt).")
+    default_voice: str = option("en-us", "espeak-phonemes: the voice of items that name none.")
+    default_rate_wpm: int = option(160, "espeak-phonemes: words per minute of items that set none.")
+    max_tokens: int = option(4096, "Longest token sequence accepted per item.")
+
+
+async def start(config: Token2WavConfig) -> RunningServer:
+    """Load the backend and start serving; returns the running server."""
+    options = BackendOptions(model_dir=config.model_dir, device=config.lease_device or config.device,
+                             default_voice=config.default_voice, default_rate_wpm=config.default_rate_wpm)
+    backend = await asyncio.to_thread(load_backend, config.backend, options)
+    engine = Token2WavEngine(backend, config.max_tokens)
+    # The flow and vocoder move onto the device under the lease; espeak has no modules and only queues.
+    residency = TorchResidency(backend.modules, options.device)
+    guard = make_guard(config, residency, owner=f"{SERVICE}-{os.getpid()}")
+    batcher = DynamicBatcher(engine.synthesize_batch, max_batch_size=config.max_batch_size,
+                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
+                             guard=guard)
+
+    def describe() -> common_pb2.GetServiceStatusResponse:
+        return status_response(SERVICE_NAME, config.backend, config.model_dir or "espeak-ng", config, batcher)
+
+    servicer = Token2WavServicer(batcher, config.max_request_items)
+    spec = ServiceSpec(SERVICE_NAME, servicer, token2wav_pb2_grpc.add_Token2WavServicer_to_server)
+    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=batcher.close)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Parse flags and SPEECHRL_TOKEN2WAV_* variables, then serve until SIGTERM."""
+    config = parse_config(Token2WavConfig, SERVICE, argv, description="Serve token2wav (speech tokens -> audio).")
+    configure_runtime(config)
+
+    async def run() -> None:
+        running = await start(config)
+        await serve_until_signalled(running, config.grace_seconds)
+
+    asyncio.run(run())

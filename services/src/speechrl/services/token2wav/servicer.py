@@ -1,0 +1,37 @@
+"""gRPC face of the token2wav engine: proto <-> SynthesisItem / Waveform, nothing else."""
+
+from __future__ import annotations
+
+import grpc
+
+from speechrl.services.batching import DynamicBatcher
+from speechrl.services.errors import ItemFailure
+from speechrl.services.servicing import check_count, grpc_method, item_error
+from speechrl.services.token2wav.backends import SynthesisItem, Waveform
+from speechrl.v1 import token2wav_pb2, token2wav_pb2_grpc
+
+
+class Token2WavServicer(token2wav_pb2_grpc.Token2WavServicer):
+    """Translates Synthesize requests for the batcher (which takes the GPU lease per batch)."""
+
+    def __init__(self, batcher: DynamicBatcher[SynthesisItem, Waveform], max_request_items: int):
+        self.batcher = batcher
+        self.max_request_items = max_request_items
+
+    @grpc_method
+    async def Synthesize(self, request: token2wav_pb2.SynthesizeRequest,
+                         context: grpc.aio.ServicerContext) -> token2wav_pb2.SynthesizeResponse:
+        check_count(request.items, "items", self.max_request_items)
+        items = [SynthesisItem(tokens=list(i.tokens), voice=i.voice, rate_wpm=i.rate_wpm,
+                               prompt_audio=i.prompt_audio.encoded if i.HasField("prompt_audio") else None)
+                 for i in request.items]
+        results = await self.batcher.submit(items)
+        response = token2wav_pb2.SynthesizeResponse()
+        for index, result in enumerate(results):
+            if isinstance(result, ItemFailure):
+                response.results.add(error=item_error(result.at(f"items[{index}]")))
+            else:
+                response.results.add(audio=token2wav_pb2.SynthesizedAudio(
+                    wav=result.wav_bytes(), sample_rate_hertz=result.sample_rate_hertz,
+                    duration_seconds=len(result.samples) / result.sample_rate_hertz))
+        return response
