@@ -41,13 +41,15 @@ def test_splits_are_disjoint_short_and_complete(corpus: Path) -> None:
     by_split = {split: [r for r in rows if r.split == split] for split in ("train", "dev", "test", "long")}
     assert [len(by_split[s]) for s in ("train", "dev", "test")] == [6, 3, 8] and by_split["long"]
     texts = {split: {r.text for r in part} for split, part in by_split.items() if split != "long"}
+    joined = [r for r in rows if r.split == "joined"]
+    assert all(6.0 <= r.duration <= 14.0 and {s.split("-")[0] for s in r.sources} == {"train"} for r in joined)
     assert not (texts["train"] & texts["dev"] or texts["train"] & texts["test"] or texts["dev"] & texts["test"])
     assert len({r.id for r in rows}) == len(rows)
     for row in rows:
         info = soundfile.info(row.audio)
         assert info.samplerate == 16_000 and info.channels == 1
         assert row.duration == pytest.approx(info.frames / 16_000)
-        if row.split != "long":
+        if row.split in ("train", "dev", "test"):
             assert row.keywords == tuple(w for w in row.text.split() if w in KEYWORDS)
             assert 0.5 < row.duration < 20 and 140 <= row.rate <= 190 and row.voice in ("en-us", "en-gb+f3")
 

@@ -12,6 +12,11 @@ On disk (DIR):
                        keywords, split, sources (the utterances a long segment joins)
     wav/<id>.wav       16 kHz mono 16-bit PCM (the encoder's rate, so every reader sees the same samples)
 
+Splits: train, dev, test (single sentences, disjoint); joined (2-4 consecutive training
+utterances, 6-14 s: the warm start learns to go on past a sentence end); long (test utterances
+joined into 15-28 s segments: beyond anything the warm start saw, where it repeats and drops
+sentences); long_train (the same from training utterances, RL prompts for the hallucination reward).
+
 Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction) pick
 the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
 
@@ -180,6 +185,11 @@ class DataConfig:
     max_rate: int = option(190, "Fastest speaking rate, words per minute.")
     keyword_rich_fraction: float = option(0.2, "Share of sentences from the keyword-rich templates (2-3 rare words).")
     max_seconds: float = option(20.0, "Length cap of an utterance (the paper keeps RL audio under 20 s).")
+    joined: int = option(300, "Multi-sentence training segments (joined_min..max seconds) from training utterances: "
+                              "split 'joined', so the warm start learns to go on past a sentence end (0: none).")
+    joined_min_seconds: float = option(6.0, "Shortest joined training segment.")
+    joined_max_seconds: float = option(14.0, "Longest joined training segment (shorter than the long segments, "
+                                             "which stay beyond what the warm start saw).")
     long_test: int = option(40, "Long segments joined from test utterances: split 'long' (0: none).")
     long_train: int = option(0, "Long segments joined from training utterances: split 'long_train' (0: none).")
     long_min_seconds: float = option(15.0, "Shortest long segment.")
@@ -192,8 +202,10 @@ class DataConfig:
             raise ValueError("train, dev and test must be >= 0 and not all 0")
         if not 80 <= self.min_rate <= self.max_rate <= 450:
             raise ValueError(f"rates must satisfy 80 <= min_rate <= max_rate <= 450, got {self.min_rate}-{self.max_rate}")
-        if not 0 < self.long_min_seconds <= self.long_max_seconds <= 30:
-            raise ValueError("long segments need 0 < long_min_seconds <= long_max_seconds <= 30 (the encoder window)")
+        for kind in ("long", "joined"):
+            if not 0 < getattr(self, f"{kind}_min_seconds") <= getattr(self, f"{kind}_max_seconds") <= 30:
+                raise ValueError(f"{kind} segments need 0 < {kind}_min_seconds <= {kind}_max_seconds <= 30 "
+                                 "(the encoder window)")
         if not self.voice_list:
             raise ValueError("voices must name at least one espeak-ng voice")
 
@@ -244,11 +256,14 @@ def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
         bar = tqdm(jobs, desc="espeak-ng", unit="utt", disable=not progress)
         rows = [replace(r, audio=str(out / r.audio), duration=job.result()) for r, job in zip(planned, bar, strict=True)]
     rows = select_max_duration(rows, config.max_seconds)
-    for source, split, count in (("test", "long", config.long_test), ("train", "long_train", config.long_train)):
+    joins = (("train", "joined", config.joined, config.joined_min_seconds, config.joined_max_seconds),
+             ("test", "long", config.long_test, config.long_min_seconds, config.long_max_seconds),
+             ("train", "long_train", config.long_train, config.long_min_seconds, config.long_max_seconds))
+    for source, split, count, shortest, longest in joins:
         if count:
             rows += build_long_segments([r for r in rows if r.split == source], out, split=split, limit=count,
-                                        min_seconds=config.long_min_seconds, max_seconds=config.long_max_seconds,
-                                        gap_seconds=config.gap_seconds, seed=config.seed)
+                                        min_seconds=shortest, max_seconds=longest, gap_seconds=config.gap_seconds,
+                                        seed=config.seed)
     return write_manifest(out / MANIFEST, rows)
 
 
