@@ -116,6 +116,7 @@ audio = st.one_of(
 )
 
 
+@pytest.mark.slow
 @FUZZ
 @given(items=st.lists(st.tuples(audio, texts, st.sampled_from(["", "en", "fr", "zz", "english"])), max_size=5),
        mapping=st.integers(-3, 6))
