@@ -32,7 +32,7 @@ import json
 import math
 import shutil
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,8 +40,14 @@ import torch
 from torch import Tensor, nn
 from transformers import DynamicCache, GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from speechrl.services.encoder.ct2 import load_ct2_encoder
-from speechrl.services.encoder.model import ADAPTOR_CONFIG, AudioEncoderModel, load_audio_encoder
+from speechrl.services.encoder.ct2 import (
+    CT2_SETTINGS,
+    CT2EncoderSettings,
+    bundled_whisper_path,
+    load_ct2_encoder,
+    resolve_whisper_path,
+)
+from speechrl.services.encoder.model import ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, AudioEncoderModel, load_audio_encoder
 
 EOS_TOKEN = "<|endoftext|>"  # Qwen2's end-of-text token
 PAD_TOKEN = "<|pad|>"
@@ -241,9 +247,16 @@ class AsrPolicy:
         if frontend is not None and Path(frontend).resolve() != (folder / FRONTEND_DIR).resolve():
             target = folder / FRONTEND_DIR
             target.mkdir(exist_ok=True)
-            for item in Path(frontend).iterdir():
-                if item.is_file() and item.suffix in (".json", ".safetensors"):
-                    shutil.copy(item, target / item.name)
+            for name in (ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, CT2_SETTINGS):
+                if (Path(frontend) / name).exists():
+                    shutil.copy(Path(frontend) / name, target / name)
+            if self.layout.frontend_backend == "ct2-whisper":
+                # The copy names its Whisper model by absolute path (unless it is the bundled tiny.en),
+                # since a path relative to the original folder, or the folder itself, stays behind.
+                settings = CT2EncoderSettings.load(frontend)
+                whisper = resolve_whisper_path(Path(frontend), settings)
+                if whisper != bundled_whisper_path():
+                    replace(settings, whisper_model=str(whisper.resolve())).save(target)
         return folder
 
     @classmethod
