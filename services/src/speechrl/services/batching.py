@@ -78,6 +78,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.max_queue_items = max_queue_items
         self.name = name
         self.guard = guard
+        self._outstanding = 0  # accepted items whose future is not done yet
         self.items_processed = 0
         self.items_failed = 0
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
@@ -97,14 +98,20 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
-        if self._queue.qsize() + len(items) > self.max_queue_items:
-            raise QueueFull(f"{self.name}: {self._queue.qsize()} items already waiting (max_queue_items {self.max_queue_items})")
+        # The bound counts every accepted item not yet answered: queued, in a forming batch or running.
+        if self._outstanding + len(items) > self.max_queue_items:
+            raise QueueFull(f"{self.name}: {self._outstanding} items already waiting (max_queue_items {self.max_queue_items})")
         loop = asyncio.get_running_loop()
         pending: list[_Pending[ItemT, ResultT]] = [_Pending(item, loop.create_future()) for item in items]
+        self._outstanding += len(pending)
         for p in pending:
+            p.future.add_done_callback(self._answered)
             self._queue.put_nowait(p)
         QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
         return [p.future for p in pending]
+
+    def _answered(self, future: asyncio.Future) -> None:
+        self._outstanding -= 1
 
     async def _run(self) -> None:
         assert self._queue is not None
