@@ -7,7 +7,7 @@ import math
 import pytest
 
 from speechrl.rewards import RuleRewardConfig, error_rates, normalize_text, rule_rewards, similarity_reward, wer_reward
-from speechrl.rewards.asr_rules import dominant_script, longest_repeat
+from speechrl.rewards.asr_rules import dominant_script, looped_words
 from speechrl.rewards.wer import EmptyReference
 
 
@@ -70,6 +70,13 @@ def test_r2_fires_on_a_looping_repeat() -> None:
     assert "repeated_ngram" in r.hallucination_reasons
 
 
+def test_r2_fires_on_a_repeated_sentence() -> None:
+    ref = "the bottle near the farm was opened by sam and the cat slept on the mat"
+    hyp = "the bottle near the farm was opened by sam the bottle near the farm was opened by sam"
+    r = rule_rewards(hyp, ref)
+    assert "repeated_ngram" in r.hallucination_reasons and r.hallucination_reward == -1.0
+
+
 def test_r2_allows_repeats_the_reference_has() -> None:
     ref = "no no no no never"
     assert rule_rewards(ref, ref).hallucination_reward == 0.0
@@ -113,7 +120,8 @@ def test_total_is_the_weighted_sum_of_components() -> None:
 
 
 def test_helpers() -> None:
-    assert longest_repeat("a b a b a b".split(), 2) == 3
+    assert looped_words("a b a b a b a b".split(), RuleRewardConfig()) == 6
+    assert looped_words("a b a b".split(), RuleRewardConfig()) == 0, "a short n-gram twice is not a loop"
     assert dominant_script("hello") == "LATIN"
     assert dominant_script("こんにちは世界") == "CJK"
     assert dominant_script("hi") is None

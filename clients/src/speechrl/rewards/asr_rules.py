@@ -2,8 +2,9 @@
 
 R1 = clip(1 - WER, 0, 1): accuracy.
 R2 = -1 when the hypothesis hallucinates, else 0. Rules (each reported by name when it fires):
-  - "repeated_ngram": an n-gram (n <= max_ngram) repeated back to back at least repeat_threshold
-    times, more often in a row than anywhere in the reference (looping decoders);
+  - "repeated_ngram": a loop the reference does not have (looping decoders): a short n-gram
+    (fewer than phrase_words words) said repeat_threshold times or more in a row, or a phrase of
+    phrase_words to max_ngram words said twice or more in a row (a whole sentence said again);
   - "insertion_burst": at least insertion_burst consecutive inserted words in the alignment
     (content that is not in the audio);
   - "too_long": more than length_ratio * reference words + length_slack words;
@@ -38,9 +39,11 @@ class RuleRewardConfig:
     keyword_weight: float = 0.0
     """Weight of R3 in the total; 0 unless the data set carries keywords."""
     repeat_threshold: int = 4
-    """Back-to-back copies of one n-gram that count as a loop."""
-    max_ngram: int = 6
-    """Longest n-gram checked for loops."""
+    """Back-to-back copies of a short n-gram (fewer than phrase_words words) that count as a loop."""
+    phrase_words: int = 4
+    """A phrase this long or longer said twice in a row counts as a loop."""
+    max_ngram: int = 16
+    """Longest phrase checked for loops (a repeated sentence of a long-form decode)."""
     insertion_burst: int = 5
     """Consecutive inserted words that count as invented content."""
     length_ratio: float = 1.5
@@ -51,8 +54,8 @@ class RuleRewardConfig:
     def __post_init__(self) -> None:
         if self.repeat_threshold < 2:
             raise ValueError(f"repeat_threshold must be >= 2, got {self.repeat_threshold}")
-        if self.max_ngram < 1 or self.insertion_burst < 1:
-            raise ValueError("max_ngram and insertion_burst must be >= 1")
+        if self.max_ngram < 1 or self.insertion_burst < 1 or self.phrase_words < 2:
+            raise ValueError("max_ngram and insertion_burst must be >= 1, phrase_words >= 2")
         if self.length_ratio <= 1.0:
             raise ValueError(f"length_ratio must be > 1, got {self.length_ratio}")
 
@@ -72,21 +75,26 @@ class RuleRewardResult:
     total: float = 0.0
 
 
-def longest_repeat(words: Sequence[str], max_ngram: int) -> int:
-    """The most back-to-back copies of any n-gram (n <= max_ngram) in words.
+def looped_words(words: Sequence[str], config: RuleRewardConfig) -> int:
+    """Words spent looping: the largest (copies - 1) * n over back-to-back repeats that count as a
+    loop (see the module docstring), 0 when there is none.
 
-    >>> longest_repeat("a b a b a b c".split(), 3)
-    3
+    >>> config = RuleRewardConfig()
+    >>> looped_words("go go go go home".split(), config), looped_words("go go home".split(), config)
+    (3, 0)
+    >>> looped_words("the red box is here the red box is here".split(), config)
+    5
     """
-    best = 1 if words else 0
-    for n in range(1, max_ngram + 1):
+    best = 0
+    for n in range(1, min(config.max_ngram, len(words) // 2) + 1):
+        needed = 2 if n >= config.phrase_words else config.repeat_threshold
         for start in range(0, len(words) - n):
-            copies = 1
-            pos = start + n
+            copies, pos = 1, start + n
             while pos + n <= len(words) and words[pos:pos + n] == words[start:start + n]:
                 copies += 1
                 pos += n
-            best = max(best, copies)
+            if copies >= needed:
+                best = max(best, (copies - 1) * n)
     return best
 
 
@@ -114,8 +122,7 @@ def hallucination_reasons(hyp: str, ref: str, raw_hyp: str, raw_ref: str, config
     """Names of the hallucination rules that fire for normalised hyp against normalised ref."""
     hyp_words, ref_words = hyp.split(), ref.split()
     reasons = []
-    repeats = longest_repeat(hyp_words, config.max_ngram)
-    if repeats >= config.repeat_threshold and repeats > longest_repeat(ref_words, config.max_ngram):
+    if looped_words(hyp_words, config) > looped_words(ref_words, config):
         reasons.append("repeated_ngram")
     if longest_insertion_run(ref, hyp) >= config.insertion_burst:
         reasons.append("insertion_burst")
