@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["demo"])
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=10, help="GRPO steps (default: 10)")
+    parser.add_argument("--steps", type=int, default=12, help="GRPO steps (default: 12)")
     args = parser.parse_args(argv)
-    run(ReproConfig(out=args.out, variants="R1+R2", train=300, joined=60, test=40, long_test=8, warmstart_epochs=4,
-                    hidden_size=128, num_layers=2, steps=args.steps))
+    run(ReproConfig(out=args.out, variants="R1+R2", train=500, joined=120, test=40, long_test=8, warmstart_epochs=4,
+                    hidden_size=192, num_layers=3, steps=args.steps))

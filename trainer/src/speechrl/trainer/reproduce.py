@@ -61,6 +61,8 @@ class ReproConfig:
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
     learning_rate: float = option(2e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
+    temperature: float = option(0.8, "Rollout sampling temperature: below 1 keeps a small warm-started model's "
+                                     "samples near its greedy output, so groups differ by a few words.")
     kl_beta: float = option(0.1, "KL coefficient (the paper: 0.1).")
     seed: int = option(0, "Seed of data, warm start and rollouts.")
 
@@ -102,7 +104,7 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-              "kl_beta": config.kl_beta, "mini_batch_size": config.group_size * 2, "reward_weights": dict(weights),
+              "kl_beta": config.kl_beta, "temperature": config.temperature, "mini_batch_size": config.group_size * 2, "reward_weights": dict(weights),
               "seed": config.seed})
 
 
