@@ -10,9 +10,9 @@ import asyncio
 import functools
 import logging
 import signal
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -22,12 +22,14 @@ from prometheus_client import start_http_server
 
 from speechrl.services import __version__
 from speechrl.services.auth import TokenStore
-from speechrl.services.config import ServerConfig
+from speechrl.services.config import ServerConfig, parse_config
 from speechrl.services.interceptor import ServerInterceptor
 from speechrl.services.logs import configure_logging
 from speechrl.v1 import common_pb2, common_pb2_grpc
 
 log = logging.getLogger(__name__)
+
+ServerConfigT = TypeVar("ServerConfigT", bound=ServerConfig)
 
 
 @dataclass
@@ -210,3 +212,18 @@ def configure_runtime(config: ServerConfig) -> None:
         return
     if config.threads > 0:
         torch.set_num_threads(config.threads)
+
+
+def serve_main(config_class: type[ServerConfigT], service: str,
+               start: Callable[[ServerConfigT], Awaitable[RunningServer]],
+               argv: Sequence[str] | None, description: str) -> None:
+    """The `main` of every gRPC service: flags and SPEECHRL_<SERVICE>_* variables, runtime settings,
+    then serve until SIGTERM/SIGINT and drain."""
+    config = parse_config(config_class, service, argv, description=description)
+    configure_runtime(config)  # before the model loads: thread counts, logging
+
+    async def run() -> None:
+        running = await start(config)
+        await serve_until_signalled(running, config.grace_seconds)
+
+    asyncio.run(run())

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.encoder.engine import MIB, EncoderEngine
 from speechrl.services.encoder.model import DTYPES, AudioEncoderModel, load_audio_encoder
 from speechrl.services.encoder.servicer import AudioEncoderServicer
@@ -49,8 +49,7 @@ from speechrl.services.residency import TorchResidency, make_guard
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -166,12 +165,5 @@ async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`speechrl serve encoder [flags]`: serve until SIGTERM/SIGINT."""
-    config = parse_config(EncoderConfig, SERVICE, argv, description="Serve the LLM-ASR audio encoder over gRPC.")
-    configure_runtime(config)  # torch.set_num_threads(config.threads) before the model loads
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve encoder`: flags and SPEECHRL_ENCODER_* variables, then serve until SIGTERM."""
+    serve_main(EncoderConfig, SERVICE, start, argv, description="Serve the LLM-ASR audio encoder over gRPC.")

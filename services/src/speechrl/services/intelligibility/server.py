@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from speechrl.rewards import WER_MAPPINGS
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.intelligibility.backends import BACKENDS, BackendOptions, load_backend
 from speechrl.services.intelligibility.engine import IntelligibilityEngine
 from speechrl.services.intelligibility.servicer import IntelligibilityServicer
@@ -22,8 +22,7 @@ from speechrl.services.residency import make_guard
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -102,13 +101,5 @@ async def start(config: IntelligibilityConfig) -> RunningServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags and SPEECHRL_INTELLIGIBILITY_* variables, then serve until SIGTERM."""
-    config = parse_config(IntelligibilityConfig, SERVICE, argv,
-                          description="Serve the Whisper intelligibility scorer (WER/CER rewards) over gRPC.")
-    configure_runtime(config)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve intelligibility`: flags and SPEECHRL_INTELLIGIBILITY_* variables, then serve until SIGTERM."""
+    serve_main(IntelligibilityConfig, SERVICE, start, argv, description="Serve the Whisper intelligibility scorer (WER/CER rewards) over gRPC.")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.residency import make_guard
 from speechrl.services.rollout.backends import BACKENDS, BackendOptions
@@ -26,8 +26,7 @@ from speechrl.services.rollout.servicer import RolloutServicer
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -133,12 +132,5 @@ async def start(config: RolloutConfig) -> RunningServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags and SPEECHRL_ROLLOUT_* variables, then serve until SIGTERM."""
-    config = parse_config(RolloutConfig, SERVICE, argv, description="Serve the policy LLM for rollouts over gRPC.")
-    configure_runtime(config)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve rollout`: flags and SPEECHRL_ROLLOUT_* variables, then serve until SIGTERM."""
+    serve_main(RolloutConfig, SERVICE, start, argv, description="Serve the policy LLM for rollouts over gRPC.")

@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.rules.engine import RuleRewardEngine
 from speechrl.services.rules.servicer import RuleRewardsServicer
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -47,11 +45,5 @@ async def start(config: RulesConfig) -> RunningServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    config = parse_config(RulesConfig, SERVICE, argv, description="Serve the ASR rule rewards over gRPC.")
-    configure_runtime(config)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve rules`: flags and SPEECHRL_RULES_* variables, then serve until SIGTERM."""
+    serve_main(RulesConfig, SERVICE, start, argv, description="Serve the ASR rule rewards over gRPC.")

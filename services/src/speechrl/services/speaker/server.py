@@ -11,15 +11,14 @@ from dataclasses import dataclass
 
 from speechrl.rewards import SIMILARITY_MAPPINGS
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.errors import ItemFailure
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.residency import make_guard
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -108,12 +107,5 @@ async def start(config: SpeakerConfig) -> RunningServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags and SPEECHRL_SPEAKER_* variables, then serve until SIGTERM."""
-    config = parse_config(SpeakerConfig, SERVICE, argv, description="Serve speaker similarity over gRPC.")
-    configure_runtime(config)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve speaker`: flags and SPEECHRL_SPEAKER_* variables, then serve until SIGTERM."""
+    serve_main(SpeakerConfig, SERVICE, start, argv, description="Serve speaker similarity over gRPC.")

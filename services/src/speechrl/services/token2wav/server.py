@@ -8,14 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, option, parse_config
+from speechrl.services.config import ServerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.residency import TorchResidency, make_guard
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
-    configure_runtime,
-    serve_until_signalled,
+    serve_main,
     start_server,
     status_response,
 )
@@ -63,12 +62,5 @@ async def start(config: Token2WavConfig) -> RunningServer:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Parse flags and SPEECHRL_TOKEN2WAV_* variables, then serve until SIGTERM."""
-    config = parse_config(Token2WavConfig, SERVICE, argv, description="Serve token2wav (speech tokens -> audio).")
-    configure_runtime(config)
-
-    async def run() -> None:
-        running = await start(config)
-        await serve_until_signalled(running, config.grace_seconds)
-
-    asyncio.run(run())
+    """`speechrl serve token2wav`: flags and SPEECHRL_TOKEN2WAV_* variables, then serve until SIGTERM."""
+    serve_main(Token2WavConfig, SERVICE, start, argv, description="Serve token2wav (speech tokens -> audio).")
