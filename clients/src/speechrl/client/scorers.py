@@ -43,6 +43,7 @@ from speechrl.client.models import (
     rule_result,
     speaker_result,
 )
+from speechrl.client.ports import DEFAULT_PORTS
 from speechrl.v1 import (
     common_pb2,
     common_pb2_grpc,
@@ -60,7 +61,6 @@ from speechrl.v1 import (
 
 # Default ports of the local stack; the same numbers as speechrl.services.ports, repeated here
 # because the light client must not depend on the services distribution.
-DEFAULT_PORTS = {"intelligibility": 50051, "speaker": 50052, "rules": 50053, "encoder": 50054, "rollout": 50055}
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,8 @@
-"""Default ports of the local stack, one place for servers, the stack launcher and the docs."""
+"""Default ports (defined in the client package, re-exported for the servers) and free ports for tests."""
 
-DEFAULT_PORTS: dict[str, int] = {
-    "intelligibility": 50051,
-    "speaker": 50052,
-    "rules": 50053,
-    "encoder": 50054,
-    "rollout": 50055,
-    "token2wav": 50056,
-    "gateway": 8000,
-    "trainer": 8100,
-}
+from speechrl.client.ports import DEFAULT_PORTS
+
+__all__ = ["DEFAULT_PORTS", "free_port"]
 
 
 def free_port() -> int:
