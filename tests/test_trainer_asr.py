@@ -195,3 +195,23 @@ def _ready(url: str) -> bool:
         return httpx.get(url, timeout=1).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+def test_lora_run_syncs_adapters_and_resumes(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:
+    out = tmp_path / "lora"
+    config = job(stack, out, 2, redis_server.url)
+    config.grpo.update({"lora": True, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2})
+    with RolloutClient(stack.rollout) as rollout:
+        before = rollout.get_service_status().policy_version
+    recorder = Recorder()
+    run_job("asr-grpo", config, recorder)
+    assert [s for s, _ in recorder.steps] == [1, 2]
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and (checkpoint / "policy" / "adapter" / "adapter_config.json").exists()
+    assert not (checkpoint / "policy" / "model.safetensors").exists(), "a LoRA checkpoint holds only adapters"
+    with RolloutClient(stack.rollout) as rollout:
+        assert rollout.get_service_status().policy_version == before + 3  # initial adapter sync + 2 steps
+    config.steps = 3
+    resumed = Recorder()
+    run_job("asr-grpo", config, resumed)
+    assert [s for s, _ in resumed.steps] == [3]

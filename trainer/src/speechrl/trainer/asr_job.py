@@ -23,6 +23,7 @@ import functools
 import json
 import math
 import random
+import shutil
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -47,7 +48,7 @@ from speechrl.trainer.checkpoint import (
 )
 from speechrl.trainer.config import GRPOConfig
 from speechrl.trainer.data import Row, read_manifest
-from speechrl.trainer.policy import make_optimizer, make_reference
+from speechrl.trainer.policy import apply_lora, make_optimizer, make_reference
 from speechrl.trainer.step import RolloutBatch, grpo_update
 
 REWARD_COMPONENTS = ("accuracy", "hallucination", "keyword")
@@ -174,16 +175,46 @@ def rollout_batch(policy: AsrPolicy, audio: Sequence[torch.Tensor], samples: Seq
                         prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
 
 
-async def sync_weights(services: Services, policy: AsrPolicy, sync_dir: Path, version: int) -> int:
-    """Push the policy's weights as `version`; returns the version the rollout service confirms."""
+ADAPTER_DIR = "adapter"  # a LoRA run's checkpoint holds only its adapters (the base is the warm start)
+
+
+def load_policy(config: AsrJobConfig, grpo: GRPOConfig, resume: Path | None, device: str) -> AsrPolicy:
+    """The policy to train: the checkpoint's weights when resuming; with LoRA, the warm start plus adapters."""
+    if not grpo.lora:
+        return AsrPolicy.load(resume / "policy" if resume else config.policy, device=device)
+    from peft import PeftModel
+
+    policy = AsrPolicy.load(config.policy, device=device)
+    if resume is not None:
+        policy.model = PeftModel.from_pretrained(policy.model, resume / "policy" / ADAPTER_DIR, is_trainable=True)
+    else:
+        policy.model = apply_lora(policy.model, grpo)
+    return policy
+
+
+def save_policy(policy: AsrPolicy, folder: Path, lora: bool) -> None:
+    """A checkpoint's weights: the whole policy folder, or only the LoRA adapters."""
+    if lora:
+        policy.model.save_pretrained(folder / ADAPTER_DIR)
+    else:
+        policy.save(folder)
+
+
+async def sync_weights(services: Services, policy: AsrPolicy, sync_dir: Path, version: int, lora: bool = False) -> int:
+    """Push the policy's weights as `version` (a full safetensors file, or the LoRA adapter folder);
+    returns the version the rollout service confirms."""
     sync_dir.mkdir(parents=True, exist_ok=True)
-    path = sync_dir / f"policy-v{version:06d}.safetensors"
-    state = {k: v.detach().to("cpu").contiguous() for k, v in policy.model.state_dict().items()}
-    await asyncio.to_thread(save_file, state, str(path))
-    confirmed = await services.rollout.update_weights(version, str(path), format="full")
-    for old in sync_dir.glob("policy-v*.safetensors"):
+    if lora:
+        path = sync_dir / f"adapter-v{version:06d}"
+        await asyncio.to_thread(policy.model.save_pretrained, str(path))
+    else:
+        path = sync_dir / f"policy-v{version:06d}.safetensors"
+        state = {k: v.detach().to("cpu").contiguous() for k, v in policy.model.state_dict().items()}
+        await asyncio.to_thread(save_file, state, str(path))
+    confirmed = await services.rollout.update_weights(version, str(path), format="lora" if lora else "full")
+    for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
         if old != path:
-            old.unlink(missing_ok=True)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     if confirmed != version:
         raise RuntimeError(f"rollout service confirmed policy version {confirmed}, expected {version}")
     return confirmed
@@ -237,7 +268,7 @@ async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
         async with update_lease(config):
             update_metrics = await asyncio.to_thread(update, batch)
     with timer("sync"):
-        version = await sync_weights(services, policy, sync_dir(config), version + 1)
+        version = await sync_weights(services, policy, sync_dir(config), version + 1, grpo.lora)
     metrics: dict[str, Any] = {
         **update_metrics, **reward_statistics(rewards, grpo.group_size), **timer.seconds,
         **{f"reward/{k}": _mean(components[k]) for k in REWARD_COMPONENTS},
@@ -322,12 +353,16 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
     (out / "job.json").write_text(json.dumps({"kind": "asr-grpo", **asdict(config)}, indent=2) + "\n")
     random.seed(config.seed)
     resume = latest_checkpoint(out)
+    if launch is not None and grpo.lora:
+        raise ValueError("grpo.lora with torchrun: asr-grpo runs LoRA in one process only; drop lora or torchrun")
     # Data-parallel, rank 0's policy is the unsharded CPU mirror that the I/O reads (distributed.py).
-    policy = AsrPolicy.load(resume / "policy" if resume else config.policy, device="cpu" if launch else config.device)
+    policy = load_policy(config, grpo, resume, device="cpu" if launch else config.device)
     optimizer: torch.optim.Optimizer | distributed.DataParallelUpdate
     if launch is None:
         policy.model.train()
-        reference = make_reference(AsrPolicy.load(config.policy, device=config.device).model)
+        # LoRA: the reference is the same model with its adapters off, no copy (policy.make_reference).
+        reference = make_reference(policy.model if grpo.lora else
+                                   AsrPolicy.load(config.policy, device=config.device).model)
         optimizer = make_optimizer(policy.model, grpo)
         update: Callable[[RolloutBatch], dict[str, float]] = functools.partial(
             grpo_update, policy.model, reference, optimizer, config=grpo)
@@ -345,7 +380,8 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
         status = await services.rollout.get_service_status()
         # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
         # weights with a version newer than both, so every later sample is provably ours.
-        version = await sync_weights(services, policy, sync_dir(config), max(state.version, status.policy_version) + 1)
+        version = await sync_weights(services, policy, sync_dir(config), max(state.version, status.policy_version) + 1,
+                                     grpo.lora)
         while state.step < config.steps and not progress.cancelled():
             batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
             metrics, version = await train_step(state.step, batch_rows, policy, update, services, config, grpo,
@@ -359,7 +395,8 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
             log.write(state.step, metrics)
             progress.report(state.step, config.steps, metrics)
             if last or state.step % config.checkpoint_every == 0:
-                await asyncio.to_thread(save_checkpoint, out, state, lambda f: policy.save(f / "policy"), optimizer)
+                await asyncio.to_thread(save_checkpoint, out, state, lambda f: save_policy(policy, f / "policy", grpo.lora),
+                                        optimizer)
     if isinstance(update, distributed.DataParallelUpdate):
         update.close()  # ranks > 0 return
     log.close()
