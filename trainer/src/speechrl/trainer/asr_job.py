@@ -60,7 +60,8 @@ class AsrJobConfig:
 
     policy: str = option("", "Warm-start checkpoint folder (AsrPolicy.save): the LM, tokenizer, layout, front-end.")
     data: str = option("", "Manifest (data.py) whose rows are the RL prompts.")
-    train_split: str = option("train", "Manifest split to sample prompts from.")
+    train_split: str = option("train", "Manifest split(s) to sample prompts from, comma-separated; add long "
+                                       "segments (e.g. train,long_train) so R2 meets the loops it penalises.")
     eval_split: str = option("dev", "Split evaluated greedily every eval_every steps; empty turns it off.")
     eval_size: int = option(64, "Rows of eval_split evaluated.")
     eval_every: int = option(5, "Evaluate every this many steps (and at the end); 0: only at the end.")

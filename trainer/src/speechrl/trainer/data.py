@@ -122,12 +122,14 @@ def write_manifest(path: str | Path, rows: Sequence[Row]) -> Path:
 
 
 def read_manifest(path: str | Path, split: str | None = None) -> list[Row]:
-    """Rows of a manifest (file, or the folder holding manifest.jsonl), audio paths absolute; one split if named."""
+    """Rows of a manifest (file, or the folder holding manifest.jsonl), audio paths absolute; only the
+    named split(s) when given ("train" or "train,long_train")."""
     path = Path(path)
     path = path / MANIFEST if path.is_dir() else path
     root = path.parent.resolve()
     rows = [Row.from_json(line, root) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in rows if split is None or r.split == split]
+    wanted = None if split is None else {s.strip() for s in split.split(",")}
+    return [r for r in rows if wanted is None or r.split in wanted]
 
 
 # -- sentences ---------------------------------------------------------------------------------

@@ -54,13 +54,14 @@ class ReproConfig:
                               "past a sentence end; on longer inputs it then tends to repeat (what R2 targets).")
     test: int = option(150, "Test utterances (the reported WER).")
     long_test: int = option(24, "Long test segments (15-28 s) for the hallucination columns.")
+    long_train: int = option(60, "Long training segments (15-28 s) among the RL prompts, where loops happen.")
     warmstart_epochs: int = option(3, "Epochs of the supervised warm start: stopped early on purpose, so RL has room.")
     hidden_size: int = option(256, "LM hidden size.")
     num_layers: int = option(4, "LM layers.")
-    steps: int = option(20, "GRPO steps per variant.")
+    steps: int = option(40, "GRPO steps per variant.")
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
-    learning_rate: float = option(2e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
+    learning_rate: float = option(5e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
     temperature: float = option(0.8, "Rollout sampling temperature: below 1 keeps a small warm-started model's "
                                      "samples near its greedy output, so groups differ by a few words.")
     kl_beta: float = option(0.1, "KL coefficient (the paper: 0.1).")
@@ -74,7 +75,8 @@ def prepare(config: ReproConfig) -> tuple[Path, Path]:
     if not manifest.exists():
         print(f"[1/4] speaking the corpus into {manifest.parent}", flush=True)
         build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=40,
-                                     joined=config.joined, test=config.test, long_test=config.long_test))
+                                     joined=config.joined, test=config.test, long_test=config.long_test,
+                                     long_train=config.long_train))
     policy = out / "policy"
     if not (policy / "asr_layout.json").exists():
         print(f"[2/4] warm start ({config.warmstart_epochs} epochs) into {policy}", flush=True)
@@ -100,6 +102,7 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
     return AsrJobConfig(
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split="dev",
+        train_split="train,long_train",
         eval_size=40, eval_every=max(1, config.steps // 4), checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
