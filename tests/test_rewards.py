@@ -77,6 +77,12 @@ def test_r2_fires_on_a_repeated_sentence() -> None:
     assert "repeated_ngram" in r.hallucination_reasons and r.hallucination_reward == -1.0
 
 
+def test_r2_fires_on_a_sentence_repeated_later() -> None:
+    ref = "the bottle near the farm was opened by sam and the red cup was sold on monday"
+    hyp = "the bottle near the farm was opened by sam and the bottle near the farm was opened"
+    assert "repeated_ngram" in rule_rewards(hyp, ref).hallucination_reasons
+
+
 def test_r2_allows_repeats_the_reference_has() -> None:
     ref = "no no no no never"
     assert rule_rewards(ref, ref).hallucination_reward == 0.0

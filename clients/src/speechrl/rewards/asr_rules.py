@@ -2,9 +2,11 @@
 
 R1 = clip(1 - WER, 0, 1): accuracy.
 R2 = -1 when the hypothesis hallucinates, else 0. Rules (each reported by name when it fires):
-  - "repeated_ngram": a loop the reference does not have (looping decoders): a short n-gram
-    (fewer than phrase_words words) said repeat_threshold times or more in a row, or a phrase of
-    phrase_words to max_ngram words said twice or more in a row (a whole sentence said again);
+  - "repeated_ngram": content said again that the audio said once (looping decoders): a short
+    n-gram (fewer than phrase_words words) said repeat_threshold times or more in a row, a phrase
+    of phrase_words to max_ngram words said twice or more in a row, or any phrase_words-gram that
+    occurs more often in the hypothesis than in the reference and at least twice (a sentence
+    repeated later in a long-form transcript);
   - "insertion_burst": at least insertion_burst consecutive inserted words in the alignment
     (content that is not in the audio);
   - "too_long": more than length_ratio * reference words + length_slack words;
@@ -98,6 +100,19 @@ def looped_words(words: Sequence[str], config: RuleRewardConfig) -> int:
     return best
 
 
+def excess_repeats(hyp_words: Sequence[str], ref_words: Sequence[str], n: int) -> int:
+    """Extra occurrences of n-grams the hypothesis repeats (at least twice) beyond the reference's count.
+
+    >>> excess_repeats("a b c d x a b c d".split(), "a b c d x y z".split(), 4)
+    1
+    """
+    def grams(words: Sequence[str]) -> Counter[tuple[str, ...]]:
+        return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+
+    hyp, ref = grams(hyp_words), grams(ref_words)
+    return sum(count - ref[g] for g, count in hyp.items() if count >= 2 and count > ref[g])
+
+
 def longest_insertion_run(reference: str, hypothesis: str) -> int:
     """Length of the longest run of inserted words in jiwer's alignment."""
     if not hypothesis:
@@ -122,7 +137,8 @@ def hallucination_reasons(hyp: str, ref: str, raw_hyp: str, raw_ref: str, config
     """Names of the hallucination rules that fire for normalised hyp against normalised ref."""
     hyp_words, ref_words = hyp.split(), ref.split()
     reasons = []
-    if looped_words(hyp_words, config) > looped_words(ref_words, config):
+    if looped_words(hyp_words, config) > looped_words(ref_words, config) or \
+            excess_repeats(hyp_words, ref_words, config.phrase_words) > 0:
         reasons.append("repeated_ngram")
     if longest_insertion_run(ref, hyp) >= config.insertion_burst:
         reasons.append("insertion_burst")

@@ -58,7 +58,7 @@ class ReproConfig:
     warmstart_epochs: int = option(3, "Epochs of the supervised warm start: stopped early on purpose, so RL has room.")
     hidden_size: int = option(256, "LM hidden size.")
     num_layers: int = option(4, "LM layers.")
-    steps: int = option(40, "GRPO steps per variant.")
+    steps: int = option(24, "GRPO steps per variant.")
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
     learning_rate: float = option(5e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
