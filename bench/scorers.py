@@ -15,6 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+
+# The in-process measurements run in this process: give it the services' thread settings (see
+# speechrl.services.stack.service_env) before numpy and torch load, or it measures oversubscription.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("MKL_NUM_THREADS", "1")
 import subprocess
 import sys
 import tempfile
