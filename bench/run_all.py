@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("scorers", "lease", "load", "trainer_step")
+ORDER = ("scorers", "lease", "load", "trainer_step", "asr_repro")  # asr_repro: written from reproduce.py's run
 
 
 def main() -> None:
