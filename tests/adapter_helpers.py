@@ -1,4 +1,4 @@
-"""Helpers of the trainer-adapter tests: a stand-in token2wav and a real uvicorn on a free port.
+"""Helpers of the trainer-adapter tests: a stand-in token2wav.
 
 The token2wav service does not exist yet (issue 7), so the TTS paths are tested with this stand-in:
 a token sequence [k, ...] "decodes" to SENTENCES[k] spoken by espeak-ng, real speech that the real
@@ -9,18 +9,10 @@ form a verl YAML config uses.
 from __future__ import annotations
 
 import tempfile
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
 
-import uvicorn
-from fastapi import FastAPI
-
 from speechrl.services.espeak import EspeakSynthesizer
-from speechrl.services.ports import free_port
 
 SENTENCES = ("The quick brown fox jumps over the lazy dog.", "Please turn on the kitchen lights.",
              "Yesterday my neighbour painted the old wooden fence green.")
@@ -46,19 +38,3 @@ def token2wav(token_lists: list[list[int]]) -> list[bytes]:
     return [speak(tokens[0]) for tokens in token_lists]
 
 
-@contextmanager
-def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import uvicorn
+from fastapi import FastAPI
 
 from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.services.ports import free_port
@@ -50,6 +52,24 @@ def port() -> int:
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     # Doctests of the generated stubs' package have nothing to run; keep the listing clean.
     items[:] = [i for i in items if "_pb2" not in str(getattr(i, "fspath", ""))]
+
+
+@contextmanager
+def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
+    """A real uvicorn server on a free loopback port; yields its base URL."""
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 class RedisServer:

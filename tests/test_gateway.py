@@ -5,8 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import socket
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,8 +14,6 @@ import httpx
 import numpy as np
 import pytest
 import soundfile
-import uvicorn
-from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,7 +23,7 @@ from speechrl.services.gateway.errors import service_error_response
 from speechrl.services.gateway.main import create_app
 from speechrl.services.rules.server import RulesConfig, start
 from speechrl.v1 import rule_rewards_pb2, rule_rewards_pb2_grpc
-from tests.conftest import Speech, free_port, serve_in_thread
+from tests.conftest import Speech, free_port, serve_in_thread, uvicorn_in_thread
 
 ITEMS: list[dict[str, Any]] = [
     {"hypothesis": "the cat sat", "reference": "the cat sat on the mat", "keywords": ["mat"]},
@@ -48,22 +44,6 @@ def strict_rules() -> Iterator[str]:
         yield f"127.0.0.1:{running.port}"
 
 
-@contextmanager
-def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
-    """A real uvicorn server on a free loopback port; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 @contextmanager

@@ -20,8 +20,8 @@ from speechrl.client import RuleRewardsClient
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.main import create_app
 from speechrl.services.rules.server import RulesConfig, start
-from tests.adapter_helpers import token2wav, tokens_for, uvicorn_in_thread
-from tests.conftest import free_port, serve_in_thread
+from tests.adapter_helpers import token2wav, tokens_for
+from tests.conftest import free_port, serve_in_thread, uvicorn_in_thread
 
 PROMPT = "<|im_start|>user\nTranscribe the audio.<|im_end|>\n<|im_start|>assistant\n"
 HYPOTHESES = ["turn on the light", "the cat sat on the mat", "hello hello hello hello hello hello", "good morning"]

@@ -29,8 +29,8 @@ from speechrl.services.intelligibility.server import IntelligibilityConfig
 from speechrl.services.intelligibility.server import start as start_intelligibility
 from speechrl.services.rules.server import RulesConfig
 from speechrl.services.rules.server import start as start_rules
-from tests.adapter_helpers import SENTENCES, speak, token2wav, tokens_for, uvicorn_in_thread
-from tests.conftest import free_port, serve_in_thread
+from tests.adapter_helpers import SENTENCES, speak, token2wav, tokens_for
+from tests.conftest import free_port, serve_in_thread, uvicorn_in_thread
 
 
 @pytest.fixture(scope="module")
