@@ -191,6 +191,18 @@ def _item_error(result: Any) -> str:
     return f"{error.code}: {error.message}" + (f" ({error.field})" if error.field else "")
 
 
+def _split_missing(audios: Sequence[Any], references: Sequence[Any], local_errors: Mapping[int, str] | None,
+                   missing_reference: str) -> tuple[dict[int, str], list[int]]:
+    """(errors of items that cannot be sent: given ones, no audio, no reference; indexes to send)."""
+    local = dict(local_errors or {})
+    for i, (audio, reference) in enumerate(zip(audios, references, strict=True)):
+        if i not in local and audio is None:
+            local[i] = "no audio for this item"
+        elif i not in local and reference is None:
+            local[i] = missing_reference
+    return local, [i for i in range(len(audios)) if i not in local]
+
+
 def _merge(count: int, local: dict[int, str], sent: list[int], remote: list[Outcome] | str) -> list[Outcome]:
     """Outcomes in item order from the items refused locally and the ones the scorer answered."""
     out: list[Outcome] = [failed(local[i]) if i in local else failed("not sent") for i in range(count)]
@@ -260,13 +272,7 @@ class IntelligibilityScorer(_Scorer[AsyncIntelligibilityClient]):
     async def score(self, audios: Sequence[AudioLike | None], references: Sequence[str | None], *,
                     languages: Sequence[str] | None = None, local_errors: Mapping[int, str] | None = None) -> list[Outcome]:
         count = len(audios)
-        local = dict(local_errors or {})
-        for i in range(count):
-            if i not in local and audios[i] is None:
-                local[i] = "no audio for this item"
-            elif i not in local and references[i] is None:
-                local[i] = "no reference text for this item"
-        sent = [i for i in range(count) if i not in local]
+        local, sent = _split_missing(audios, references, local_errors, "no reference text for this item")
         if not sent:
             return _merge(count, local, sent, [])
 
@@ -302,13 +308,7 @@ class SpeakerScorer(_Scorer[AsyncSpeakerClient]):
     async def score(self, audios: Sequence[AudioLike | None], references: Sequence[SpeakerReferenceLike | None], *,
                     local_errors: Mapping[int, str] | None = None) -> list[Outcome]:
         count = len(audios)
-        local = dict(local_errors or {})
-        for i in range(count):
-            if i not in local and audios[i] is None:
-                local[i] = "no audio for this item"
-            elif i not in local and references[i] is None:
-                local[i] = "no reference voice for this item"
-        sent = [i for i in range(count) if i not in local]
+        local, sent = _split_missing(audios, references, local_errors, "no reference voice for this item")
         if not sent:
             return _merge(count, local, sent, [])
 
