@@ -215,3 +215,37 @@ def test_lora_run_syncs_adapters_and_resumes(stack: Stack, tmp_path: Path, redis
     resumed = Recorder()
     run_job("asr-grpo", config, resumed)
     assert [s for s, _ in resumed.steps] == [3]
+
+
+def test_embedding_cache_encodes_an_utterance_once(stack: Stack) -> None:
+    import asyncio
+
+    from speechrl.client import AsyncAudioEncoderClient
+    from speechrl.trainer.asr_job import EmbeddingCache
+    from speechrl.trainer.data import read_manifest
+
+    class CountingEncoder:
+        def __init__(self, client: AsyncAudioEncoderClient) -> None:
+            self.client, self.paths = client, list[str]()
+
+        async def encode(self, paths: list[str]) -> Any:
+            self.paths += paths
+            return await self.client.encode(paths)
+
+    rows = read_manifest(stack.manifest, "train")[:3]
+
+    async def draws() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[str]]:
+        async with AsyncAudioEncoderClient(stack.encoder) as client:
+            encoder = CountingEncoder(client)
+            services: Any = type("FakeServices", (), {"encoder": encoder})()
+            cache = EmbeddingCache(max_items=2)
+            first = await cache.encode(services, [rows[0], rows[1], rows[0]])
+            again = await cache.encode(services, [rows[1], rows[0]])
+            await cache.encode(services, [rows[2]])  # a third file: rows[1], the least recently drawn, goes
+            evicted = await cache.encode(services, [rows[1], rows[2]])
+            return first, again, evicted, encoder.paths
+
+    first, again, evicted, sent = asyncio.run(draws())
+    assert sent == [rows[0].audio, rows[1].audio, rows[2].audio, rows[1].audio], "each file once, until evicted"
+    assert torch.equal(first[0], first[2]) and torch.equal(again[1], first[0]) and torch.equal(again[0], first[1])
+    assert torch.equal(evicted[0], first[1]), "re-encoding gives the same embeddings: the front-end is frozen"

@@ -25,6 +25,7 @@ import math
 import random
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -77,6 +78,10 @@ class AsrJobConfig:
     lease_device: str = option("", "Take this device's GPU lease (priority high) around each update; empty: none.")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease.")
     seed: int = option(0, "Seed of prompt sampling and rollouts.")
+    embedding_cache: int = option(4096, "Utterances whose front-end embeddings are kept in memory (the front-end is "
+                                        "frozen: a prompt drawn again skips the encoder service); 0: none.")
+    prefetch_embeddings: bool = option(False, "Encode every prompt of train_split (up to embedding_cache) once "
+                                              "before the first step: worth it when steps will draw them again.")
     grpo: dict[str, Any] = field(default_factory=dict, metadata={
         "help": "GRPOConfig fields (group_size, batch_size, learning_rate, kl_beta, reward_weights, ...)."})
 
@@ -134,10 +139,55 @@ class Services:
             yield cls(encoder, rollout, rules)
 
 
-async def encode(services: Services, rows: Sequence[Row]) -> list[torch.Tensor]:
-    """Front-end embeddings [T_i, D] of each row's audio."""
+async def encode(services: Services, rows: Sequence[Row], cache: EmbeddingCache | None = None) -> list[torch.Tensor]:
+    """Front-end embeddings [T_i, D] of each row's audio; rows found in cache skip the encoder service."""
+    if cache is not None:
+        return await cache.encode(services, rows)
     results = await services.encoder.encode([str(row.audio) for row in rows])
     return [torch.from_numpy(np.array(r.unwrap(), dtype=np.float32)) for r in results]
+
+
+class EmbeddingCache:
+    """The encoder service's embeddings [T, D] by audio file, least recently used dropped past max_items.
+
+    The front-end is frozen, so an utterance drawn again as a prompt has the same embeddings: only
+    the first draw goes to the encoder service. Keyed by the row's audio path (a manifest's files do
+    not change during a run). max_items 0 keeps nothing.
+    """
+
+    def __init__(self, max_items: int = 4096):
+        self.max_items = max_items
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0  # rows answered from the cache
+        self.misses = 0  # rows sent to the encoder service
+
+    async def encode(self, services: Services, rows: Sequence[Row]) -> list[torch.Tensor]:
+        keys = [str(row.audio) for row in rows]
+        missing = list(dict.fromkeys(k for k in keys if k not in self.entries))  # each file once
+        fresh: dict[str, torch.Tensor] = {}
+        if missing:
+            results = await services.encoder.encode(missing)
+            fresh = {k: torch.from_numpy(np.array(r.unwrap(), dtype=np.float32)) for k, r in zip(missing, results,
+                                                                                               strict=True)}
+        self.misses += len(missing)
+        self.hits += len(keys) - len(missing)
+        out = [fresh[k] if k in fresh else self.entries[k] for k in keys]
+        for key, value in zip(keys, out, strict=True):
+            if self.max_items:
+                self.entries[key] = value
+                self.entries.move_to_end(key)
+        while len(self.entries) > self.max_items:
+            self.entries.popitem(last=False)
+        return out
+
+    async def prefetch(self, services: Services, rows: Sequence[Row], batch_size: int = 32) -> None:
+        """Encode rows ahead of the first step, batch by batch, with a progress bar."""
+        from tqdm import tqdm
+
+        todo = [row for row in dict.fromkeys(rows) if str(row.audio) not in self.entries][:self.max_items]
+        todo.sort(key=lambda row: row.duration)  # like lengths together: the encoder pads per batch
+        for start in tqdm(range(0, len(todo), batch_size), desc="encode prompts", unit="batch", disable=not todo):
+            await self.encode(services, todo[start:start + batch_size])
 
 
 async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Row]) -> dict[str, list[Any]]:
@@ -241,15 +291,16 @@ async def update_lease(config: AsrJobConfig) -> AsyncIterator[None]:
 
 async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
                      update: Callable[[RolloutBatch], dict[str, float]], services: Services, config: AsrJobConfig,
-                     grpo: GRPOConfig, version: int) -> tuple[dict[str, Any], int]:
+                     grpo: GRPOConfig, version: int, cache: EmbeddingCache | None = None) -> tuple[dict[str, Any], int]:
     """encode -> rollout -> score -> update -> sync for one batch of prompts; returns (metrics, version).
 
     update(batch) is grpo_update on policy.model, or a distributed.DataParallelUpdate that leaves the
     new weights in policy.model.
     """
     timer = PhaseTimer()
+    encoded_before = cache.misses if cache is not None else 0
     with timer("encode"):
-        audio = await encode(services, rows)  # P x [T_i, D]
+        audio = await encode(services, rows, cache)  # P x [T_i, D]
     with timer("rollout"):
         budget = max(policy.layout.max_new_tokens(a.shape[0]) for a in audio)
         results = await services.rollout.generate(
@@ -276,15 +327,16 @@ async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
         "wer": _mean(components["wer"]), "insertions": _mean(components["insertions"]),
         "hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]]),
         "completion_tokens": float(np.mean([len(s.token_ids) for s in samples])),
+        "encoded": cache.misses - encoded_before if cache is not None else len(rows),  # sent to the encoder
         "policy_version": version,
     }
     return metrics, version
 
 
 async def evaluate(services: Services, rows: Sequence[Row], layout_budget: Callable[[int], int],
-                   instruction_ids: Sequence[int]) -> dict[str, float]:
+                   instruction_ids: Sequence[int], cache: EmbeddingCache | None = None) -> dict[str, float]:
     """Greedy transcripts of rows from the rollout service (current weights), scored by the rule rewards."""
-    audio = await encode(services, rows)
+    audio = await encode(services, rows, cache)
     results = await services.rollout.generate(
         [a.numpy() for a in audio], n=1, temperature=0.0, max_tokens=max(layout_budget(a.shape[0]) for a in audio),
         suffix_token_ids=list(instruction_ids))
@@ -377,7 +429,10 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
     rows = read_manifest(config.data, config.train_split)
     eval_rows = read_manifest(config.data, config.eval_split)[:config.eval_size] if config.eval_split else []
     log = MetricsLog(out, state.step)
+    cache = EmbeddingCache(config.embedding_cache)
     async with Services.connect(config) as services:
+        if config.prefetch_embeddings:
+            await cache.prefetch(services, rows)
         status = await services.rollout.get_service_status()
         # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
         # weights with a version newer than both, so every later sample is provably ours.
@@ -386,13 +441,13 @@ async def run(config: AsrJobConfig, progress: Progress) -> dict[str, Any]:
         while state.step < config.steps and not progress.cancelled():
             batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
             metrics, version = await train_step(state.step, batch_rows, policy, update, services, config, grpo,
-                                                version)
+                                                version, cache)
             state.step += 1
             state.version = version
             last = state.step == config.steps
             if eval_rows and (last or (config.eval_every and state.step % config.eval_every == 0)):
                 metrics.update(await evaluate(services, eval_rows, policy.layout.max_new_tokens,
-                                              policy.layout.instruction_ids))
+                                              policy.layout.instruction_ids, cache))
             log.write(state.step, metrics)
             progress.report(state.step, config.steps, metrics)
             if last or state.step % config.checkpoint_every == 0:
