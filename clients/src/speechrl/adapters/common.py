@@ -384,8 +384,10 @@ def as_speaker_reference(value: Any) -> SpeakerReferenceLike | None:
 
 # ---- speech tokens -> audio (the token2wav step, a pluggable callable) ----
 
-Token2Wav = Callable[[list[list[int]]], Sequence[AudioLike | None] | Awaitable[Sequence[AudioLike | None]]]
-"""Turns speech-token sequences into audio, one per sequence (None where it could not), sync or async."""
+Token2WavOutput = AudioLike | Exception | None
+Token2Wav = Callable[[list[list[int]]], Sequence[Token2WavOutput] | Awaitable[Sequence[Token2WavOutput]]]
+"""Turns speech-token sequences into audio, one per sequence, sync or async; where it could not, None
+or the exception that says why (e.g. the token2wav service's per-item error)."""
 
 
 class Token2WavNotConfigured(RuntimeError):
@@ -395,8 +397,8 @@ class Token2WavNotConfigured(RuntimeError):
         super().__init__(
             f"token2wav backend not configured: {where} got speech tokens (<|s_N|>) but has no token2wav callable "
             "to turn them into audio. Pass token2wav=<callable taking list[list[int]] and returning one audio "
-            "(path, WAV bytes or (samples, rate)) per sequence>, e.g. your CosyVoice flow + HiFT decoder; "
-            "SpeechRL's own token2wav service is not available yet.")
+            "(path, WAV bytes or (samples, rate)) per sequence>, e.g. your CosyVoice flow + HiFT decoder, or "
+            "SpeechRL's token2wav service (`speechrl serve token2wav`; the gateway's `token2wav` setting).")
 
 
 def is_async_callable(fn: Any) -> bool:
@@ -420,10 +422,13 @@ def load_callable(spec: str | Callable[..., Any] | None) -> Callable[..., Any] |
 
 
 async def speech_from_tokens(token2wav: Token2Wav | None, token_lists: Sequence[Sequence[int]],
-                             where: str) -> tuple[list[AudioLike | None], dict[int, str]]:
+                             where: str, *, reraise: tuple[type[Exception], ...] = ()
+                             ) -> tuple[list[AudioLike | None], dict[int, str]]:
     """Audio for each token sequence (None where empty or failed) and the reasons per failed item.
 
-    A sync token2wav runs in a worker thread so that it does not stall the event loop.
+    A sync token2wav runs in a worker thread so that it does not stall the event loop. A failing
+    token2wav costs its items, unless its exception is one of `reraise` (a caller whose failure
+    policy answers an outage with an error, not with failure rewards).
     Raises Token2WavNotConfigured when there are tokens and no token2wav.
     """
     errors = {i: "no speech tokens (<|s_N|>) in the completion" for i, t in enumerate(token_lists) if not t}
@@ -441,7 +446,9 @@ async def speech_from_tokens(token2wav: Token2Wav | None, token_lists: Sequence[
             produced = await asyncio.to_thread(token2wav, batch)
             if inspect.isawaitable(produced):
                 produced = await produced
-    except Exception as exc:  # noqa: BLE001 - a failing vocoder costs its items, never the step
+    except Exception as exc:  # a failing vocoder costs its items, never the step (unless reraise)
+        if isinstance(exc, reraise):
+            raise
         for i in todo:
             errors[i] = f"token2wav failed: {type(exc).__name__}: {exc}"
         return audios, errors
@@ -451,6 +458,9 @@ async def speech_from_tokens(token2wav: Token2Wav | None, token_lists: Sequence[
             errors[i] = f"token2wav returned {len(produced)} audios for {len(todo)} token sequences"
         return audios, errors
     for i, audio in zip(todo, produced, strict=True):
+        if isinstance(audio, Exception):
+            errors[i] = f"token2wav failed: {audio}"
+            continue
         audios[i] = as_audio(audio)
         if audio is None:
             errors[i] = "token2wav produced no audio"

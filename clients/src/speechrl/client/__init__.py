@@ -55,6 +55,7 @@ from speechrl.client.models import (
     ServiceStatus,
     SpeakerResult,
     SpeakerScore,
+    SynthesizedSpeech,
 )
 from speechrl.client.scorers import (
     DEFAULT_PORTS,
@@ -64,6 +65,7 @@ from speechrl.client.scorers import (
     AsyncRolloutClient,
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
+    AsyncToken2WavClient,
     SpeakerId,
 )
 from speechrl.client.sync import (
@@ -73,15 +75,17 @@ from speechrl.client.sync import (
     RuleRewardsClient,
     SpeakerClient,
     SyncClient,
+    Token2WavClient,
 )
 
 __all__ = [
     "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S", "REQUEST_ID",
     "AsyncAudioEncoderClient", "AsyncClient", "AsyncIntelligibilityClient", "AsyncRolloutClient",
-    "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AudioEncoderClient", "AudioLike", "ClientOptions", "Connection",
+    "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AsyncToken2WavClient", "AudioEncoderClient", "AudioLike", "ClientOptions", "Connection",
     "EmbeddingResult", "EncodedAudio", "ErrorCounts", "IntelligibilityClient", "IntelligibilityResult",
     "IntelligibilityScore", "ItemError", "ItemFailedError", "PromptResult", "RegisteredSpeaker", "RetryPolicy",
     "RolloutClient", "RuleResult", "RuleRewardsClient", "RuleScore", "Sample", "ServiceError", "ServiceStatus",
-    "SpeakerClient", "SpeakerId", "SpeakerResult", "SpeakerScore", "SyncClient", "numpy_to_tensor",
+    "SpeakerClient", "SpeakerId", "SpeakerResult", "SpeakerScore", "SyncClient", "SynthesizedSpeech", "Token2WavClient",
+    "numpy_to_tensor",
     "parse_endpoints", "retry_after_hint", "tensor_to_numpy", "tls_credentials", "to_audio",
 ]

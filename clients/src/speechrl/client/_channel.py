@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+import os
 import random
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -197,6 +198,52 @@ def tls_credentials(root_cert: str | bytes | None = None, client_cert: str | byt
                                         certificate_chain=_pem(client_cert))
 
 
+# Client settings a process may take from its environment when the code that makes the client passes
+# none: a container gets its token and certificates mounted and named once, instead of every call
+# site (the trainer's jobs, the gateway) growing options. An argument given in code always wins.
+CLIENT_ENV = {
+    "SPEECHRL_CLIENT_TOKEN": "bearer token sent on every call",
+    "SPEECHRL_CLIENT_TOKEN_FILE": "file whose first token line is sent (the services' token file works)",
+    "SPEECHRL_CLIENT_TLS_ROOT_CERT": "PEM CA file; set, calls use TLS",
+    "SPEECHRL_CLIENT_TLS_CLIENT_CERT": "PEM certificate for servers that require mutual TLS",
+    "SPEECHRL_CLIENT_TLS_CLIENT_KEY": "PEM key of SPEECHRL_CLIENT_TLS_CLIENT_CERT",
+}
+
+
+def first_token(text: str) -> str | None:
+    """The token a client sends from a token file: its first line that is not blank or a # comment.
+
+    The services accept every line, so a file listing the new token first and the old one after
+    rotates without a refusal.
+
+    >>> first_token("# rotated 2025-06\nnew-token\nold-token\n")
+    'new-token'
+    """
+    return next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")),
+                None)
+
+
+def env_token(environ: Mapping[str, str] | None = None) -> str | None:
+    """SPEECHRL_CLIENT_TOKEN, else the first token of SPEECHRL_CLIENT_TOKEN_FILE, else None."""
+    env = os.environ if environ is None else environ
+    if env.get("SPEECHRL_CLIENT_TOKEN"):
+        return env["SPEECHRL_CLIENT_TOKEN"]
+    path = env.get("SPEECHRL_CLIENT_TOKEN_FILE")
+    if not path:
+        return None
+    token = first_token(Path(path).read_text())
+    if token is None:  # fail loudly: a silently token-less client only meets UNAUTHENTICATED later
+        raise ValueError(f"SPEECHRL_CLIENT_TOKEN_FILE={path} holds no token")
+    return token
+
+
+def env_tls(environ: Mapping[str, str] | None = None) -> tuple[str | None, str | None, str | None]:
+    """(root cert, client cert, client key) file paths from SPEECHRL_CLIENT_TLS_*; None where unset."""
+    env = os.environ if environ is None else environ
+    return tuple(env.get(f"SPEECHRL_CLIENT_TLS_{name}") or None  # type: ignore[return-value]
+                 for name in ("ROOT_CERT", "CLIENT_CERT", "CLIENT_KEY"))
+
+
 class Connection:
     """Channels to the endpoints of one service, and the retry loop every call runs in.
 
@@ -211,6 +258,9 @@ class Connection:
         tls_root_cert: connect with TLS, trusting this CA certificate (PEM bytes or a file path).
         tls_client_cert, tls_client_key: this client's certificate and key, for servers that
             require mutual TLS (PEM bytes or file paths); setting them also turns TLS on.
+
+    A token or TLS setting not given here comes from the environment (CLIENT_ENV), so a deployed
+    process is configured by its mounted files; with neither, calls are plaintext and token-less.
 
     Channels are created on first use, inside the event loop that uses them (grpc.aio channels
     belong to one loop).
@@ -227,6 +277,10 @@ class Connection:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.metadata: tuple[tuple[str, str], ...] = tuple(metadata)
+        if token is None:
+            token = env_token()
+        if tls_root_cert is None and tls_client_cert is None and tls_client_key is None:
+            tls_root_cert, tls_client_cert, tls_client_key = env_tls()
         if token:
             self.metadata += (("authorization", f"Bearer {token}"),)
         self._options = channel_options(max_message_mb)

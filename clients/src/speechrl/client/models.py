@@ -32,6 +32,7 @@ from speechrl.v1 import (
     rollout_pb2,
     rule_rewards_pb2,
     speaker_pb2,
+    token2wav_pb2,
 )
 
 
@@ -288,6 +289,27 @@ def encoded_audio(response: encoder_pb2.EncodeAudioResponse) -> EncodedAudio:
     if response.HasField("error"):
         return EncodedAudio(error=ItemError.from_proto(response.error))
     return EncodedAudio(embeddings=tensor_to_numpy(response.embeddings), length=response.length)
+
+
+@dataclass(frozen=True)
+class SynthesizedSpeech(_Outcome[bytes]):
+    """One token sequence rendered as a mono 16-bit PCM WAV file, or its error."""
+
+    wav: bytes | None = None
+    sample_rate_hertz: int = 0
+    duration_seconds: float = 0.0
+    error: ItemError | None = None
+
+    def _value(self) -> bytes:
+        return self.wav  # type: ignore[return-value]
+
+
+def synthesized_speech(result: token2wav_pb2.SynthesisResult) -> SynthesizedSpeech:
+    if result.HasField("error"):
+        return SynthesizedSpeech(error=ItemError.from_proto(result.error))
+    audio = result.audio
+    return SynthesizedSpeech(wav=audio.wav, sample_rate_hertz=audio.sample_rate_hertz,
+                             duration_seconds=audio.duration_seconds)
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from speechrl.client.models import (
     RuleResult,
     ServiceStatus,
     SpeakerResult,
+    SynthesizedSpeech,
     embedding_result,
     encoded_audio,
     enum_value,
@@ -42,6 +43,7 @@ from speechrl.client.models import (
     prompt_result,
     rule_result,
     speaker_result,
+    synthesized_speech,
 )
 from speechrl.client.ports import DEFAULT_PORTS
 from speechrl.v1 import (
@@ -57,6 +59,8 @@ from speechrl.v1 import (
     rule_rewards_pb2_grpc,
     speaker_pb2,
     speaker_pb2_grpc,
+    token2wav_pb2,
+    token2wav_pb2_grpc,
 )
 
 # Default ports of the local stack; the same numbers as speechrl.services.ports, repeated here
@@ -358,3 +362,34 @@ class AsyncRolloutClient(AsyncClient):
                                                    format=enum_value(rollout_pb2.WeightsFormat, format, "WEIGHTS_FORMAT_"))
         reply = await self.connection.unary(rollout_pb2_grpc.RolloutGeneratorStub, "UpdateWeights", request, timeout_s)
         return int(reply.version)
+
+
+class AsyncToken2WavClient(AsyncClient):
+    """Client of the token2wav service: an LLM-TTS policy's speech tokens rendered as audio."""
+
+    SERVICE = "speechrl.v1.Token2Wav"
+    DEFAULT_ENDPOINT = f"127.0.0.1:{DEFAULT_PORTS['token2wav']}"
+
+    async def synthesize(self, token_lists: Sequence[Sequence[int]], *, voice: str | Sequence[str] = "",
+                         rate_wpm: int | Sequence[int] = 0, prompt_audio: AudioLike | None = None,
+                         timeout_s: float | None = None) -> list[SynthesizedSpeech]:
+        """Render each token sequence as a WAV file.
+
+        Args:
+            token_lists: speech-token ids per item, 0-based within the server's token range (a
+                policy's vocabulary offset removed, as CosyVoice's <|s_N|> numbers them).
+            voice: backend voice for all items or one per item (espeak-phonemes: "en-us"); "" is the
+                server's default.
+            rate_wpm: speaking rate for all items or one per item (espeak-phonemes); 0 is the server's.
+            prompt_audio: a prompt utterance of the target speaker for every item (cosyvoice2).
+        """
+        count = len(token_lists)
+        voices = _per_item(voice, count, "voice")
+        rates = _per_item(rate_wpm, count, "rate_wpm")
+        prompt = to_audio(prompt_audio) if prompt_audio is not None else None
+        request = token2wav_pb2.SynthesizeRequest(items=[
+            token2wav_pb2.SynthesisItem(tokens=[int(t) for t in tokens], voice=v, rate_wpm=int(r), prompt_audio=prompt)
+            for tokens, v, r in zip(token_lists, voices, rates, strict=True)])
+        reply = await self.connection.unary(token2wav_pb2_grpc.Token2WavStub, "Synthesize", request, timeout_s)
+        _check_count(reply.results, count, "Synthesize")
+        return [synthesized_speech(r) for r in reply.results]

@@ -31,6 +31,7 @@ from speechrl.client.scorers import (
     AsyncRolloutClient,
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
+    AsyncToken2WavClient,
 )
 
 P = ParamSpec("P")
@@ -146,3 +147,10 @@ class RolloutClient(SyncClient[AsyncRolloutClient]):
     async_class = AsyncRolloutClient
     generate = syncify(AsyncRolloutClient.generate)
     update_weights = syncify(AsyncRolloutClient.update_weights)
+
+
+class Token2WavClient(SyncClient[AsyncToken2WavClient]):
+    """Blocking client of the token2wav service; see AsyncToken2WavClient."""
+
+    async_class = AsyncToken2WavClient
+    synthesize = syncify(AsyncToken2WavClient.synthesize)
