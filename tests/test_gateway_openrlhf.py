@@ -141,7 +141,7 @@ async def test_speech_tokens_need_a_token2wav_backend() -> None:
     tokens = "".join(f"<|s_{t}|>" for t in tokens_for(0))
     async with asgi(app) as http:
         missing = await http.post("/v1/openrlhf/token2wav_asr", json=payload(tokens, "the quick brown fox"))
-        app.state.token2wav = token2wav  # what issue 7's token2wav service will plug in
+        app.state.token2wav = token2wav  # a caller's own callable; the service-backed hook: test_gateway_token2wav.py
         attached = await http.post("/v1/openrlhf/token2wav_asr", json=payload(tokens, "the quick brown fox"))
     await app.state.scorers.close()
     assert missing.status_code == 503 and "token2wav backend not configured" in missing.json()["detail"]

@@ -73,7 +73,7 @@ async def test_cosyvoice_token2wav_asr_client_works_unchanged(intelligibility: s
         missing = await http.post("/v2/models/token2wav_asr/infer", json=cosyvoice_payload(tokens_for(0), SENTENCES[0]),
                                   params={"request_id": "0"})
         not_ready = await http.get("/v2/models/token2wav_asr/ready")
-        app.state.token2wav = token2wav  # the stand-in for issue 7's token2wav service
+        app.state.token2wav = token2wav  # a caller's own callable; the service-backed hook: test_gateway_token2wav.py
         ready = await http.get("/v2/models/token2wav_asr/ready")
         reply = await http.post("/v2/models/token2wav_asr/infer", json=cosyvoice_payload(tokens_for(0), SENTENCES[0]),
                                 params={"request_id": "0"})

@@ -11,6 +11,7 @@ from speechrl.services.ports import DEFAULT_PORTS
 
 SERVICE = "gateway"
 SCORERS = ("intelligibility", "speaker", "rules")
+BACKENDS = (*SCORERS, "token2wav")  # every service the gateway calls
 
 
 @dataclass
@@ -24,9 +25,14 @@ class GatewayConfig:
     speaker: str = option(f"127.0.0.1:{DEFAULT_PORTS['speaker']}",
                           "Speaker-similarity scorer endpoints; empty turns its routes off.")
     rules: str = option(f"127.0.0.1:{DEFAULT_PORTS['rules']}", "Rule-reward service endpoints; empty turns its routes off.")
+    token2wav: str = option("", "Token2wav service endpoints (speech tokens -> audio for the token2wav_asr routes), e.g. "
+                                f"127.0.0.1:{DEFAULT_PORTS['token2wav']}; `speechrl up` and docker-compose.yml set it "
+                                "to theirs. Empty: those routes answer 503 'token2wav backend not configured' unless "
+                                "code attaches app.state.token2wav.")
     request_timeout_s: float = option(30.0, "Deadline of one scorer call, retries included; past it the reply is 504.")
     max_attempts: int = option(3, "Attempts per scorer call on UNAVAILABLE / RESOURCE_EXHAUSTED (1 turns retries off).")
-    scorer_token: str = option("", "Bearer token sent to the scorers (one of their auth tokens); empty sends none.")
+    scorer_token: str = option("", "Bearer token sent to the scorers (one of their auth tokens); empty: the SDK's "
+                                   "SPEECHRL_CLIENT_TOKEN / SPEECHRL_CLIENT_TOKEN_FILE if set, else none.")
     scorer_tls_root_cert: str = option("", "PEM CA file of the scorers' TLS certificates; set, scorer calls use TLS.")
     scorer_tls_client_cert: str = option("", "PEM certificate the gateway presents to scorers that require mutual TLS.")
     scorer_tls_client_key: str = option("", "PEM private key of scorer_tls_client_cert.")
@@ -68,7 +74,7 @@ class GatewayConfig:
             raise ValueError("mutual TLS to the scorers needs both scorer_tls_client_cert and scorer_tls_client_key")
         if self.openrlhf_scorer not in ("rules", "token2wav_asr"):
             raise ValueError(f"openrlhf_scorer must be rules or token2wav_asr, got {self.openrlhf_scorer!r}")
-        for name in SCORERS:
+        for name in BACKENDS:
             if getattr(self, name).strip():
                 parse_endpoints(getattr(self, name))
 

@@ -16,22 +16,24 @@ from speechrl.client import (
     AsyncIntelligibilityClient,
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
+    AsyncToken2WavClient,
     ClientOptions,
     RetryPolicy,
 )
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.errors import ScorerOff
 
-AnyScorer = AsyncIntelligibilityClient | AsyncSpeakerClient | AsyncRuleRewardsClient
+AnyScorer = AsyncIntelligibilityClient | AsyncSpeakerClient | AsyncRuleRewardsClient | AsyncToken2WavClient
 
 
 @dataclass
 class Scorers:
-    """The SDK client of each configured scorer; None where the gateway has no endpoints for it."""
+    """The SDK client of each configured scorer (and of token2wav); None where the gateway has no endpoints for it."""
 
     intelligibility: AsyncIntelligibilityClient | None
     speaker: AsyncSpeakerClient | None
     rules: AsyncRuleRewardsClient | None
+    token2wav: AsyncToken2WavClient | None = None
 
     @classmethod
     def from_config(cls, config: GatewayConfig) -> Scorers:
@@ -42,15 +44,17 @@ class Scorers:
             options["tls_root_cert"] = config.scorer_tls_root_cert or None
             options["tls_client_cert"] = config.scorer_tls_client_cert or None
             options["tls_client_key"] = config.scorer_tls_client_key or None
-        ends = {name: list(config.endpoints(name)) for name in ("intelligibility", "speaker", "rules")}
+        ends = {name: list(config.endpoints(name)) for name in ("intelligibility", "speaker", "rules", "token2wav")}
         return cls(
             intelligibility=AsyncIntelligibilityClient(ends["intelligibility"], **options) if ends["intelligibility"] else None,
             speaker=AsyncSpeakerClient(ends["speaker"], **options) if ends["speaker"] else None,
-            rules=AsyncRuleRewardsClient(ends["rules"], **options) if ends["rules"] else None)
+            rules=AsyncRuleRewardsClient(ends["rules"], **options) if ends["rules"] else None,
+            token2wav=AsyncToken2WavClient(ends["token2wav"], **options) if ends["token2wav"] else None)
 
     def configured(self) -> dict[str, AnyScorer]:
-        """The scorers this gateway fronts, by name."""
-        named = {"intelligibility": self.intelligibility, "speaker": self.speaker, "rules": self.rules}
+        """The services this gateway calls, by name (readiness waits for each)."""
+        named = {"intelligibility": self.intelligibility, "speaker": self.speaker, "rules": self.rules,
+                 "token2wav": self.token2wav}
         return {name: client for name, client in named.items() if client is not None}
 
     async def health(self, timeout_s: float) -> dict[str, dict[str, str]]:

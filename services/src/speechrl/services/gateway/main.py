@@ -20,6 +20,7 @@ from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import add_error_handlers
 from speechrl.services.gateway.metrics import MetricsMiddleware
 from speechrl.services.gateway.routes import ROUTERS
+from speechrl.services.gateway.scoring import token2wav_service
 from speechrl.services.logs import RequestIdMiddleware
 
 DESCRIPTION = """REST/JSON front of the SpeechRL reward services.
@@ -44,6 +45,8 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     app = FastAPI(title="SpeechRL gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.config = config
     app.state.scorers = scorers
+    if scorers.token2wav is not None:  # tests and embedders may attach their own callable instead
+        app.state.token2wav = token2wav_service(scorers.token2wav)
     for router in ROUTERS:
         app.include_router(router)
     add_error_handlers(app)

@@ -7,8 +7,9 @@ checks, the per-item errors and the failure policy are the same as in the TRL an
 - an item that cannot be scored gets `adapter_failure_reward` (0.0), `scored = False` and its reason;
 - a scorer call that fails as a whole does the same for its items and is logged, or, with
   `adapter_scorer_errors = "http"`, raises ServiceError so the reply is 429 / 503 / 504;
-- speech tokens need the app's token2wav hook (`app.state.token2wav`, a `Token2Wav` callable); until
-  a token2wav service exists (issue 7) it is absent and the reply is 503 "token2wav backend not configured".
+- speech tokens need the app's token2wav hook (`app.state.token2wav`, a `Token2Wav` callable): the
+  gateway attaches one that calls the token2wav service when `token2wav` has endpoints
+  (`token2wav_service`); without either the reply is 503 "token2wav backend not configured".
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from speechrl.adapters.common import (
     SpeakerReferenceLike,
     SpeakerScorer,
     Token2Wav,
+    Token2WavOutput,
     log_failures,
     speech_from_tokens,
 )
-from speechrl.client import AudioLike
+from speechrl.client import AsyncToken2WavClient, AudioLike, ItemFailedError, ServiceError
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import ScorerOff
@@ -43,6 +45,20 @@ log = logging.getLogger(__name__)
 def token2wav_of(state: State) -> Token2Wav | None:
     """The app's speech-token -> audio callable; None until one is attached (`app.state.token2wav = fn`)."""
     return getattr(state, "token2wav", None)
+
+
+def token2wav_service(client: AsyncToken2WavClient) -> Token2Wav:
+    """The app's token2wav hook backed by the token2wav service: one Synthesize call per request.
+
+    An item the service could not render comes back as the exception that says why, so the reply's
+    per-item error names the service's reason (e.g. ids out of range), not just "no audio".
+    """
+
+    async def render(token_lists: list[list[int]]) -> list[Token2WavOutput]:
+        results = await client.synthesize(token_lists)
+        return [r.wav if r.error is None else ItemFailedError(f"{r.error.code}: {r.error.message}") for r in results]
+
+    return render
 
 
 def policy_of(config: GatewayConfig) -> CallPolicy:
@@ -119,6 +135,8 @@ async def speech_tokens(state: State, scorers: Scorers, config: GatewayConfig, t
     Raises Token2WavNotConfigured (503) when there are tokens and no token2wav hook.
     """
     _needed(scorers.intelligibility, "intelligibility")
-    audios, errors = await speech_from_tokens(token2wav_of(state), token_lists, "the gateway")
+    # A token2wav outage follows the scorers' failure policy: failure rewards, or 429/503/504 with "http".
+    reraise = (ServiceError,) if config.adapter_scorer_errors == "http" else ()
+    audios, errors = await speech_from_tokens(token2wav_of(state), token_lists, "the gateway", reraise=reraise)
     return await intelligibility(scorers, config, audios, references, languages=languages,
                                  reward_mapping=reward_mapping, local_errors=errors)

@@ -68,7 +68,11 @@ async def _model_ready(model: V2Model, scorers: Scorers, request: Request, timeo
     if model.needs_token2wav and token2wav_of(request.app.state) is None:
         return False, "token2wav backend not configured"
     states = await client.health(timeout_s)
-    return ("SERVING" in states.values()), f"{model.scorer}: {states}"
+    ready, reason = "SERVING" in states.values(), f"{model.scorer}: {states}"
+    if model.needs_token2wav and scorers.token2wav is not None:  # the hook is the token2wav service
+        vocoder = await scorers.token2wav.health(timeout_s)
+        ready, reason = ready and "SERVING" in vocoder.values(), f"{reason}; token2wav: {vocoder}"
+    return ready, reason
 
 
 @router.get("", summary="Server metadata")
