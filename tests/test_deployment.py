@@ -45,9 +45,11 @@ from tests.deployment_render import (
 )
 
 SERVICES = tuple(SERVICE_MODULES)  # every `speechrl serve` service is deployed
-GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "trainer")  # reserve the GPU (gpu variants)
+GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer")  # reserve the GPU (gpu variants)
 # Services whose Config takes the lease per batch; the trainer's jobs name theirs (a job's lease_device).
-LEASED_SERVICES = ("intelligibility", "speaker", "encoder", "rollout")
+LEASED_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav")
+# What the gateway calls: its readiness waits for each, and it renders speech tokens through token2wav.
+GATEWAY_BACKENDS = ("intelligibility", "speaker", "rules", "token2wav")
 STARTED_HERE = stack.STACK_SERVICES  # in `speechrl up`'s order
 # The trainer's runs volume: its working directory (relative out_dir / sync_dir land on it), and
 # read-only at the same path in the rollout service, which loads the weights a job syncs.
@@ -191,6 +193,8 @@ def test_image_targets_are_lean_and_non_root(monkeypatch: pytest.MonkeyPatch) ->
         assert not re.search(tools, body), f"{target}: build tools in the final stage"
         users = [c.value[0] for c in stages[target] if c.cmd == "USER"]
         assert users and not users[-1].startswith(("0", "root")), f"{target} must run as a non-root user"
+        # token2wav's espeak-phonemes backend (and tests' speech) need espeak-ng at run time.
+        assert re.search(r"apt-get install[^&]*\bespeak-ng\b", body), f"{target}: espeak-ng not installed"
         env = image_env(target)
         assert env["HF_HUB_OFFLINE"] == env["TRANSFORMERS_OFFLINE"] == "1"  # never download at start-up
         for key, value in wanted.items():
@@ -245,7 +249,7 @@ def test_compose_runs_what_the_local_stack_runs(compose: dict[str, dict[str, Any
                 for needed in ("redis", "encoder", "rollout", "rules"):
                     assert service["depends_on"][needed]["condition"] == "service_healthy"
             if name == "gateway":
-                for scorer in ("intelligibility", "speaker", "rules"):
+                for scorer in GATEWAY_BACKENDS:
                     assert getattr(config, scorer) == f"{scorer}:{DEFAULT_PORTS[scorer]}"
                     assert service["depends_on"][scorer]["condition"] == "service_healthy"
 
@@ -324,10 +328,13 @@ def test_manifests_are_locked_down(manifests: dict[str, list[dict[str, Any]]]) -
         # The trainer reaches every gRPC service and Redis; the gateway only the scorers, not the trainer.
         labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
                   for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
-        for target in ("rules", "intelligibility", "speaker", "encoder", "rollout", "redis"):
+        for target in ("rules", "intelligibility", "speaker", "encoder", "rollout", "token2wav", "redis"):
             assert ingress_admits(docs, labels[target], labels["trainer"]), f"trainer cannot reach {target}"
-        for target in ("rules", "intelligibility", "speaker"):
+        for target in GATEWAY_BACKENDS:
             assert ingress_admits(docs, labels[target], labels["gateway"]), f"gateway cannot reach {target}"
+            assert ingress_admits(docs, labels[target], labels["trainer"]), f"trainer cannot reach {target}"
+        for source in ("encoder", "rollout", "rules", "intelligibility", "speaker"):  # only gateway and trainer
+            assert not ingress_admits(docs, labels["token2wav"], labels[source]), f"{source} reaches token2wav"
         for target in ("encoder", "rollout", "redis", "trainer"):
             assert not ingress_admits(docs, labels[target], labels["gateway"]), f"gateway reaches {target}"
         assert ingress_admits(docs, labels["trainer"], {"speechrl.io/trainer-client": "true"})

@@ -15,6 +15,7 @@ SERVICE_MODULES = {
     "encoder": "speechrl.services.encoder.server",
     "gateway": "speechrl.services.gateway.server",
     "rollout": "speechrl.services.rollout.server",
+    "token2wav": "speechrl.services.token2wav.server",
     "trainer": "speechrl.trainer.service",  # in the speechrl-trainer distribution
 }
 

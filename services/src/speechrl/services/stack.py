@@ -27,12 +27,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from speechrl.services.ports import DEFAULT_PORTS
 
 # Every `speechrl serve` service, in start order: the gateway last, since its readiness needs the scorers.
-STACK_SERVICES = ("rules", "intelligibility", "speaker", "encoder", "rollout", "trainer", "gateway")
+STACK_SERVICES = ("rules", "intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer", "gateway")
 # How `up` and `status` check health: these answer HTTP 200 on this path when ready (the gateway once
 # its scorers serve, the trainer once its job store in Redis answers); the others, gRPC health.
 HTTP_READY_PATHS = {"gateway": "/readyz", "trainer": "/readyz"}
 # Services with a Redis (the GPU lease, the trainer's jobs): `up` points them at the stack's Redis.
-REDIS_CLIENTS = ("intelligibility", "speaker", "encoder", "rollout", "trainer")
+REDIS_CLIENTS = ("intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
@@ -178,6 +178,10 @@ def start_service(name: str, paths: StackPaths) -> int:
     env = service_env(dict(os.environ))
     if name in REDIS_CLIENTS:  # its own SPEECHRL_<NAME>_REDIS_URL, if set, wins
         env.setdefault(f"SPEECHRL_{name.upper()}_REDIS_URL", redis_url())
+    # The gateway renders speech tokens through the stack's token2wav when one runs (it starts first);
+    # a bare `speechrl serve gateway` has none, and `up --only gateway` must not wait for one.
+    if name == "gateway" and read_pid(paths.pid_file("token2wav")) is not None:
+        env.setdefault("SPEECHRL_GATEWAY_TOKEN2WAV", f"127.0.0.1:{service_port('token2wav')}")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     paths.pid_file(name).write_text(str(proc.pid))
