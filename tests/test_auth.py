@@ -234,3 +234,63 @@ def test_config_refuses_half_a_tls_setting() -> None:
     with pytest.raises(ValueError, match="mutual TLS"):
         RulesConfig(tls_client_ca_file="ca.pem")
 
+
+
+# ---- the health check over TLS (what k8s/components/tls runs as an exec probe) and the SDK's env settings
+
+
+def healthcheck(port: int, env: dict[str, str], *flags: str) -> subprocess.CompletedProcess[str]:
+    """`python -m speechrl.services.healthcheck` as a probe runs it, with only the container's SPEECHRL_* env."""
+    import os
+    import sys
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("SPEECHRL_")}
+    return subprocess.run([sys.executable, "-m", "speechrl.services.healthcheck", f"127.0.0.1:{port}", *flags],
+                          env=base | env, capture_output=True, text=True, timeout=60)
+
+
+def test_healthcheck_speaks_the_services_own_tls(certs: Path, tmp_path: Path) -> None:
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "other.key", "-out", "other.pem", "-days", "2",
+            "-subj", "/CN=some-other-ca", cwd=tmp_path)
+    served = {"tls_cert_file": str(certs / "server.pem"), "tls_key_file": str(certs / "server.key"),
+              "tls_client_ca_file": str(certs / "ca.pem")}
+    env = {f"SPEECHRL_RULES_{k.upper()}": v for k, v in served.items()}
+    with serve_in_thread(lambda: start_rules(RulesConfig(port=free_port(), auth_tokens=TOKEN, **served))) as running:
+        mutual = healthcheck(running.port, env)  # CA from tls_client_ca_file, the server's own pair as client cert
+        named = healthcheck(running.port, env, "--tls-server-name", "localhost")
+        wrong_ca = healthcheck(running.port, env, "--tls-ca", str(tmp_path / "other.pem"))
+        wrong_name = healthcheck(running.port, env, "--tls-server-name", "rules.example")
+        plaintext = healthcheck(running.port, {})
+    assert (mutual.returncode, named.returncode) == (0, 0), (mutual.stdout, mutual.stderr)
+    assert mutual.stdout.strip().endswith("SERVING")
+    for failed in (wrong_ca, wrong_name, plaintext):
+        assert failed.returncode == 1 and "UNAVAILABLE" in failed.stdout, failed.stdout + failed.stderr
+    # TLS without client certificates: the CA this pod's clients trust (SPEECHRL_CLIENT_TLS_ROOT_CERT), or
+    # no CA at all: the server's own certificate file as the trust anchor pins exactly that certificate.
+    one_way = {k: v for k, v in served.items() if k != "tls_client_ca_file"}
+    with serve_in_thread(lambda: start_rules(RulesConfig(port=free_port(), **one_way))) as running:
+        env = {f"SPEECHRL_RULES_{k.upper()}": v for k, v in one_way.items()}
+        by_ca = healthcheck(running.port, env | {"SPEECHRL_CLIENT_TLS_ROOT_CERT": str(certs / "ca.pem")})
+        pinned = healthcheck(running.port, env)
+        other_ca = healthcheck(running.port, env | {"SPEECHRL_CLIENT_TLS_ROOT_CERT": str(tmp_path / "other.pem")})
+    assert (by_ca.returncode, pinned.returncode, other_ca.returncode) == (0, 0, 1)
+
+
+def test_sdk_clients_take_token_and_tls_from_the_environment(certs: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"# first line that is a token is sent\n{TOKEN}\nold-token\n")
+    config = RulesConfig(port=free_port(), tls_cert_file=str(certs / "server.pem"), tls_key_file=str(certs / "server.key"),
+                         tls_client_ca_file=str(certs / "ca.pem"), auth_token_file=str(tokens))
+    with serve_in_thread(lambda: start_rules(config)) as running:
+        monkeypatch.setenv("SPEECHRL_CLIENT_TOKEN_FILE", str(tokens))
+        monkeypatch.setenv("SPEECHRL_CLIENT_TLS_ROOT_CERT", str(certs / "ca.pem"))
+        monkeypatch.setenv("SPEECHRL_CLIENT_TLS_CLIENT_CERT", str(certs / "client.pem"))
+        monkeypatch.setenv("SPEECHRL_CLIENT_TLS_CLIENT_KEY", str(certs / "client.key"))
+        assert score_over_tls(running.port) == 0.0  # nothing passed in code
+        with pytest.raises(ServiceError) as info:
+            score_over_tls(running.port, token="not-the-token")  # an argument wins over the environment
+        assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    tokens.write_text("# no token yet\n")
+    with pytest.raises(ValueError, match="holds no token"):
+        RuleRewardsClient("127.0.0.1:1")
