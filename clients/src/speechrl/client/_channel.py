@@ -216,7 +216,7 @@ def first_token(text: str) -> str | None:
     The services accept every line, so a file listing the new token first and the old one after
     rotates without a refusal.
 
-    >>> first_token("# rotated 2025-06\nnew-token\nold-token\n")
+    >>> first_token("# rotated 2025-06\\nnew-token\\nold-token\\n")
     'new-token'
     """
     return next((line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")),
