@@ -18,6 +18,7 @@ from speechrl.trainer.data import (
     hypothesis_disagreement,
     read_manifest,
     select_hard_cases,
+    select_informative_groups,
     select_keyword_rich,
     select_max_duration,
     select_random,
@@ -110,6 +111,16 @@ def test_hard_cases_from_disagreeing_hypotheses() -> None:
         select_hard_cases(rows, system_a[:2], system_b)
     with pytest.raises(ValueError, match="second hypothesis list"):
         select_hard_cases(rows, system_a)
+
+
+def test_informative_groups_keep_the_widest_reward_spread() -> None:
+    rows = [row(i, str(i), 3.0) for i in range(4)]
+    groups = [[1.0, 1.0, 1.0], [0.0, 1.0, None], [0.5, 0.6, 0.5], [0.2, None, None]]
+    # r0: all alike (no GRPO signal); r3: one scored sample; r1 spreads wider than r2.
+    assert [r.id for r in select_informative_groups(rows, groups)] == ["r1", "r2"]
+    assert [r.id for r in select_informative_groups(rows, groups, count=1)] == ["r1"]
+    with pytest.raises(ValueError, match="one group of rewards per row"):
+        select_informative_groups(rows, groups[:2])
 
 
 def test_keyword_length_and_random_selectors() -> None:

@@ -378,6 +378,28 @@ def select_hard_cases(rows: Sequence[Row], first: Sequence[str], second: Sequenc
     return hard
 
 
+def select_informative_groups(rows: Sequence[Row], group_rewards: Sequence[Sequence[float | None]],
+                              count: int | None = None, min_std: float = 1e-6) -> list[Row]:
+    """The rows whose G sampled hypotheses earned different rewards, the widest spread first.
+
+    group_rewards[i] holds the rewards of G samples of rows[i] from the policy about to be trained
+    (None: unscored, skipped). A row is kept when the standard deviation of its rewards exceeds
+    min_std; the count rows with the largest deviation are returned, in manifest order. Why: GRPO's
+    advantage is (r - mean) / std within a group, so a prompt whose samples all score alike gives
+    zero gradient; spending the RL steps on the prompts the policy is unsure about is what the
+    paper's hard-case selection aims at, measured here directly on the policy's own samples.
+    """
+    if len(group_rewards) != len(rows):
+        raise ValueError(f"need one group of rewards per row: {len(rows)} rows, {len(group_rewards)} groups")
+    spread = {}
+    for i, rewards in enumerate(group_rewards):
+        scored = [r for r in rewards if r is not None]
+        if len(scored) > 1 and float(np.std(scored)) > min_std:
+            spread[i] = float(np.std(scored))
+    kept = sorted(spread, key=lambda i: -spread[i])[:count]
+    return [rows[i] for i in sorted(kept)]
+
+
 def select_max_duration(rows: Sequence[Row], max_seconds: float = 20.0) -> list[Row]:
     """Rows shorter than max_seconds.
 
