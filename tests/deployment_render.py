@@ -152,11 +152,13 @@ def config_class(service: str) -> type:
 
 
 def service_config(service: str, env: dict[str, str]) -> Any:
-    """Check every SPEECHRL_* name in env is a field of the service's Config, then build the Config."""
+    """Check every SPEECHRL_* name in env is a field of the service's Config (or a client SDK setting, for
+    the services that call others), then build the Config."""
+    from speechrl.client._channel import CLIENT_ENV
     from speechrl.services.config import env_name, from_namespace
 
     cls = config_class(service)
-    known = {env_name(service, f.name) for f in dataclasses.fields(cls)}
+    known = {env_name(service, f.name) for f in dataclasses.fields(cls)} | set(CLIENT_ENV)
     unknown = sorted(k for k in env if k.startswith("SPEECHRL_") and k not in known)
     assert not unknown, f"{service}: {unknown} are not fields of {cls.__name__} (known: {sorted(known)})"
     return from_namespace(cls, service, None, environ=env)

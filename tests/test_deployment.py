@@ -229,6 +229,8 @@ def test_compose_runs_what_the_local_stack_runs(compose: dict[str, dict[str, Any
             env = service["environment"]
             config = service_config(name, env)
             assert config.host == "0.0.0.0"
+            assert config.auth_token_file == ""  # no token checked unless SPEECHRL_TOKENS_FILE is set
+            assert service["secrets"] == [{"source": "speechrl-tokens", "target": "/run/secrets/speechrl-tokens"}]
             gpu = [d for d in (service.get("deploy") or {}).get("resources", {}).get("reservations", {})
                    .get("devices", []) if d["driver"] == "nvidia"]
             leased = bool(getattr(config, "lease_device", ""))
@@ -377,12 +379,39 @@ def stop_within(proc: subprocess.Popen[bytes], grace: float) -> int | str:
         return "killed"
 
 
+def assert_tokens_are_checked_and_sent(ports: dict[str, int]) -> None:
+    """The gateway wants a token from the file, and passes the rules service's check with the file's first."""
+    import httpx
+
+    from speechrl.client import RuleRewardsClient, ServiceError
+
+    body = {"items": [{"hypothesis": "the cat sat", "reference": "the cat sat"}]}
+    url = f"http://127.0.0.1:{ports['gateway']}/v1/rules/score"
+    assert httpx.post(url, json=body, timeout=30).status_code == 401
+    for token in ("new-token", "old-token"):
+        reply = httpx.post(url, json=body, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        assert reply.status_code == 200 and reply.json()["results"][0]["score"]["wer"] == 0.0, reply.text
+    with RuleRewardsClient(f"127.0.0.1:{ports['rules']}", token="", timeout_s=10) as client, \
+            pytest.raises(ServiceError) as refused:
+        client.score(["a"], ["a"])
+    assert refused.value.code == grpc.StatusCode.UNAUTHENTICATED
+    jobs = f"http://127.0.0.1:{ports['trainer']}/v1/jobs"
+    assert httpx.get(jobs, timeout=30).status_code == 401
+    assert httpx.get(jobs, headers={"Authorization": "Bearer new-token"}, timeout=30).status_code == 200
+
+
 def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[str, Any]], tmp_path: Path,
                                                       redis_server: RedisServer) -> None:
     """Each CPU compose service's command and environment, on this machine: ports remapped to free
     ones, the image's ENV with /cache in tmp_path (and Hugging Face offline), no lease, the compose
-    Redis replaced by a private redis-server (the trainer's job store)."""
-    services = compose["cpu"]["services"]
+    Redis replaced by a private redis-server (the trainer's job store), and tokens on
+    (SPEECHRL_TOKENS_FILE set, its secret's path mapped to the file)."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# rotating: the new token first\nnew-token\nold-token\n")
+    (tmp_path / "tokens.env").write_text(f"SPEECHRL_TOKENS_FILE={tokens}\n")
+    model = compose_config("cpu", str(tmp_path / "tokens.env"))
+    assert model["secrets"]["speechrl-tokens"]["file"] == str(tokens)
+    services = model["services"]
     ports = {name: free_port() for name in STARTED_HERE}
     image = {k: v.replace("/cache", str(tmp_path / "cache")) for k, v in image_env("cpu").items()
              if k not in ("PATH", "VIRTUAL_ENV", "HOME", "LD_PRELOAD")}
@@ -407,6 +436,9 @@ def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[st
                     env[key] = f"127.0.0.1:{ports[m.group(1)]}"
                 elif key.endswith("_LEASE_DEVICE"):
                     assert value == ""
+                elif key.endswith("_TOKEN_FILE"):  # every service checks, gateway and trainer send too
+                    assert value == "/run/secrets/speechrl-tokens"
+                    env[key] = str(tokens)
             log = (tmp_path / f"{name}.log").open("wb")
             procs[name] = subprocess.Popen(cmd, env=stack.service_env(base | env), stdout=log, stderr=subprocess.STDOUT,
                                            stdin=subprocess.DEVNULL, start_new_session=True)
@@ -425,6 +457,9 @@ def test_compose_services_start_here_and_turn_healthy(compose: dict[str, dict[st
             test = services[name]["healthcheck"]["test"][1:]
             probe = [sys.executable, *test[1:-1], health_target(name, ports[name])]
             assert subprocess.run(probe, capture_output=True, timeout=30).returncode == 0, name
+        for name in STARTED_HERE:
+            assert f"SPEECHRL_{name.upper()}_AUTH_TOKEN_FILE" in services[name]["environment"], name
+        assert_tokens_are_checked_and_sent(ports)
         dead = subprocess.run([sys.executable, "-m", "speechrl.services.healthcheck", f"127.0.0.1:{free_port()}",
                                "--timeout", "0.5"], capture_output=True, text=True, timeout=30)
         assert dead.returncode == 1 and "UNAVAILABLE" in dead.stdout
