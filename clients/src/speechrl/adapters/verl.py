@@ -18,8 +18,8 @@ What is scored, per sample:
   dict {"reference", "keywords", "language"}); the rule-reward service gives
   score = accuracy * R1 + hallucination * R2 + keyword * R3.
 - TTS (`task="tts"`): speech tokens written `<|s_N|>` in the response (CosyVoice's GRPO recipe)
-  become audio through `token2wav` (a callable, or "package.module:function"; SpeechRL's own
-  token2wav service does not exist yet, and without one the call raises Token2WavNotConfigured),
+  become audio through `token2wav` (a callable, or "package.module:function", e.g. one calling
+  SpeechRL's token2wav service with Token2WavClient; without one the call raises Token2WavNotConfigured),
   then score = the intelligibility reward (default 1 - tanh(3 WER), the recipe's) plus
   `speaker_weight` * the speaker similarity to `reference_audio` (from ground_truth or extra_info).
 - `task="auto"` (the default) picks TTS for responses that contain speech tokens.
