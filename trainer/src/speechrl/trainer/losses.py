@@ -168,6 +168,9 @@ samples with a positive advantage.
 """
 
 
+LOGIT_LOSSES = frozenset({"diffro", "grpo+diffro"})  # variants that need LossInputs.logits and diffro_reward
+
+
 def _diffro() -> Any:
     """speechrl.trainer.diffro, imported on first use: it imports this module."""
     from speechrl.trainer import diffro

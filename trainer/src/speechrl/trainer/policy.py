@@ -40,11 +40,34 @@ def completion_logprobs(model: nn.Module, completion_ids: Tensor, completion_mas
                         with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
     """log pi(o_t | q, o_<t) of every completion token, in one forward; returns ([B, T], [B, T] | None).
 
+    completion_forward with the logits dropped; see there for the arguments.
+    """
+    scores = completion_forward(model, completion_ids, completion_mask, prompt_mask=prompt_mask, prompt_ids=prompt_ids,
+                                prompt_embeds=prompt_embeds, temperature=temperature, with_entropy=with_entropy)
+    return scores.logprobs, scores.entropy
+
+
+@dataclass(frozen=True)
+class CompletionScores:
+    """What one forward over prompt + completion gives the losses."""
+
+    logprobs: Tensor  # [B, T] log pi of each completion token (temperature applied), 0 on padding
+    entropy: Tensor | None  # [B, T] per-token entropy, no gradient; None unless asked for
+    logits: Tensor | None  # [B, T, V] raw logits predicting each completion position (DiffRO); None unless asked for
+
+
+def completion_forward(model: nn.Module, completion_ids: Tensor, completion_mask: Tensor, *,
+                       prompt_mask: Tensor, prompt_ids: Tensor | None = None,
+                       prompt_embeds: Tensor | None = None, temperature: float = 1.0,
+                       with_entropy: bool = False, with_logits: bool = False) -> CompletionScores:
+    """log pi(o_t | q, o_<t) of every completion token in one forward, optionally its entropy and logits.
+
     completion_ids [B, T], completion_mask [B, T] (1 on sampled tokens); the prompt as exactly one
     of prompt_ids [B, S] or prompt_embeds [B, S, H], with prompt_mask [B, S] (every row needs at
     least one prompt position: the first completion token is predicted from it). Logits are divided
     by the sampling temperature. Padded positions of the result are 0. The second result is the
-    per-token entropy (no gradient) when with_entropy, else None.
+    per-token entropy (no gradient) when with_entropy, else None; logits [B, T, V] (the raw logits
+    at each completion token, in the caller's layout, carrying the gradient) when with_logits.
 
     The model must accept `logits_to_keep` (every HF causal LM since transformers 4.45): only the
     last T + 1 positions go through the output head, never the prompt's.
@@ -86,7 +109,10 @@ def completion_logprobs(model: nn.Module, completion_ids: Tensor, completion_mas
     entropy = None
     if with_entropy:
         entropy = token_entropy(logits, temperature).gather(1, index).masked_fill(~completion_mask, 0.0)  # [B, T]
-    return logprobs, entropy
+    aligned = None
+    if with_logits:
+        aligned = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))  # [B, T, V] caller's layout
+    return CompletionScores(logprobs, entropy, aligned)
 
 
 @dataclass

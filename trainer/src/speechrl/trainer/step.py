@@ -25,8 +25,11 @@ from torch.distributed.tensor import DTensor
 
 from speechrl.trainer.advantages import group_advantages, reward_statistics
 from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.losses import LOSSES, LossInputs, normalizer
-from speechrl.trainer.policy import Reference, completion_logprobs, trainable_parameters
+from speechrl.trainer.losses import LOGIT_LOSSES, LOSSES, LossInputs, normalizer
+from speechrl.trainer.policy import CompletionScores, Reference, completion_forward, trainable_parameters
+
+# DiffRO's reward over samples of a batch: (soft tokens [b, T, V], mask [b, T], sample indices [b]) -> R [b]
+BatchReward = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class RolloutBatch:
     prompt_mask: Tensor  # [P, S] 1 on prompt positions
     prompt_ids: Tensor | None = None  # [P, S] token-id prompts, or
     prompt_embeds: Tensor | None = None  # [P, S, H] embedding prompts (audio embeddings + instruction)
+    diffro_reward: BatchReward | None = None  # losses "diffro" / "grpo+diffro": R = log P(text_i | soft tokens)
 
     def __post_init__(self) -> None:
         if (self.prompt_ids is None) == (self.prompt_embeds is None):
@@ -75,16 +79,45 @@ def use_bf16(config: GRPOConfig, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
-def batch_logprobs(model: nn.Module, batch: RolloutBatch, rows: Tensor, config: GRPOConfig,
-                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
-    """completion_logprobs of the samples `rows` [M] of the batch: ([M, T], [M, T] | None)."""
+def batch_forward(model: nn.Module, batch: RolloutBatch, rows: Tensor, config: GRPOConfig, *,
+                  with_entropy: bool = False, with_logits: bool = False) -> CompletionScores:
+    """completion_forward of the samples `rows` [M] of the batch (logprobs [M, T], entropy, logits [M, T, V])."""
     prompt_rows = rows // batch.group_size  # [M] the prompt each sample answers
-    return completion_logprobs(
+    return completion_forward(
         model, batch.completion_ids[rows], batch.completion_mask[rows],
         prompt_mask=batch.prompt_mask[prompt_rows],
         prompt_ids=None if batch.prompt_ids is None else batch.prompt_ids[prompt_rows],
         prompt_embeds=None if batch.prompt_embeds is None else batch.prompt_embeds[prompt_rows],
-        temperature=config.temperature, with_entropy=with_entropy)
+        temperature=config.temperature, with_entropy=with_entropy, with_logits=with_logits)
+
+
+def batch_logprobs(model: nn.Module, batch: RolloutBatch, rows: Tensor, config: GRPOConfig,
+                   with_entropy: bool = False) -> tuple[Tensor, Tensor | None]:
+    """completion_logprobs of the samples `rows` [M] of the batch: ([M, T], [M, T] | None)."""
+    scores = batch_forward(model, batch, rows, config, with_entropy=with_entropy)
+    return scores.logprobs, scores.entropy
+
+
+def _diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | None, config: GRPOConfig,
+                   bf16: bool) -> dict[str, object]:
+    """LossInputs' DiffRO fields for the micro-batch `rows` [M]: the reference's logits and the reward."""
+    if batch.diffro_reward is None:
+        raise ValueError(f"loss {config.loss!r} needs RolloutBatch.diffro_reward (a token-input reward model); "
+                         "the TTS job sets it from its token2reward checkpoint")
+    ref_logits = None  # [M, T, V]
+    if config.diffro_beta > 0:
+        if reference is None:
+            raise ValueError("diffro_beta > 0 needs a reference (make_reference(policy)); or set diffro_beta=0")
+        device = batch.completion_ids.device
+        with torch.no_grad(), reference.active() as reference_model, \
+                torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            ref_logits = batch_forward(reference_model, batch, rows, config, with_logits=True).logits  # [M, T, V]
+    reward = batch.diffro_reward
+
+    def micro_batch_reward(soft: Tensor, mask: Tensor, index: Tensor) -> Tensor:
+        return reward(soft, mask, rows[index])  # [b] the micro-batch's rows back to batch samples
+
+    return {"ref_logits": ref_logits, "diffro_reward": micro_batch_reward}
 
 
 @torch.no_grad()
@@ -158,21 +191,26 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
             ref_logprobs = frozen_logprobs(reference_model, batch, config, bf16)  # [N, T]
 
     loss_fn = LOSSES[config.loss]
+    with_logits = config.loss in LOGIT_LOSSES  # DiffRO reads the full distributions, not only the sampled token
     totals, step_losses, grad_norms = _MetricSum(), [], []
     for _ in range(config.num_iterations):
         for step_rows in torch.arange(samples, device=device).split(step_size):  # [K]
             z = normalizer(mask[step_rows], config, all_reduce)  # [] Z over the whole optimizer step
+            step_samples = mask[step_rows].any(1).sum().clamp(min=1)  # [] DiffRO's N: scored samples of the step
             step_loss = torch.zeros((), device=device)
             for rows in step_rows.split(config.mini_batch_size):  # [M]
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    logprobs, entropy = batch_logprobs(policy, batch, rows, config, with_entropy=True)  # [M, T]
+                    scores = batch_forward(policy, batch, rows, config, with_entropy=True, with_logits=with_logits)
+                logprobs = scores.logprobs  # [M, T]
+                diffro = _diffro_inputs(batch, rows, reference, config, bf16) if with_logits else {}
                 inputs = LossInputs(
                     logprobs=logprobs,  # [M, T]
                     old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[rows],  # [M, T]
                     ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],  # [M, T]
                     advantages=advantages[rows],  # [M]
                     mask=mask[rows],  # [M, T]
-                    normalizer=z, entropy=entropy)
+                    normalizer=z, entropy=scores.entropy, logits=scores.logits,  # [M, T, V] or None
+                    sample_normalizer=step_samples, **diffro)  # type: ignore[arg-type]
                 loss, metrics = loss_fn(inputs, config)
                 loss.backward()  # gradients add up over the micro-batches of the step
                 step_loss += loss.detach()
