@@ -12,9 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from speechrl.client.codec import numpy_to_tensor, tensor_to_numpy
+from speechrl.services.audio import AudioInput
 from speechrl.services.config import from_namespace
-from speechrl.services.speaker.engine import SpeakerRegistry
-from speechrl.services.speaker.server import SpeakerConfig, start
+from speechrl.services.speaker.engine import ScoreItem, SimilarityScore, SpeakerRegistry
+from speechrl.services.speaker.server import SpeakerConfig, build_engine, start
 from speechrl.v1 import common_pb2, common_pb2_grpc, speaker_pb2, speaker_pb2_grpc
 from tests.conftest import RedisServer, Speech, free_port, serve_in_thread
 
@@ -219,6 +220,23 @@ def test_concurrent_single_item_requests_share_batches(stub, clips):
     cosines = [f.result().results[0].score.cosine for f in futures]
     assert max(cosines) - min(cosines) < 1e-6  # a batch's neighbours do not change a score
     assert batches() - before < 12, "12 concurrent requests ran as 12 separate batches"
+
+
+def test_a_reference_shared_by_a_group_is_embedded_once_per_batch(clips):
+    engine = build_engine(SpeakerConfig())
+    embedded: list[int] = []
+    real_embed = engine.backend.embed
+    engine.backend.embed = lambda waves: (embedded.append(len(waves)), real_embed(waves))[1]  # type: ignore[method-assign]
+    reference = AudioInput(encoded=clips["ref"])
+    # A GRPO group: G samples (two of them identical) against one prompt speaker.
+    samples = [clips["same"], clips["f3"], clips["m3"], clips["same"]]
+    batch = [ScoreItem(AudioInput(encoded=s), reference) for s in samples]
+    results = engine.process(batch)
+    assert embedded == [4]  # ref, same, f3, m3: each distinct audio once
+    alone = [engine.process([item])[0] for item in batch]
+    for together, single in zip(results, alone, strict=True):
+        assert isinstance(together, SimilarityScore) and isinstance(single, SimilarityScore)
+        assert together.cosine == pytest.approx(single.cosine, abs=1e-5)  # sharing changes no score
 
 
 def test_registry_forgets_least_recently_used():

@@ -3,7 +3,9 @@
 Callers `await batcher.submit(items)` from the event loop; one worker takes up to
 `max_batch_size` items, waiting at most `max_wait_ms` after the first one for company, and runs
 the engine's batch function in a single dedicated thread (models are not re-entrant, and on a
-2-core machine a second model thread only competes for the same cores). Items of one request may
+2-core machine a second model thread only competes for the same cores). `inline` runs it on the
+event loop instead, for cheap pure-Python engines (the rule rewards): they hold the GIL anyway, so
+a model thread adds a thread hand-off per batch and GIL switches against the loop, and no parallelism. Items of one request may
 span batches and a batch may mix requests; results come back to each caller in its order.
 
 A batch function that raises is retried item by item, so one poisonous item costs only itself an
@@ -67,7 +69,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
 
     def __init__(self, process: Callable[[list[ItemT]], Sequence[ResultT | ItemFailure]], *,
                  max_batch_size: int, max_wait_ms: float, name: str, max_queue_items: int = 4096,
-                 guard: DeviceGuard | None = None):
+                 guard: DeviceGuard | None = None, inline: bool = False):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_wait_ms < 0:
@@ -78,6 +80,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self.max_queue_items = max_queue_items
         self.name = name
         self.guard = guard
+        if inline and guard is not None:
+            raise ValueError("inline batches run on the event loop; a DeviceGuard's lease wait would block it")
+        self.inline = inline
         self._outstanding = 0  # accepted items whose future is not done yet
         self.items_processed = 0
         self.items_failed = 0
@@ -136,7 +141,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 continue
             items = [p.item for p in live]
             try:
-                if self.guard is None:
+                if self.inline:
+                    results = self._process_isolated(items)
+                elif self.guard is None:
                     results = await loop.run_in_executor(self._executor, self._process_isolated, items)
                 else:
                     results = await self.guard.run(self._executor, self._process_isolated, items)

@@ -27,8 +27,15 @@ class RuleRewardEngine:
         self.max_text_chars = max_text_chars
 
     def score_batch(self, items: list[RuleItem]) -> list[RuleRewardResult | ItemFailure]:
-        """Score every item; a bad item gets an ItemFailure and the others are unaffected."""
-        return [self._score(item) for item in items]
+        """Score every item; a bad item gets an ItemFailure and the others are unaffected.
+
+        Identical items (a group's repeated samples of one prompt) are scored once per batch.
+        """
+        scored: dict[RuleItem, RuleRewardResult | ItemFailure] = {}
+        for item in items:
+            if item not in scored:
+                scored[item] = self._score(item)
+        return [scored[item] for item in items]
 
     def _score(self, item: RuleItem) -> RuleRewardResult | ItemFailure:
         for name, text in (("hypothesis", item.hypothesis), ("reference", item.reference)):

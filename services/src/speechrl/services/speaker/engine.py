@@ -157,9 +157,14 @@ class SpeakerEngine:
                 for w in (wav, wav[: int(1.2 * rate)])]
 
     def process(self, items: list[SpeakerWork]) -> list[SpeakerOutcome | ItemFailure]:
-        """One result per item, in order; all audio of the batch is embedded in one backend call."""
-        waves: list[np.ndarray] = []  # every decoded audio of the batch, in embedding order
-        plans = [self._plan(item, waves) for item in items]
+        """One result per item, in order; all audio of the batch is embedded in one backend call.
+
+        Audio that recurs in a batch is decoded and embedded once: a GRPO group's G samples are all
+        compared with the same prompt speaker, so a batch of groups carries each reference G times.
+        """
+        waves: list[np.ndarray] = []  # every distinct decoded audio of the batch, in embedding order
+        rows: dict[AudioInput, int] = {}  # audio -> its row of waves: the same audio is embedded once
+        plans = [self._plan(item, waves, rows) for item in items]
         embeddings = self.backend.embed(waves) if waves else np.zeros((0, self.dim), np.float32)  # [W, D]
         # A backend must give unit rows; anything else (a dead ReLU, NaN) cannot be scored.
         usable = np.isfinite(embeddings).all(axis=1) & (np.abs(np.linalg.norm(embeddings, axis=1) - 1.0) < 1e-3)
@@ -178,14 +183,11 @@ class SpeakerEngine:
                 results.append(SimilarityScore(cos, similarity_reward(cos, plan.mapping), plan.mapping))
         return results
 
-    def _plan(self, item: SpeakerWork, waves: list[np.ndarray]) -> _Plan | ItemFailure:
-        """Check and decode one item, appending its audio to waves; cheap checks run first."""
+    def _plan(self, item: SpeakerWork, waves: list[np.ndarray], rows: dict[AudioInput, int]) -> _Plan | ItemFailure:
+        """Check and decode one item, adding its audio to waves (once per distinct audio); cheap checks run first."""
         if isinstance(item, EmbedItem):
-            wav = self._decode(item.audio, "")
-            if isinstance(wav, ItemFailure):
-                return wav
-            waves.append(wav)
-            return _Plan(len(waves) - 1)
+            row = self._row(item.audio, "", waves, rows)
+            return row if isinstance(row, ItemFailure) else _Plan(row)
         mapping = item.mapping or self.default_mapping
         if mapping not in SIMILARITY_MAPPINGS:
             raise ValueError(f"unknown reward mapping {mapping!r}; choose one of {sorted(SIMILARITY_MAPPINGS)}")
@@ -196,18 +198,26 @@ class SpeakerEngine:
             vector = self.check_embedding(item.reference.vector, "reference_embedding")
         if isinstance(vector, ItemFailure):
             return vector
-        wav = self._decode(item.audio, "audio")
-        if isinstance(wav, ItemFailure):
-            return wav
+        audio_row = self._row(item.audio, "audio", waves, rows)
+        if isinstance(audio_row, ItemFailure):
+            return audio_row
         reference_row = None
         if isinstance(item.reference, AudioInput):
-            ref_wav = self._decode(item.reference, "reference_audio")
-            if isinstance(ref_wav, ItemFailure):
-                return ref_wav
-            waves.append(ref_wav)
-            reference_row = len(waves) - 1
+            reference_row = self._row(item.reference, "reference_audio", waves, rows)
+            if isinstance(reference_row, ItemFailure):
+                return reference_row
+        return _Plan(audio_row, mapping, reference_row, vector)
+
+    def _row(self, audio: AudioInput, field: str, waves: list[np.ndarray], rows: dict[AudioInput, int]) -> int | ItemFailure:
+        """The row of waves holding audio, decoding and appending it the first time the batch meets it."""
+        if audio in rows:
+            return rows[audio]
+        wav = self._decode(audio, field)
+        if isinstance(wav, ItemFailure):
+            return wav
         waves.append(wav)
-        return _Plan(len(waves) - 1, mapping, reference_row, vector)
+        rows[audio] = len(waves) - 1
+        return rows[audio]
 
     def _decode(self, audio: AudioInput, field: str) -> np.ndarray | ItemFailure:
         """Mono float32 at the backend's rate, or the reason it cannot be embedded."""
