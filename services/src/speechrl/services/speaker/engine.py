@@ -203,9 +203,10 @@ class SpeakerEngine:
             return audio_row
         reference_row = None
         if isinstance(item.reference, AudioInput):
-            reference_row = self._row(item.reference, "reference_audio", waves, rows)
-            if isinstance(reference_row, ItemFailure):
-                return reference_row
+            row = self._row(item.reference, "reference_audio", waves, rows)
+            if isinstance(row, ItemFailure):
+                return row
+            reference_row = row
         return _Plan(audio_row, mapping, reference_row, vector)
 
     def _row(self, audio: AudioInput, field: str, waves: list[np.ndarray], rows: dict[AudioInput, int]) -> int | ItemFailure:
