@@ -20,7 +20,8 @@ from typing import Any
 
 import yaml
 
-from speechrl.trainer import asr_job
+from speechrl.trainer import asr_job, tts_job
+from speechrl.trainer.jobkit import Progress
 
 
 @dataclass(frozen=True)
@@ -28,11 +29,12 @@ class JobKind:
     """A kind of training job: its config dataclass and its async run function."""
 
     config_class: type
-    run: Callable[[Any, asr_job.Progress], Coroutine[Any, Any, dict[str, Any]]]
+    run: Callable[[Any, Progress], Coroutine[Any, Any, dict[str, Any]]]
 
 
 KINDS: dict[str, JobKind] = {
     "asr-grpo": JobKind(asr_job.AsrJobConfig, asr_job.run),
+    **{kind: JobKind(tts_job.TtsJobConfig, tts_job.runner(kind)) for kind in tts_job.KIND_LOSSES},
 }
 
 
@@ -67,6 +69,6 @@ def load_job_file(path: str | Path) -> tuple[str, Any]:
     return parse_job(values)
 
 
-def run_job(kind: str, config: Any, progress: asr_job.Progress) -> dict[str, Any]:
+def run_job(kind: str, config: Any, progress: Progress) -> dict[str, Any]:
     """Run a job to completion in this thread (its own event loop)."""
     return asyncio.run(KINDS[kind].run(config, progress))
