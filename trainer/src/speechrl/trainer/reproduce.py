@@ -1,38 +1,58 @@
 """The ASR paper's reward ablation at small scale, on this CPU, through the real services.
 
-    python -m speechrl.trainer.reproduce --out runs/asr-repro          # the table (~15 min on 2 cores)
+    python -m speechrl.trainer.reproduce --out runs/asr-repro          # the table (< 20 min on 2 cores)
     speechrl demo                                                       # the short version (main job)
+    python -m speechrl.trainer.reproduce --out runs/x --prepared runs/asr-repro --variants R1 --steps 60
+                                   # a GRPO experiment on an earlier run's corpus and warm start
 
 1. An English corpus spoken by espeak-ng (data.py): train/dev/test plus long test segments.
 2. A supervised warm start of a small LLM-ASR (warmstart.py): tiny.en's encoder + a small Qwen2,
    stopped early so RL has room.
 3. The local stack (rules, encoder with the policy's front-end, rollout with the policy).
-4. One GRPO run per reward set, each from the same warm start: R1 (1 - WER), R1+R2 (+ hallucination
-   penalty), R1+R2+R3 (+ keyword precision/recall).
-5. Greedy evaluation of the warm start and of every run on the test split and the long segments
-   (hallucination-prone): WER, insertions per utterance, hallucination rate, keyword recall.
-   Written to results.md / results.json with a plot (results.png).
+4. Greedy evaluation of the warm start on the test split and the long segments (hallucination-prone).
+5. RL prompts: the warm start samples G transcripts of candidate training utterances and long
+   segments; the prompts whose samples' rewards differ most are kept (data.select_informative_groups):
+   a prompt the warm start always gets right, or always wrong the same way, gives GRPO no gradient.
+6. One GRPO run per reward set on those prompts, each from the same warm start: R1 (1 - WER), R1+R2
+   (+ hallucination penalty), R1+R2+R3 (+ keyword precision/recall); then its greedy evaluation:
+   WER, insertions per utterance, hallucination rate. Written with the wall time of every stage to
+   results.md / results.json, and a plot (results.png).
+
+The frozen front-end's embeddings are computed once per utterance by the encoder service and
+shared by every stage (asr_job.EmbeddingCache): prompts are drawn many times and the test split is
+evaluated once per model, while the front-end never changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import random
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from speechrl.services import stack
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.ports import free_port
-from speechrl.trainer.asr_job import AsrJobConfig, Services, evaluate
+from speechrl.trainer import asr_job
+from speechrl.trainer.advantages import weighted_rewards
+from speechrl.trainer.asr_job import REWARD_COMPONENTS, AsrJobConfig, EmbeddingCache, Services, evaluate
 from speechrl.trainer.asr_policy import PromptLayout
-from speechrl.trainer.data import MANIFEST, DataConfig, build_asr_dataset, read_manifest
-from speechrl.trainer.runner import run_job
+from speechrl.trainer.data import (
+    MANIFEST,
+    DataConfig,
+    Row,
+    build_asr_dataset,
+    read_manifest,
+    select_informative_groups,
+    write_manifest,
+)
 from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -41,6 +61,8 @@ VARIANTS: dict[str, dict[str, float]] = {
     "R1+R2+R3": {"accuracy": 1.0, "hallucination": 1.0, "keyword": 1.0},
 }
 STACK = ("rules", "encoder", "rollout")
+STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
+PROMPT_SPLIT = "rl"  # the selected RL prompts, in the run's own prompts manifest
 
 
 @dataclass
@@ -48,6 +70,8 @@ class ReproConfig:
     """Sizes of the reproduction; the defaults fit ~15 minutes on 2 CPU cores."""
 
     out: str = option("runs/asr-repro", "Run folder: data/, policy/, one folder per variant, results.*")
+    prepared: str = option("", "An earlier run folder whose data/ and policy/ this run reuses (GRPO experiments "
+                               "on one warm start); empty: out's own, built when missing.")
     variants: str = option("R1,R1+R2,R1+R2+R3", f"Comma-separated reward sets, of {', '.join(VARIANTS)}.")
     train: int = option(1200, "Training utterances.")
     joined: int = option(300, "Training segments of 2-4 joined utterances (6-14 s), so the warm start reads on "
@@ -65,25 +89,47 @@ class ReproConfig:
     temperature: float = option(0.8, "Rollout sampling temperature: below 1 keeps a small warm-started model's "
                                      "samples near its greedy output, so groups differ by a few words.")
     kl_beta: float = option(0.1, "KL coefficient (the paper: 0.1).")
+    prompt_candidates: int = option(256, "Training utterances the warm start samples G times to choose the RL "
+                                         "prompts from (0: no selection, every train and long_train row is a prompt).")
+    long_candidates: int = option(24, "long_train segments among the candidates (where R2's loops happen).")
+    prompt_pool: int = option(96, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
     seed: int = option(0, "Seed of data, warm start and rollouts.")
 
 
-def prepare(config: ReproConfig) -> tuple[Path, Path]:
-    """The corpus and the warm-start checkpoint, built once and reused by later runs."""
-    out = Path(config.out)
-    manifest = out / "data" / MANIFEST
+def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
+    """The corpus and the warm-start checkpoint: the prepared run's, or out's own, built once and reused."""
+    home = Path(config.prepared or config.out)
+    manifest, policy = home / "data" / MANIFEST, home / "policy"
+    built = json.loads((home / STAGES_FILE).read_text()) if (home / STAGES_FILE).exists() else {}
+    if config.prepared and not (manifest.exists() and (policy / "asr_layout.json").exists()):
+        raise FileNotFoundError(f"--prepared {home}: needs data/{MANIFEST} and policy/ from an earlier run")
     if not manifest.exists():
-        print(f"[1/4] speaking the corpus into {manifest.parent}", flush=True)
-        build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=40,
-                                     joined=config.joined, test=config.test, long_test=config.long_test,
-                                     long_train=config.long_train))
-    policy = out / "policy"
+        print(f"[1/6] speaking the corpus into {manifest.parent}", flush=True)
+        with stage_timer(stages, "corpus"):
+            build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=40,
+                                         joined=config.joined, test=config.test, long_test=config.long_test,
+                                         long_train=config.long_train))
     if not (policy / "asr_layout.json").exists():
-        print(f"[2/4] warm start ({config.warmstart_epochs} epochs) into {policy}", flush=True)
-        run_warmstart(WarmStartConfig(data=str(manifest.parent), out=str(policy), hidden_size=config.hidden_size,
-                                      num_layers=config.num_layers, epochs=config.warmstart_epochs, seed=config.seed,
-                                      eval_splits="dev"))
+        print(f"[2/6] warm start ({config.warmstart_epochs} epochs) into {policy}", flush=True)
+        with stage_timer(stages, "warm start"):
+            run_warmstart(WarmStartConfig(data=str(manifest.parent), out=str(policy), hidden_size=config.hidden_size,
+                                          num_layers=config.num_layers, epochs=config.warmstart_epochs,
+                                          seed=config.seed, eval_splits="dev"))
+    built.update({name: stages[name] for name in ("corpus", "warm start") if name in stages})
+    (home / STAGES_FILE).write_text(json.dumps(built, indent=2) + "\n")
+    for name in ("corpus", "warm start"):  # this run's time, or where the stage was built before
+        if name not in stages:
+            minutes = f", {duration(built[name])}" if name in built else ""
+            stages[name] = f"reused ({home}{minutes})"
     return manifest, policy
+
+
+@contextlib.contextmanager
+def stage_timer(stages: dict[str, Any], name: str) -> Iterator[None]:
+    """Wall seconds of a stage, into stages[name]."""
+    started = time.monotonic()
+    yield
+    stages[name] = round(time.monotonic() - started, 1)
 
 
 def stack_environment(policy: Path, home: Path) -> dict[str, str]:
@@ -98,11 +144,12 @@ def stack_environment(policy: Path, home: Path) -> dict[str, str]:
     return env
 
 
-def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path, weights: dict[str, float]) -> AsrJobConfig:
+def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path, weights: dict[str, float],
+               train_split: str = "train,long_train") -> AsrJobConfig:
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
     return AsrJobConfig(
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split="dev",
-        train_split="train,long_train",
+        train_split=train_split,
         eval_size=40, eval_every=max(1, config.steps // 4), checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
@@ -111,18 +158,62 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
               "seed": config.seed})
 
 
-async def evaluate_splits(job: AsrJobConfig, policy: Path) -> dict[str, float]:
+async def evaluate_splits(job: AsrJobConfig, policy: Path, manifest: Path,
+                          cache: EmbeddingCache | None = None) -> dict[str, float]:
     """Greedy WER / insertions / hallucination rate on test and long, with the rollout service's weights."""
     layout = PromptLayout.load(policy)
-    rows = read_manifest(job.data)
+    rows = read_manifest(manifest)
     results: dict[str, float] = {}
     async with Services.connect(job) as services:
         for split in ("test", "long"):
             part = [r for r in rows if r.split == split]
             if part:
-                scores = await evaluate(services, part, layout.max_new_tokens, layout.instruction_ids)
+                scores = await evaluate(services, part, layout.max_new_tokens, layout.instruction_ids, cache)
                 results.update({key.replace("eval/", f"{split}/"): value for key, value in scores.items()})
     return results
+
+
+async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache: EmbeddingCache,
+                         batch_size: int = 32) -> list[list[float | None]]:
+    """G sampled transcripts of each row from the rollout service's current weights, and their rewards
+    (the job's reward weights and temperature), one group per row."""
+    grpo = job.grpo_config
+    layout = PromptLayout.load(policy)
+    groups: list[list[float | None]] = []
+    async with Services.connect(job) as services:
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start:start + batch_size]
+            audio = await asr_job.encode(services, batch, cache)  # P x [T_i, D]
+            results = await services.rollout.generate(
+                [a.numpy() for a in audio], n=grpo.group_size, temperature=grpo.temperature,
+                max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), seed=job.seed * 7919 + start,
+                suffix_token_ids=list(layout.instruction_ids))
+            texts = [s.text for r in results for s in r.unwrap()]  # P * G, group order
+            components = await asr_job.score(services, texts, [row for row in batch for _ in range(grpo.group_size)])
+            rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
+            groups += [rewards[i:i + grpo.group_size] for i in range(0, len(rewards), grpo.group_size)]
+    return groups
+
+
+def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifest: Path,
+                   cache: EmbeddingCache) -> tuple[Path, dict[str, int]]:
+    """The RL prompts (module docstring, step 5) in a manifest of their own beside the eval split;
+    returns it and the counts (candidates, with any reward spread, kept, long ones kept)."""
+    rows = read_manifest(manifest)
+    rng = random.Random(config.seed)
+    train = [r for r in rows if r.split == "train"]
+    long = [r for r in rows if r.split == "long_train"]
+    candidates = (rng.sample(train, min(config.prompt_candidates, len(train)))
+                  + rng.sample(long, min(config.long_candidates, len(long))))
+    groups = asyncio.run(sample_rewards(job, policy, candidates, cache))
+    informative = select_informative_groups(candidates, groups)
+    kept = select_informative_groups(candidates, groups, count=config.prompt_pool)
+    path = Path(config.out) / "prompts.jsonl"
+    write_manifest(path, [replace(r, split=PROMPT_SPLIT) for r in kept]
+                   + [r for r in rows if r.split == job.eval_split])
+    counts = {"candidates": len(candidates), "informative": len(informative), "kept": len(kept),
+              "long kept": sum(r.split == "long_train" for r in kept)}
+    return path, counts
 
 
 class QuietProgress:
@@ -133,7 +224,8 @@ class QuietProgress:
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         print(f"  {self.label} step {step}/{total}: reward {metrics['reward_mean']:.3f} wer {metrics['wer']:.3f} "
-              f"ins {metrics['insertions']:.2f} kl {metrics.get('kl', 0.0):.4f}", flush=True)
+              f"ins {metrics['insertions']:.2f} kl {metrics.get('kl', 0.0):.4f} "
+              f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f} s)", flush=True)
 
     def cancelled(self) -> bool:
         return False
@@ -141,29 +233,47 @@ class QuietProgress:
 
 def run(config: ReproConfig) -> dict[str, Any]:
     out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    manifest, policy = prepare(config)
+    stages: dict[str, Any] = {}
+    manifest, policy = prepare(config, stages)
     os.environ.update(stack_environment(policy, out / "stack"))
     paths = stack.StackPaths(Path(os.environ["SPEECHRL_HOME"]).resolve())
-    print("[3/4] starting the services", flush=True)
-    stack.up(STACK, paths, timeout=300)
+    print("[3/6] starting the services", flush=True)
+    with stage_timer(stages, "services up"):
+        stack.up(STACK, paths, timeout=300)
     table: dict[str, dict[str, float]] = {}
+    cache = EmbeddingCache(max_items=100_000)  # every utterance of the run: the front-end is frozen
+    selection: dict[str, int] = {}
     try:
-        baseline_job = job_config(config, manifest, policy, out / "baseline", VARIANTS["R1"])
-        table["warm start (baseline)"] = asyncio.run(evaluate_splits(baseline_job, policy))
-        print(f"[4/4] GRPO runs: {config.variants}", flush=True)
+        baseline_job = job_config(config, manifest, policy, out / "baseline", VARIANTS["R1+R2"])
+        print("[4/6] evaluating the warm start", flush=True)
+        with stage_timer(stages, "eval warm start"):
+            table["warm start (baseline)"] = asyncio.run(evaluate_splits(baseline_job, policy, manifest, cache))
+        prompts, train_split = manifest, "train,long_train"
+        if config.prompt_candidates:
+            print(f"[5/6] choosing {config.prompt_pool} RL prompts among {config.prompt_candidates} + "
+                  f"{config.long_candidates} long candidates", flush=True)
+            with stage_timer(stages, "prompt selection"):
+                prompts, selection = select_prompts(config, baseline_job, policy, manifest, cache)
+            train_split = PROMPT_SPLIT
+            print(f"  {selection}", flush=True)
+        print(f"[6/6] GRPO runs: {config.variants}", flush=True)
         for name in config.variants.split(","):
-            job = job_config(config, manifest, policy, out / name.replace("+", "_"), VARIANTS[name])
-            run_job("asr-grpo", job, QuietProgress(name))
-            table[name] = asyncio.run(evaluate_splits(job, policy))
+            job = job_config(config, prompts, policy, out / name.replace("+", "_"), VARIANTS[name], train_split)
+            with stage_timer(stages, f"GRPO {name}"):
+                asyncio.run(asr_job.run(job, QuietProgress(name), cache))
+            with stage_timer(stages, f"eval {name}"):
+                table[name] = asyncio.run(evaluate_splits(job, policy, manifest, cache))
     finally:
         stack.down(STACK, paths, grace=10)
     minutes = round((time.monotonic() - started) / 60, 1)
-    results = {"config": asdict(config), "minutes": minutes, "table": table}
+    results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "prompt_selection": selection,
+               "table": table}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(table, minutes))
+    (out / "results.md").write_text(markdown_table(table, minutes, stages))
     plot_table(table, out / "results.png")
-    print(markdown_table(table, minutes))
+    print(markdown_table(table, minutes, stages))
     return results
 
 
@@ -172,12 +282,21 @@ COLUMNS = (("test/wer", "test WER"), ("test/insertions", "test insertions/utt"),
            ("long/hallucination_rate", "long hallucination rate"))
 
 
-def markdown_table(table: dict[str, dict[str, float]], minutes: float) -> str:
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
+
+
+def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, Any] | None = None) -> str:
     lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |",
              "|---|" + "---|" * len(COLUMNS)]
     for name, scores in table.items():
         lines.append(f"| {name} | " + " | ".join(f"{scores.get(key, float('nan')):.3f}" for key, _ in COLUMNS) + " |")
-    return "\n".join(lines) + f"\n\nWhole run: {minutes} min.\n"
+    text = "\n".join(lines) + "\n"
+    if stages:
+        text += "\n| stage | wall time |\n|---|---|\n" + "".join(
+            f"| {name} | {duration(value) if isinstance(value, (int, float)) else value} |\n"
+            for name, value in stages.items())
+    return text + f"\nWhole run: {minutes} min.\n"
 
 
 def plot_table(table: dict[str, dict[str, float]], path: Path) -> None:
