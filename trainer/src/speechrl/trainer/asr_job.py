@@ -21,19 +21,15 @@ import asyncio
 import contextlib
 import functools
 import json
-import math
 import random
-import shutil
-import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
 
 from speechrl.client import AsyncAudioEncoderClient, AsyncRolloutClient, AsyncRuleRewardsClient
 from speechrl.services.config import option
@@ -45,10 +41,20 @@ from speechrl.trainer.checkpoint import (
     latest_checkpoint,
     load_optimizer,
     restore_rng,
-    save_checkpoint,
 )
 from speechrl.trainer.config import GRPOConfig
 from speechrl.trainer.data import Row, read_manifest
+from speechrl.trainer.jobkit import (
+    PhaseTimer,
+    Progress,
+    check_on_policy,
+    mean_of,
+    pad_right,
+    push_weights,
+    sampled_sequences,
+    train_loop,
+    update_lease,
+)
 from speechrl.trainer.policy import apply_lora, make_optimizer, make_reference
 from speechrl.trainer.step import RolloutBatch, grpo_update
 
@@ -99,27 +105,6 @@ class AsrJobConfig:
     @property
     def grpo_config(self) -> GRPOConfig:
         return GRPOConfig.from_dict(self.grpo)
-
-
-class Progress(Protocol):
-    """Where a run reports: the CLI's progress bar, or the job service's Redis record."""
-
-    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None: ...
-
-    def cancelled(self) -> bool: ...
-
-
-class PhaseTimer:
-    """Wall time of each phase of a step."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name: str) -> Any:
-        start = time.perf_counter()
-        yield
-        self.seconds[f"time/{name}"] = time.perf_counter() - start
 
 
 @dataclass
@@ -204,24 +189,12 @@ async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Ro
     }
 
 
-def _mean(values: Sequence[float | None]) -> float:
-    kept = [v for v in values if v is not None]
-    return float(np.mean(kept)) if kept else math.nan
-
-
 def rollout_batch(policy: AsrPolicy, audio: Sequence[torch.Tensor], samples: Sequence[Any],
                   rewards: Sequence[float | None]) -> RolloutBatch:
     """The GRPO batch: prompts once each (left-padded embeddings), completions with EOS where sampled."""
     with torch.no_grad():
         prompts = policy.inputs(audio, padding_side="left")  # instruction embeddings: fixed during this step
-    eos = policy.layout.eos_token_id
-    completions = [list(s.token_ids) + ([eos] if s.finish_reason == "stop" else []) for s in samples]
-    width = max(1, max(len(c) for c in completions))
-    ids = torch.full((len(completions), width), policy.layout.pad_token_id, dtype=torch.long)  # [N, T]
-    mask = torch.zeros(len(completions), width, dtype=torch.long)  # [N, T]
-    for i, c in enumerate(completions):
-        ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
-        mask[i, :len(c)] = 1
+    ids, mask = pad_right(sampled_sequences(samples, policy.layout.eos_token_id), policy.layout.pad_token_id)  # [N, T]
     return RolloutBatch(completion_ids=ids, completion_mask=mask, rewards=list(rewards),
                         prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
 
@@ -251,44 +224,6 @@ def save_policy(policy: AsrPolicy, folder: Path, lora: bool) -> None:
         policy.save(folder)
 
 
-async def sync_weights(services: Services, policy: AsrPolicy, sync_dir: Path, version: int, lora: bool = False) -> int:
-    """Push the policy's weights as `version` (a full safetensors file, or the LoRA adapter folder);
-    returns the version the rollout service confirms."""
-    sync_dir.mkdir(parents=True, exist_ok=True)
-    if lora:
-        path = sync_dir / f"adapter-v{version:06d}"
-        await asyncio.to_thread(policy.model.save_pretrained, str(path))
-    else:
-        path = sync_dir / f"policy-v{version:06d}.safetensors"
-        state = {k: v.detach().to("cpu").contiguous() for k, v in policy.model.state_dict().items()}
-        await asyncio.to_thread(save_file, state, str(path))
-    confirmed = await services.rollout.update_weights(version, str(path), format="lora" if lora else "full")
-    for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
-        if old != path:
-            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
-    if confirmed != version:
-        raise RuntimeError(f"rollout service confirmed policy version {confirmed}, expected {version}")
-    return confirmed
-
-
-@contextlib.asynccontextmanager
-async def update_lease(config: AsrJobConfig) -> AsyncIterator[None]:
-    """The trainer device's GPU lease around the update, when configured."""
-    if not config.lease_device:
-        yield
-        return
-    import redis.asyncio as aioredis
-
-    from speechrl.services.lease import GpuLease
-
-    client = aioredis.Redis.from_url(config.redis_url)
-    try:
-        async with GpuLease(client, owner="trainer").hold(config.lease_device, priority="high", timeout=600):
-            yield
-    finally:
-        await client.aclose()
-
-
 async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
                      update: Callable[[RolloutBatch], dict[str, float]], services: Services, config: AsrJobConfig,
                      grpo: GRPOConfig, version: int, cache: EmbeddingCache | None = None) -> tuple[dict[str, Any], int]:
@@ -307,25 +242,22 @@ async def train_step(step: int, rows: Sequence[Row], policy: AsrPolicy,
             [a.numpy() for a in audio], n=grpo.group_size, max_tokens=budget, temperature=grpo.temperature,
             seed=config.seed * 100_003 + step, suffix_token_ids=list(policy.layout.instruction_ids))
         samples = [s for r in results for s in r.unwrap()]  # P * G, group order
-    stale = {s.policy_version for s in samples} - {version}
-    if stale:
-        raise RuntimeError(f"rollouts came from policy versions {sorted(stale)}, not {version}: the rollout "
-                           "service is not serving the trainer's weights")
+    check_on_policy([s.policy_version for s in samples], version)
     group_rows = [row for row in rows for _ in range(grpo.group_size)]
     with timer("score"):
         components = await score(services, [s.text for s in samples], group_rows)
     rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
     batch = rollout_batch(policy, audio, samples, rewards)
     with timer("update"):
-        async with update_lease(config):
+        async with update_lease(config.lease_device, config.redis_url):
             update_metrics = await asyncio.to_thread(update, batch)
     with timer("sync"):
-        version = await sync_weights(services, policy, sync_dir(config), version + 1, grpo.lora)
+        version = await push_weights(services.rollout, policy.model, sync_dir(config), version + 1, grpo.lora)
     metrics: dict[str, Any] = {
         **update_metrics, **reward_statistics(rewards, grpo.group_size), **timer.seconds,
-        **{f"reward/{k}": _mean(components[k]) for k in REWARD_COMPONENTS},
-        "wer": _mean(components["wer"]), "insertions": _mean(components["insertions"]),
-        "hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]]),
+        **{f"reward/{k}": mean_of(components[k]) for k in REWARD_COMPONENTS},
+        "wer": mean_of(components["wer"]), "insertions": mean_of(components["insertions"]),
+        "hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]]),
         "completion_tokens": float(np.mean([len(s.token_ids) for s in samples])),
         "encoded": cache.misses - encoded_before if cache is not None else len(rows),  # sent to the encoder
         "policy_version": version,
@@ -341,41 +273,12 @@ async def evaluate(services: Services, rows: Sequence[Row], layout_budget: Calla
         [a.numpy() for a in audio], n=1, temperature=0.0, max_tokens=max(layout_budget(a.shape[0]) for a in audio),
         suffix_token_ids=list(instruction_ids))
     components = await score(services, [r.unwrap()[0].text for r in results], rows)
-    return {"eval/wer": _mean(components["wer"]), "eval/insertions": _mean(components["insertions"]),
-            "eval/hallucination_rate": _mean([None if h is None else float(h < 0) for h in components["hallucination"]])}
+    return {"eval/wer": mean_of(components["wer"]), "eval/insertions": mean_of(components["insertions"]),
+            "eval/hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]])}
 
 
 def sync_dir(config: AsrJobConfig) -> Path:
     return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
-
-
-class MetricsLog:
-    """metrics.jsonl and TensorBoard events of a run (a resumed run drops records past its checkpoint)."""
-
-    def __init__(self, out_dir: Path, resume_step: int):
-        self.path = out_dir / "metrics.jsonl"
-        kept = [line for line in self.path.read_text().splitlines()
-                if json.loads(line)["step"] <= resume_step] if self.path.exists() else []
-        self.path.write_text("".join(line + "\n" for line in kept))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer: Any = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
-        except ImportError:  # tensorboard is optional; metrics.jsonl always has everything
-            self.writer = None
-
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
-            self.writer.flush()
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
 
 
 def sharded_update(config: AsrJobConfig, grpo: GRPOConfig) -> distributed.ShardedUpdate:
@@ -402,7 +305,8 @@ async def run(config: AsrJobConfig, progress: Progress, cache: EmbeddingCache | 
         control = distributed.init_process_group(torch.device(config.device))
     torch.manual_seed(grpo.seed)
     if launch is not None and not launch.is_main:
-        await distributed.follow(sharded_update(config, grpo), control, lambda: update_lease(config))
+        await distributed.follow(sharded_update(config, grpo), control,
+                                 lambda: update_lease(config.lease_device, config.redis_url))
         return {}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -431,7 +335,6 @@ async def run(config: AsrJobConfig, progress: Progress, cache: EmbeddingCache | 
         restore_rng(state)
     rows = read_manifest(config.data, config.train_split)
     eval_rows = read_manifest(config.data, config.eval_split)[:config.eval_size] if config.eval_split else []
-    log = MetricsLog(out, state.step)
     cache = cache if cache is not None else EmbeddingCache(config.embedding_cache)
     async with Services.connect(config) as services:
         if config.prefetch_embeddings:
@@ -439,26 +342,23 @@ async def run(config: AsrJobConfig, progress: Progress, cache: EmbeddingCache | 
         status = await services.rollout.get_service_status()
         # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
         # weights with a version newer than both, so every later sample is provably ours.
-        version = await sync_weights(services, policy, sync_dir(config), max(state.version, status.policy_version) + 1,
-                                     grpo.lora)
-        while state.step < config.steps and not progress.cancelled():
+        version = await push_weights(services.rollout, policy.model, sync_dir(config),
+                                     max(state.version, status.policy_version) + 1, grpo.lora)
+
+        async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
             batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
-            metrics, version = await train_step(state.step, batch_rows, policy, update, services, config, grpo,
-                                                version, cache)
-            state.step += 1
-            state.version = version
-            last = state.step == config.steps
-            if eval_rows and (last or (config.eval_every and state.step % config.eval_every == 0)):
-                metrics.update(await evaluate(services, eval_rows, policy.layout.max_new_tokens,
-                                              policy.layout.instruction_ids, cache))
-            log.write(state.step, metrics)
-            progress.report(state.step, config.steps, metrics)
-            if last or state.step % config.checkpoint_every == 0:
-                await asyncio.to_thread(save_checkpoint, out, state, lambda f: save_policy(policy, f / "policy", grpo.lora),
-                                        optimizer)
+            return await train_step(index, batch_rows, policy, update, services, config, grpo, version, cache)
+
+        async def evaluate_due(index: int, last: bool) -> dict[str, float]:
+            if eval_rows and (last or (config.eval_every and index % config.eval_every == 0)):
+                return await evaluate(services, eval_rows, policy.layout.max_new_tokens, policy.layout.instruction_ids,
+                                      cache)
+            return {}
+
+        await train_loop(out, state, config.steps, progress, step, lambda f: save_policy(policy, f / "policy", grpo.lora),
+                         optimizer, version=version, checkpoint_every=config.checkpoint_every, evaluate=evaluate_due)
     if isinstance(update, distributed.DataParallelUpdate):
         update.close()  # ranks > 0 return
-    log.close()
     summary = summarize(out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
