@@ -10,6 +10,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from speechrl.rewards import rule_rewards
+from speechrl.services.rules.engine import RuleItem, RuleRewardEngine
 from speechrl.services.rules.server import RulesConfig, start
 from speechrl.v1 import common_pb2, common_pb2_grpc, rule_rewards_pb2, rule_rewards_pb2_grpc
 from tests.conftest import free_port, serve_in_thread
@@ -83,3 +84,15 @@ def test_health_reflection_and_status(channel: grpc.Channel) -> None:
     status = common_pb2_grpc.ServiceStatusStub(channel).GetServiceStatus(common_pb2.GetServiceStatusRequest())
     assert status.service == "speechrl.v1.RuleRewards" and status.batching.max_batch_size == 32
     assert status.items_processed > 0 and status.version
+
+
+def test_a_batch_shares_work_without_changing_any_score() -> None:
+    # A GRPO group: G samples of one prompt, some identical, all against one reference.
+    reference = "Please call Stella and ask her to bring these things with her from the store."
+    hypotheses = ["please call stella and ask her to bring these things", "please call stella",
+                  "please call stella", "bring these things bring these things bring these things"]
+    engine = RuleRewardEngine()
+    together = engine.score_batch([RuleItem(h, reference) for h in hypotheses])
+    for hypothesis, result in zip(hypotheses, together, strict=True):
+        assert result == rule_rewards(hypothesis, reference)  # as if scored alone, outside any batch
+    assert together[1] is together[2]  # the repeated sample was scored once

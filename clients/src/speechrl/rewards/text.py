@@ -9,7 +9,10 @@ normaliser (lower case, punctuation and diacritics-safe symbol removal).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
+from collections.abc import Iterator
 
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
@@ -34,10 +37,26 @@ def _basic() -> BasicTextNormalizer:
 
 
 # Whisper's English normaliser costs ~0.35 ms a sentence (dozens of regex passes), more than the
-# WER itself, and RL scores the same reference G times per group and often the same hypothesis
-# several times: remember recent results. Texts past the length cap are not kept (bounded memory).
-NORMALIZE_CACHE_ENTRIES = 4096
-NORMALIZE_CACHE_MAX_CHARS = 2000
+# WER itself, and a GRPO batch scores each reference G times (often the same hypothesis too).
+# Inside `shared_normalization()` results are remembered, so a batch normalises each text once;
+# the memo lives as long as the batch, so memory stays bounded without a global cache.
+_MEMO: contextvars.ContextVar[dict[tuple[str, str], str] | None] = contextvars.ContextVar("normalization_memo",
+                                                                                         default=None)
+
+
+@contextlib.contextmanager
+def shared_normalization() -> Iterator[None]:
+    """Within the block, normalize_text computes each (text, language) once.
+
+    >>> with shared_normalization():
+    ...     normalize_text("Twenty-five!") == normalize_text("Twenty-five!")
+    True
+    """
+    token = _MEMO.set({})
+    try:
+        yield
+    finally:
+        _MEMO.reset(token)
 
 
 def normalize_text(text: str, language: str = "en") -> str:
@@ -48,14 +67,13 @@ def normalize_text(text: str, language: str = "en") -> str:
     >>> normalize_text("你好，世界", "zh")
     '你 好 世 界'
     """
-    if len(text) <= NORMALIZE_CACHE_MAX_CHARS:
-        return _normalize_cached(text, language)
-    return _normalize(text, language)
-
-
-@functools.lru_cache(maxsize=NORMALIZE_CACHE_ENTRIES)
-def _normalize_cached(text: str, language: str) -> str:
-    return _normalize(text, language)
+    memo = _MEMO.get()
+    if memo is None:
+        return _normalize(text, language)
+    key = (text, language)
+    if key not in memo:
+        memo[key] = _normalize(text, language)
+    return memo[key]
 
 
 def _normalize(text: str, language: str) -> str:
