@@ -97,3 +97,30 @@ async def test_without_a_wait_items_arriving_during_a_batch_form_the_next_one() 
     assert await first == [0] and rest == [[i] for i in range(1, 11)]
     batcher.close()
     assert sizes == [1, 10], "no added latency when idle; everything that queued meanwhile runs together"
+
+
+async def test_callers_that_come_back_together_are_waited_for_and_a_lone_caller_is_not() -> None:
+    sizes: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def work(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        threading.Event().wait(0.002)
+        return xs
+
+    batcher = DynamicBatcher(work, max_batch_size=32, max_wait_ms=200, name="t-closed-loop")
+    start = loop.time()
+    for i in range(5):  # a lone client, one item at a time: never held back by max_wait_ms
+        assert await batcher.submit([i]) == [i]
+    assert loop.time() - start < 0.2, "a lone caller waited for company that never comes"
+
+    async def client(index: int) -> None:  # sends again only after its reply, a network hop later
+        for _ in range(10):
+            await batcher.submit([index])
+            await asyncio.sleep(0.001 * (1 + index % 4))
+
+    sizes.clear()
+    await asyncio.gather(*(client(i) for i in range(16)))
+    batcher.close()
+    # Greedy batching (max_wait_ms=0) splits them by their return times, into ~25 batches of 4-8.
+    assert sum(sizes) == 160 and len(sizes) <= 12, f"16 returning clients ran in {len(sizes)} batches: {sizes}"

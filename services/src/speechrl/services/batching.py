@@ -43,6 +43,12 @@ QUEUE_DEPTH = Gauge("speechrl_queue_depth", "Items waiting for a batch", ["batch
 ITEMS = Counter("speechrl_items_total", "Items processed, by outcome", ["batcher", "outcome"])
 
 
+# Before closing a batch on an empty queue, yield to the event loop this many times: gRPC hands the
+# loop one received call per callback, so calls that have already arrived reach the queue only
+# when the loop runs. Costs microseconds when idle.
+GATHER_YIELDS = 4
+
+
 class QueueFull(RuntimeError):
     """More items are waiting than the batcher accepts; the caller should shed the request."""
 
@@ -84,6 +90,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             raise ValueError("inline batches run on the event loop; a DeviceGuard's lease wait would block it")
         self.inline = inline
         self._outstanding = 0  # accepted items whose future is not done yet
+        self._previous_batch_size = 1
         self.items_processed = 0
         self.items_failed = 0
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
@@ -122,19 +129,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         assert self._queue is not None
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self._queue.get()]
-            deadline = loop.time() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
-                if self._queue.empty():
-                    remaining = deadline - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-                    except TimeoutError:
-                        break
-                else:
-                    batch.append(self._queue.get_nowait())
+            batch = await self._gather(loop)
             QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
             live = [p for p in batch if not p.future.done()]  # skip callers that were cancelled
             if not live:
@@ -155,6 +150,35 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
             for p, result in zip(live, results, strict=True):
                 if not p.future.done():
                     p.future.set_result(result)
+
+    async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Pending[ItemT, ResultT]]:
+        """The next batch: what is queued, plus the items worth waiting for (at most max_wait_ms).
+
+        Waiting pays only when more items are coming. Clients that wait for their reply before
+        sending again (a trainer's workers, OpenRLHF's per-sample calls) come back together, a
+        round trip after their batch was answered: so wait while the batch is smaller than the
+        previous one, and not at all after a batch of one (a lone client gets no added latency).
+        """
+        assert self._queue is not None
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        expected = min(self._previous_batch_size, self.max_batch_size)
+        yields = 0
+        while len(batch) < self.max_batch_size:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            elif len(batch) < expected and (remaining := deadline - loop.time()) > 0:
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                except TimeoutError:
+                    break
+            elif yields < GATHER_YIELDS:  # calls gRPC already received reach the queue only when the loop runs
+                yields += 1
+                await asyncio.sleep(0)
+            else:
+                break
+        self._previous_batch_size = len(batch)
+        return batch
 
     def _process_isolated(self, items: list[ItemT]) -> list[ResultT | ItemFailure]:
         start = time.perf_counter()

@@ -30,9 +30,10 @@ class ServerConfig:
     host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
     port: int = option(0, "Port to listen on; 0 picks the service's default port.")
     max_batch_size: int = option(32, "Most items per model batch (dynamic batching); 1 turns batching off.")
-    max_wait_ms: float = option(0.0, "How long the first queued item waits for company before its batch runs. "
-                                     "0: run at once with whatever is queued; items arriving meanwhile form the next "
-                                     "batch (best on CPU, measured in bench/RESULTS.md). GPU: 5-20 to fill batches.")
+    max_wait_ms: float = option(5.0, "Longest a batch waits for company once its first item is queued. It waits only "
+                                     "while smaller than the previous batch (callers served together come back "
+                                     "together), never after a batch of one, so a lone client gets no added latency. "
+                                     "0: run with whatever is queued. GPU: 5-20 to fill batches.")
     max_request_items: int = option(256, "Most items in one request; more is INVALID_ARGUMENT.")
     max_queue_items: int = option(4096, "Most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED.")
     max_audio_seconds: float = option(60.0, "Longest audio accepted per item; longer items get AUDIO_TOO_LONG.")
