@@ -32,6 +32,7 @@ from speechrl.trainer.runner import JobConfigError, parse_job, run_job
 from speechrl.trainer.tts_job import TtsJobConfig
 from speechrl.trainer.tts_warmstart import TtsWarmStartConfig, read_corpus, run_tts_warmstart
 from tests.conftest import RedisServer, free_port, serve_in_thread
+from tests.test_trainer_asr import Recorder
 
 COMPONENTS = ("intelligibility", "speaker", "duration", "diversity")
 
@@ -61,17 +62,6 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         endpoints = {name: f"127.0.0.1:{servers.enter_context(serve_in_thread(start)).port}"
                      for name, start in starts.items()}
         yield Stack(Path(summary["policy"]), Path(summary["corpus"]), root / "t2r", endpoints)
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.steps: list[tuple[int, dict[str, Any]]] = []
-
-    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
-        self.steps.append((step, metrics))
-
-    def cancelled(self) -> bool:
-        return False
 
 
 def job(stack: Stack, out: Path, redis_url: str, **grpo: Any) -> TtsJobConfig:

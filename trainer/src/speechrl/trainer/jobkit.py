@@ -79,7 +79,7 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
     sync_dir.mkdir(parents=True, exist_ok=True)
     if lora:
         path = sync_dir / f"adapter-v{version:06d}"
-        await asyncio.to_thread(model.save_pretrained, str(path))  # type: ignore[operator]
+        await asyncio.to_thread(model.save_pretrained, str(path))  # type: ignore[operator,arg-type]  # a peft model
     else:
         path = sync_dir / f"policy-v{version:06d}.safetensors"
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}

@@ -58,7 +58,7 @@ from speechrl.trainer.jobkit import (
 from speechrl.trainer.losses import LOGIT_LOSSES
 from speechrl.trainer.policy import make_optimizer, make_reference
 from speechrl.trainer.step import BatchReward, RolloutBatch, grpo_update
-from speechrl.trainer.tts_policy import EOS_ID, PAD_ID, TtsPolicy
+from speechrl.trainer.tts_policy import EOS_ID, PAD_ID, TtsLayout, TtsPolicy
 from speechrl.trainer.tts_warmstart import read_corpus
 
 REWARD_COMPONENTS = ("intelligibility", "speaker", "duration", "diversity", "f0")
@@ -270,6 +270,24 @@ class Trainer:
         return metrics, version
 
 
+async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequence[Prompt], layout: TtsLayout,
+                   references: dict[str, np.ndarray], temperature: float = 0.0) -> dict[str, float]:
+    """Synthesis of prompts by the rollout service's current weights (greedy by default), rendered by
+    token2wav and judged by the real scorers: WER (mean per utterance) and SIM (raw cosine)."""
+    budget = max(layout.max_new_tokens(p.text) for p in prompts)
+    results = await services.rollout.generate([layout.prompt_ids(p.text) for p in prompts], n=1, max_tokens=budget,
+                                              temperature=temperature, seed=config.seed,
+                                              speech_token_range=layout.speech_range())
+    tokens = [layout.speech_tokens(r.unwrap()[0].token_ids) for r in results]
+    speech = await render(services, tokens, [p.voice for p in prompts])
+    components = await score(services, config, {"f0": 0.0}, speech, tokens, prompts, references, group_size=1)
+    # An utterance that could not be rendered (no speech tokens) said nothing: WER 1, not a skipped item.
+    wers = [1.0 if w is None else w for w in components["wer"]]
+    return {"wer": float(np.mean(wers)), "sim": mean_of(components["sim"]),
+            "render_failures": float(sum(not s.ok for s in speech)),
+            "speech_tokens": float(np.mean([len(t) for t in tokens]))}
+
+
 def sync_dir(config: TtsJobConfig) -> Path:
     return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
 
@@ -330,7 +348,7 @@ async def run(config: TtsJobConfig, progress: Progress, kind: str = "tts-grpo") 
         async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
             return await trainer.step(index, random.sample(prompts, min(grpo.batch_size, len(prompts))), version)
 
-        await train_loop(out, state, config.steps, progress, step, lambda f: policy.save(f / "policy"), optimizer,
+        await train_loop(out, state, config.steps, progress, step, lambda f: _save(policy, f), optimizer,
                          version=version, checkpoint_every=config.checkpoint_every)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     summary = {"steps": rows[-1]["step"] if rows else 0,
@@ -338,6 +356,10 @@ async def run(config: TtsJobConfig, progress: Progress, kind: str = "tts-grpo") 
                   if rows and key in rows[0]}}
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def _save(policy: TtsPolicy, checkpoint: Path) -> None:
+    policy.save(checkpoint / "policy")
 
 
 def runner(kind: str) -> Callable[[TtsJobConfig, Progress], Coroutine[Any, Any, dict[str, Any]]]:

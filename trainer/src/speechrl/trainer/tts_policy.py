@@ -32,6 +32,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -136,8 +137,8 @@ class TtsPolicy:
             raise FileNotFoundError(f"{folder} has no {LAYOUT_FILE}: not a TtsPolicy folder (TtsPolicy.save writes one)")
         values = json.loads((folder / LAYOUT_FILE).read_text())
         layout = TtsLayout(words=tuple(values.pop("words")), **values)
-        model = Qwen2ForCausalLM.from_pretrained(str(folder), torch_dtype=torch.float32).to(device)
-        return cls(model, layout)
+        model: Any = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        return cls(model.to(device), layout)
 
     def save(self, folder: str | Path) -> str:
         """Write the checkpoint folder (model, tokenizer, generation config, layout); returns it."""

@@ -1,0 +1,225 @@
+"""DiffRO's table (arXiv 2507.05911) at small scale, on this CPU, real audio and real scorers end to end.
+
+    python -m speechrl.trainer.reproduce_tts --out runs/tts-repro        # < 20 min on 2 cores
+
+1. Corpus + warm start (tts_warmstart.py): data.py's sentences, espeak-ng's phonemes as speech
+   tokens, a small Qwen2 TTS policy trained on them with substituted / dropped targets, stopped early.
+2. Token2Reward (token2reward.py) trained on the corpus's clean (tokens, text) pairs: DiffRO's reward.
+3. The services: rollout (the policy), token2wav (espeak-ng renders the tokens), intelligibility
+   (Whisper tiny.en) and speaker (Resemblyzer), as `speechrl up` starts them, on private ports.
+4. Runs from the same warm start: GRPO (audio rewards), DiffRO (Token2Reward only: no ASR in the
+   loop), GRPO+DiffRO without the sample filter, GRPO+DiffRO with it.
+5. Each system, and the warm start (baseline), synthesises the held-out test sentences greedily;
+   token2wav renders them, Whisper scores WER and the speaker scorer SIM against the prompt voice.
+   Written to results.md / results.json with results.png (bars per system; reward curves).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from speechrl.services import stack
+from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.ports import free_port
+from speechrl.trainer import token2reward
+from speechrl.trainer.tts_job import Prompt, TtsJobConfig, TtsServices, evaluate, voice_references
+from speechrl.trainer.tts_job import run as run_tts_job
+from speechrl.trainer.tts_policy import TtsPolicy
+from speechrl.trainer.tts_warmstart import TtsWarmStartConfig, read_corpus, run_tts_warmstart
+
+STACK = ("intelligibility", "speaker", "rollout", "token2wav")
+# system -> (job kind, GRPOConfig overrides); the audio rewards act only where GRPO does.
+SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
+    "GRPO": ("tts-grpo", {}),
+    "DiffRO": ("tts-diffro", {"reward_weights": {"intelligibility": 0.0, "speaker": 0.0}}),
+    "GRPO+DiffRO (no filter)": ("tts-grpo+diffro", {"diffro_filter": False}),
+    "GRPO+DiffRO (filter)": ("tts-grpo+diffro", {"diffro_filter": True}),
+}
+
+
+@dataclass
+class TtsReproConfig:
+    """Sizes of the TTS reproduction; the defaults fit < 20 minutes on 2 CPU cores."""
+
+    out: str = option("runs/tts-repro", "Run folder: warm/ (corpus, policy), token2reward/, one folder per system, "
+                                        "results.*")
+    systems: str = option(",".join(SYSTEMS), f"Comma-separated systems, of {', '.join(SYSTEMS)}.")
+    train: int = option(600, "Training sentences (warm start, Token2Reward, RL prompts).")
+    test: int = option(40, "Held-out test sentences (the reported WER / SIM): Whisper costs ~0.35 s each.")
+    warmstart_steps: int = option(150, "Warm-start updates: stopped early on purpose, so RL has room.")
+    token2reward_steps: int = option(300, "Token2Reward training updates.")
+    steps: int = option(12, "RL steps per system.")
+    group_size: int = option(4, "G: samples per text.")
+    batch_size: int = option(4, "Texts per step.")
+    learning_rate: float = option(2e-4, "RL learning rate.")
+    kl_beta: float = option(0.05, "GRPO's KL coefficient.")
+    diffro_beta: float = option(0.05, "DiffRO's token-level KL coefficient beta.")
+    diffro_lambda: float = option(0.05, "lambda of the DiffRO term in GRPO+DiffRO (its reward is a sum over "
+                                        "characters, tens of nats, so it is scaled down next to GRPO's ~1).")
+    voices: str = option("en-us,en-gb+f3,en-us+m7", "espeak voices (speaker prompts), round-robin over texts.")
+    seed: int = option(0, "Seed of everything.")
+
+
+class StepLog:
+    """One line per RL step."""
+
+    def __init__(self, label: str):
+        self.label = label
+
+    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
+        parts = [f"{key.removeprefix('reward/')} {metrics[key]:.3f}" for key in
+                 ("reward_mean", "reward/intelligibility", "wer", "sim", "diffro_reward", "kl", "diffro_kl")
+                 if key in metrics and metrics[key] == metrics[key]]  # NaN: not computed in this run
+        seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+        print(f"  {self.label} step {step}/{total}: {' '.join(parts)} ({seconds:.1f} s)", flush=True)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+def train_reward_model(config: TtsReproConfig, corpus: Path, out: Path) -> Path:
+    """Token2Reward on the clean (tokens, text) pairs of the training split (reused when present)."""
+    if (out / token2reward.CHECKPOINT).exists():
+        return out
+    from speechrl.services.token2wav.tokens import VOCABULARY
+
+    pairs = [(r["tokens"], r["text"]) for r in read_corpus(corpus, "train")]
+    model_config = token2reward.Token2RewardConfig(num_tokens=len(VOCABULARY), d_model=96, layers=2, heads=4)
+
+    def log(step: int, loss: float) -> None:
+        if step % 50 == 0 or step == config.token2reward_steps - 1:
+            print(f"  token2reward step {step + 1}/{config.token2reward_steps} ctc {loss:.3f}", flush=True)
+
+    model = token2reward.train(pairs, model_config, steps=config.token2reward_steps, seed=config.seed, log=log)
+    token2reward.save(model, out)
+    return out
+
+
+def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path, out_dir: Path,
+               grpo: dict[str, Any]) -> TtsJobConfig:
+    ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
+    return TtsJobConfig(
+        policy=warm["policy"], data=warm["corpus"], token2reward=str(reward_model), voices=config.voices,
+        steps=config.steps, checkpoint_every=config.steps, out_dir=str(out_dir), seed=config.seed,
+        redis_url=stack.redis_url(), **{name: f"127.0.0.1:{port}" for name, port in ports.items()},
+        grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+              "mini_batch_size": config.group_size * config.batch_size, "kl_beta": config.kl_beta,
+              "diffro_beta": config.diffro_beta, "diffro_lambda": config.diffro_lambda,
+              "max_completion_length": 160, "seed": config.seed, **grpo})
+
+
+async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt]) -> dict[str, float]:
+    """Greedy test-set synthesis of the rollout service's current weights, scored for WER and SIM."""
+    layout = TtsPolicy.load(job.policy).layout
+    async with TtsServices.connect(job) as services:
+        return await evaluate(services, job, prompts, layout, await voice_references(services, job))
+
+
+def timed(stages: dict[str, float], name: str, fn: Any, *args: Any) -> Any:
+    started = time.monotonic()
+    result = fn(*args)
+    stages[name] = round(time.monotonic() - started, 1)
+    return result
+
+
+def run(config: TtsReproConfig) -> dict[str, Any]:
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started, stages = time.monotonic(), dict[str, float]()
+    print("[1/5] corpus + warm start", flush=True)
+    warm = timed(stages, "corpus + warm start", run_tts_warmstart, TtsWarmStartConfig(
+        out=str(out / "warm"), train=config.train, dev=20, test=config.test, steps=config.warmstart_steps,
+        seed=config.seed))
+    print(f"  {warm}", flush=True)
+    print("[2/5] Token2Reward", flush=True)
+    reward_model = timed(stages, "token2reward", train_reward_model, config, Path(warm["corpus"]), out / "token2reward")
+    env = {"SPEECHRL_HOME": str(out / "stack"), "SPEECHRL_ROLLOUT_MODEL_PATH": str(Path(warm["policy"]).resolve()),
+           **{f"SPEECHRL_{name.upper()}_PORT": str(free_port()) for name in STACK}}
+    os.environ.update(env)  # private ports: never collide with a stack the user already runs
+    paths = stack.StackPaths(Path(env["SPEECHRL_HOME"]).resolve())
+    print("[3/5] starting the services", flush=True)
+    timed(stages, "services up", stack.up, STACK, paths, 300)
+    voices = [v.strip() for v in config.voices.split(",")]
+    test = [Prompt(r["text"], voices[i % len(voices)]) for i, r in enumerate(read_corpus(warm["corpus"], "test"))]
+    table: dict[str, dict[str, float]] = {}
+    try:
+        print(f"[4/5] evaluating the warm start on {len(test)} test sentences", flush=True)
+        baseline = job_config(config, warm, reward_model, out / "baseline", {})
+        table["warm start (baseline)"] = timed(stages, "eval baseline", asyncio.run, evaluate_system(baseline, test))
+        print(f"  {table['warm start (baseline)']}", flush=True)
+        print(f"[5/5] RL runs: {config.systems}", flush=True)
+        for name in config.systems.split(","):
+            kind, grpo = SYSTEMS[name]
+            job = job_config(config, warm, reward_model, out / name.replace(" ", "_").replace("+", "_"), grpo)
+            timed(stages, name, asyncio.run, run_tts_job(job, StepLog(name), kind=kind))
+            table[name] = timed(stages, f"eval {name}", asyncio.run, evaluate_system(job, test))
+            print(f"  {name}: {table[name]}", flush=True)
+    finally:
+        stack.down(STACK, paths, grace=10)
+    minutes = round((time.monotonic() - started) / 60, 1)
+    results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "warm_start": warm,
+               "table": table}
+    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "results.md").write_text(markdown_table(table, minutes, stages))
+    plot(table, out, out / "results.png")
+    print(markdown_table(table, minutes, stages))
+    return results
+
+
+def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, float]) -> str:
+    lines = ["| system | test WER | SIM | speech tokens / utt |", "|---|---|---|---|"]
+    lines += [f"| {name} | {s['wer']:.3f} | {s['sim']:.3f} | {s['speech_tokens']:.1f} |" for name, s in table.items()]
+    lines += ["", "| stage | wall time |", "|---|---|"]
+    lines += [f"| {name} | {seconds / 60:.1f} min |" for name, seconds in stages.items()]
+    return "\n".join(lines) + f"\n\nWhole run: {minutes} min.\n"
+
+
+def plot(table: dict[str, dict[str, float]], out: Path, path: Path) -> None:
+    """Bars of test WER and SIM per system; the training reward curves of each run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (wer, sim, curves) = plt.subplots(1, 3, figsize=(16, 4.5))
+    names = list(table)
+    for axis, key, label in ((wer, "wer", "test WER (greedy, Whisper tiny.en)"), (sim, "sim", "SIM (raw cosine)")):
+        axis.bar(range(len(names)), [table[n][key] for n in names], color="tab:blue" if key == "wer" else "tab:green")
+        axis.set_xticks(range(len(names)), [n.replace(" (", "\n(") for n in names], fontsize=7)
+        axis.set_title(label)
+    diffro_axis = None
+    for name in names[1:]:
+        metrics = out / name.replace(" ", "_").replace("+", "_") / "metrics.jsonl"
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
+        if rows and rows[0]["reward/intelligibility"] == rows[0]["reward/intelligibility"]:  # NaN: not computed
+            curves.plot([r["step"] for r in rows], [r["reward/intelligibility"] for r in rows], label=name)
+        elif rows:  # DiffRO alone: its reward is log P(text | tokens), on its own axis
+            diffro_axis = diffro_axis or curves.twinx()
+            diffro_axis.plot([r["step"] for r in rows], [r["diffro_reward"] for r in rows], "k--", label=name)
+            diffro_axis.set_ylabel("DiffRO log P(text | tokens)")
+    curves.set_ylabel("intelligibility reward (1 - WER)")
+    curves.set_xlabel("step")
+    curves.set_title("mean reward of the rollouts")
+    curves.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, TtsReproConfig)
+    run(from_namespace(TtsReproConfig, "tts_repro", parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    main()
+
