@@ -3,7 +3,9 @@ single-item clients, and the ASR scorer's thread/allocator settings.
 
     python bench/scorers.py [--only rules,speaker,intelligibility] [--quick]
 
-Utterances are espeak-ng speech (about 3 s each). In-process calls the engine's batch function
+Utterances are espeak-ng speech (about 3 s each). Items come in GRPO groups of 8 samples of one
+prompt: rule hypotheses are different transcripts of the group's reference, speaker items compare
+different utterances with the group's prompt speaker. In-process calls the engine's batch function
 directly; "gRPC" runs the real server as a separate process (`speechrl serve`, with the stack's
 process settings) and calls it with the asyncio client, one call after another; the concurrency table sends one item per
 request from 32 asyncio clients at once, against a server with max_batch_size 32 (dynamic
@@ -68,11 +70,31 @@ def _texts(i: int) -> str:
     return SENTENCES[i % len(SENTENCES)]
 
 
+# Items come as GRPO sends them: groups of GROUP samples of one prompt. Rules: each sample a
+# different plausible transcript (one word dropped) of the group's reference. Speaker: each sample
+# a different utterance, all compared with the group's prompt speaker.
+GROUP = 8
+
+
+def _reference(i: int) -> str:
+    return _texts(i // GROUP)
+
+
+def _hypothesis(i: int) -> str:
+    words = _reference(i).split()
+    drop = i % GROUP % len(words)
+    return " ".join(words[:drop] + words[drop + 1:])
+
+
+def _prompt_speaker(wavs: Sequence[Any], i: int) -> Any:
+    return wavs[(i // GROUP) % len(wavs)]
+
+
 def _rules_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
     from speechrl.services.rules.engine import RuleItem, RuleRewardEngine
 
     engine = RuleRewardEngine()
-    return lambda start, n: engine.score_batch([RuleItem(_texts(i + 1), _texts(i)) for i in range(start, start + n)])
+    return lambda start, n: engine.score_batch([RuleItem(_hypothesis(i), _reference(i)) for i in range(start, start + n)])
 
 
 def _speaker_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
@@ -82,7 +104,7 @@ def _speaker_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
     engine = build_engine(SpeakerConfig())
     engine.process(list(engine.warm_up_items()))
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
-    return lambda start, n: engine.process([ScoreItem(audio[i % len(audio)], audio[(i + 1) % len(audio)])
+    return lambda start, n: engine.process([ScoreItem(audio[i % len(audio)], _prompt_speaker(audio, i))
                                             for i in range(start, start + n)])
 
 
@@ -98,14 +120,15 @@ def _asr_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
 
 SCORERS = {
     "rules": Scorer("rules", 2048, _rules_inproc,
-                    lambda c, w, s, n: c.score([_texts(i + 1) for i in range(s, s + n)], [_texts(i) for i in range(s, s + n)]),
+                    lambda c, w, s, n: c.score([_hypothesis(i) for i in range(s, s + n)],
+                                               [_reference(i) for i in range(s, s + n)]),
                     AsyncRuleRewardsClient,
-                    lambda c, w, i: c.score([_texts(i + 1)], [_texts(i)])),
+                    lambda c, w, i: c.score([_hypothesis(i)], [_reference(i)])),
     "speaker": Scorer("speaker", 128, _speaker_inproc,
                       lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
-                                                 [w[(i + 1) % len(w)] for i in range(s, s + n)]),
+                                                 [_prompt_speaker(w, i) for i in range(s, s + n)]),
                       AsyncSpeakerClient,
-                      lambda c, w, i: c.score([w[i % len(w)]], [w[(i + 1) % len(w)]])),
+                      lambda c, w, i: c.score([w[i % len(w)]], [_prompt_speaker(w, i)])),
     "intelligibility": Scorer("intelligibility", 32, _asr_inproc,
                               lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
                                                          [_texts(i) for i in range(s, s + n)]),
