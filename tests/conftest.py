@@ -75,8 +75,9 @@ def uvicorn_in_thread(app: FastAPI) -> Iterator[str]:
 class RedisServer:
     """A private redis-server on a free port, for tests that stop, restart or flush Redis."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, appendonly: bool = False):
         self.workdir = workdir
+        self.appendonly = appendonly  # persist every write (fsync always), to test restarts that keep data
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -86,7 +87,8 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.appendonly else "no", "--appendfsync", "always",
              "--dir", str(self.workdir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         import redis
 
@@ -99,6 +101,15 @@ class RedisServer:
                 time.sleep(0.05)
         raise RuntimeError(f"private redis-server did not start on port {self.port}")
 
+    def declare_clean(self) -> None:
+        """Tell the GPU lease this server started empty, so it skips its post-restart quiet period
+        (a restart by stop()/start() gets the quiet period again: it is a new run)."""
+        import redis
+
+        from speechrl.services.lease import declare_clean_start
+
+        declare_clean_start(redis.Redis(port=self.port))
+
     def stop(self) -> None:
         if self.proc is not None:
             self.proc.terminate()
@@ -110,5 +121,6 @@ class RedisServer:
 def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path)
     server.start()
+    server.declare_clean()
     yield server
     server.stop()

@@ -3,17 +3,20 @@
     python tests/lease_worker.py contend URL DEVICE N OUT   # N grants, append "fence start end" lines to OUT
     python tests/lease_worker.py hold URL DEVICE TTL_MS     # take the lease, print "granted FENCE", hold forever
     python tests/lease_worker.py wait URL DEVICE            # queue for the lease, print "queued", wait forever
+    python tests/lease_worker.py churn URL DEVICE SECONDS OUT  # take turns for SECONDS through Redis outages,
+                                                               # append "fence start last_work lost" lines to OUT
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import sys
 import time
 
 import redis.asyncio as aioredis
 
-from speechrl.services.lease import GpuLease, LeaseSettings
+from speechrl.services.lease import GpuLease, LeaseError, LeaseSettings
 
 
 async def contend(url: str, device: str, n: int, out: str) -> None:
@@ -44,10 +47,34 @@ async def wait(url: str, device: str) -> None:
     await task
 
 
+async def churn(url: str, device: str, seconds: float, out: str) -> None:
+    """Hold for 50-800 ms at a time (often across a restart), doing "work" every 5 ms only while the lease is still ours,
+    and record when work last happened: a holder paused by the OS does no work while paused."""
+    lease = GpuLease(aioredis.Redis.from_url(url), owner="churn",
+                     settings=LeaseSettings(ttl_ms=1000, waiter_ttl_ms=600, poll_ms=50))
+    stop_at = time.monotonic() + seconds
+    lines = []
+    while time.monotonic() < stop_at:
+        try:
+            async with lease.hold(device, timeout=2) as grant:
+                start = last_work = time.monotonic()
+                until = start + random.uniform(0.05, 0.8)
+                while (now := time.monotonic()) < until and lease.still_held(grant):
+                    last_work = now
+                    await asyncio.sleep(0.005)
+                lines.append(f"{grant.fence} {start:.9f} {last_work:.9f} {int(grant.lost.is_set())}\n")
+        except LeaseError:  # Redis down or the quiet period: try again
+            await asyncio.sleep(0.05)
+    with open(out, "a") as f:
+        f.writelines(lines)
+
+
 if __name__ == "__main__":
     mode, url, device, *rest = sys.argv[1:]
     if mode == "contend":
         asyncio.run(contend(url, device, int(rest[0]), rest[1]))
+    elif mode == "churn":
+        asyncio.run(churn(url, device, float(rest[0]), rest[1]))
     elif mode == "hold":
         asyncio.run(hold(url, device, int(rest[0])))
     else:

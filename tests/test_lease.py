@@ -120,7 +120,9 @@ async def test_a_killed_holder_loses_the_lease_within_its_ttl(redis_server: Redi
     holder = subprocess.Popen([sys.executable, str(WORKER), "hold", redis_server.url, "cuda:0", str(ttl_ms)],
                               stdout=subprocess.PIPE, text=True)
     try:
-        assert holder.stdout is not None and holder.stdout.readline().startswith("granted")
+        assert holder.stdout is not None
+        first = holder.stdout.readline().split()
+        assert first[0] == "granted"
         holder.kill()
         holder.wait()
         killed_at = time.monotonic()
@@ -128,7 +130,7 @@ async def test_a_killed_holder_loses_the_lease_within_its_ttl(redis_server: Redi
         waited = time.monotonic() - killed_at
         assert waited <= (ttl_ms + ttl_ms / 3) / 1000 + FAST.poll_ms / 1000 + 0.1, waited
         assert (await device_status(client, "cuda:0")).stats.get("expiries") == 1
-        assert grant.fence == 2
+        assert grant.fence == int(first[1]) + 1
     finally:
         holder.kill()
 
@@ -175,3 +177,70 @@ def test_settings_check_their_invariants() -> None:
         LeaseSettings(waiter_ttl_ms=100, poll_ms=100)
     with pytest.raises(ValueError, match="heartbeat_ms"):
         LeaseSettings(ttl_ms=1000, heartbeat_ms=1000)
+
+
+async def test_a_holder_reclaims_its_lease_after_a_redis_restart(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    lease = GpuLease(client, "holder", FAST)
+    async with lease.hold("cuda:0") as grant:
+        await asyncio.to_thread(redis_server.stop)  # without persistence: every key is gone
+        await asyncio.to_thread(redis_server.start)
+        other = GpuLease(aioredis.Redis.from_url(redis_server.url), "other", FAST)  # no stale pooled connection
+        waiter = asyncio.create_task(other.acquire("cuda:0", timeout=10))
+        await asyncio.sleep(1.5)  # 1.5 TTLs: only a reclaimed hold can still be ours
+        assert lease.still_held(grant) and not waiter.done(), "nobody else is granted while the holder works"
+        status = await device_status(client, "cuda:0")
+        assert status.holder == "holder" and status.fence == grant.fence and status.stats["reclaims"] == 1
+    later = await waiter
+    assert later.fence > grant.fence, "fences keep growing across the restart"
+    await client.aclose()
+    await other.client.aclose()
+
+
+async def test_after_a_redis_restart_a_silent_holder_stops_before_anyone_else_is_granted(
+        redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    lease = GpuLease(client, "paused", FAST)
+    silent = await lease.acquire("cuda:0")  # no heartbeat: a holder cut off from Redis
+    await asyncio.to_thread(redis_server.stop)
+    await asyncio.to_thread(redis_server.start)
+    other = GpuLease(aioredis.Redis.from_url(redis_server.url), "other", FAST)
+    restarted = time.monotonic()
+    grant = await other.acquire("cuda:0", timeout=10)
+    assert time.monotonic() - restarted >= FAST.ttl_ms / 1000, "a fresh Redis grants nothing for one TTL"
+    assert not lease.still_held(silent), "the old holder's own deadline passed before the new grant"
+    assert not await lease.renew(silent) and silent.lost.is_set()
+    assert grant.fence > silent.fence
+    await client.aclose()
+    await other.client.aclose()
+
+
+@pytest.mark.parametrize("appendonly", [False, True], ids=["no-persistence", "appendonly"])
+def test_a_redis_restart_under_contention_never_yields_two_holders(tmp_path: Path, appendonly: bool) -> None:
+    server = RedisServer(tmp_path, appendonly=appendonly)
+    server.start()
+    server.declare_clean()
+    out = tmp_path / "intervals.txt"
+    procs = [subprocess.Popen([sys.executable, str(WORKER), "churn", server.url, "cuda:0", "9", str(out)])
+             for _ in range(4)]
+    try:
+        time.sleep(3.0)  # the workers start (imports) and take turns
+        server.stop()
+        down = time.monotonic()
+        time.sleep(0.2)  # shorter than most holds: holders work on across the restart
+        server.start()
+        up = time.monotonic()
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            p.kill()
+        server.stop()
+    rows = sorted((float(s), float(e), int(f), int(lost)) for f, s, e, lost in
+                  (line.split() for line in out.read_text().splitlines()))
+    assert any(s < down for s, *_ in rows) and any(s > up for s, *_ in rows), "turns on both sides of the restart"
+    after = [s for s, *_ in rows if s > down]
+    assert min(after) >= up + FAST.ttl_ms / 1000, "no new grant within the quiet period after the restart"
+    for (_, e1, f1, _), (s2, _, f2, _) in zip(rows, rows[1:], strict=False):
+        assert s2 >= e1, f"grant {f2} started at {s2:.3f} while grant {f1} still worked (until {e1:.3f})"
+        assert f2 > f1, f"fence {f2} granted after fence {f1}"

@@ -9,7 +9,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.lease import GpuLease, LeaseSettings, LeaseUnavailable
+from speechrl.services.lease import GpuLease, LeaseLost, LeaseSettings, LeaseUnavailable
 from speechrl.services.residency import DeviceGuard
 from tests.conftest import RedisServer
 
@@ -74,13 +74,42 @@ async def test_keep_policy_loads_once(redis_server: RedisServer) -> None:
 async def test_redis_down_fails_the_batch_with_a_lease_error(redis_server: RedisServer) -> None:
     client = aioredis.Redis.from_url(redis_server.url)
     model = Model("orphan")
-    guard = DeviceGuard(model, lease=GpuLease(client, "orphan"), device="cpu:0", policy="offload", wait_timeout_s=1)
+    # A restarted Redis grants nothing for one lease TTL (lease.py: no two holders): a short TTL keeps it brief.
+    guard = DeviceGuard(model, lease=GpuLease(client, "orphan", LeaseSettings(ttl_ms=1000)), device="cpu:0",
+                        policy="offload", wait_timeout_s=5)
     batcher = DynamicBatcher(model.compute, max_batch_size=2, max_wait_ms=1, name="orphan", guard=guard)
     redis_server.stop()
     with pytest.raises(LeaseUnavailable):
         await batcher.submit([1])
     redis_server.start()
     assert await batcher.submit([1]) == [2], "the batcher recovers when Redis returns"
+    batcher.close()
+    await client.aclose()
+
+
+async def test_a_batch_that_outlives_its_lease_fails_with_lease_lost(redis_server: RedisServer) -> None:
+    client = aioredis.Redis.from_url(redis_server.url)
+    started, finish = threading.Event(), threading.Event()
+
+    class Slow(Model):
+        def compute(self, items: list[int]) -> list[int]:
+            started.set()
+            finish.wait(10)
+            return [i + 1 for i in items]
+
+    model = Slow("slow")
+    guard = DeviceGuard(model, lease=GpuLease(client, "slow", LeaseSettings(ttl_ms=300)), device="cpu:0", policy="keep",
+                        wait_timeout_s=5)
+    batcher = DynamicBatcher(model.compute, max_batch_size=2, max_wait_ms=1, name="slow", guard=guard)
+    batch = asyncio.create_task(batcher.submit([1]))
+    await asyncio.to_thread(started.wait, 10)
+    redis_server.stop()  # no heartbeat gets through: past its deadline the holder must count the lease as lost
+    await asyncio.sleep(0.5)
+    finish.set()
+    with pytest.raises(LeaseLost, match="lapsed during the batch"):
+        await batch
+    redis_server.start()
+    assert await batcher.submit([1]) == [2], "the next batch runs once Redis is back (after its quiet period)"
     batcher.close()
     await client.aclose()
 

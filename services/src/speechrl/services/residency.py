@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 from speechrl.services.config import ServerConfig
-from speechrl.services.lease import GpuLease, Grant, LeaseSettings
+from speechrl.services.lease import GpuLease, Grant, LeaseLost, LeaseSettings
 from speechrl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,14 @@ class DeviceGuard:
         async with self.lease.hold(self.device, self.priority, self.wait_timeout_s) as grant:
             self.grant = grant
             try:
-                return await loop.run_in_executor(executor, self._run, fn, items)
+                results = await loop.run_in_executor(executor, self._run, fn, items)
             finally:
                 self.grant = None
+            # The batch cannot be stopped mid-way, but a result computed after the lease lapsed
+            # (Redis unreachable, or restarted and reclaimed by no one) is refused: UNAVAILABLE, retried.
+            if not self.lease.still_held(grant):
+                raise LeaseLost(f"lease of {self.device} lapsed during the batch; retry it")
+            return results
 
     def lease_state(self) -> common_pb2.LeaseState:
         """The lease part of a GetServiceStatus reply."""

@@ -5,9 +5,12 @@ from speechrl.services.lease.lease import (
     GpuLease,
     Grant,
     LeaseError,
+    LeaseLost,
     LeaseSettings,
     LeaseTimeout,
     LeaseUnavailable,
+    declare_clean_start,
 )
 
-__all__ = ["PRIORITIES", "GpuLease", "Grant", "LeaseError", "LeaseSettings", "LeaseTimeout", "LeaseUnavailable"]
+__all__ = ["PRIORITIES", "GpuLease", "Grant", "LeaseError", "LeaseLost", "LeaseSettings", "LeaseTimeout", "LeaseUnavailable",
+           "declare_clean_start"]

@@ -11,6 +11,29 @@ next live waiter gets it. Waiters refresh their own liveness key while they wait
 dies is skipped. Every grant carries a fencing token that only grows, so a component that acts on
 behalf of a lease holder (a rollout server taking new weights, a checkpoint writer) can refuse a
 stale holder whose lease lapsed during a pause (Kleppmann's note on fencing tokens).
+
+Redis restarts. A restart without persistence (or one that loses the last second of an
+append-only file) forgets the holder while the holder's batch is still running; it hears of
+it only at its next heartbeat. Three rules keep "at most one holder" and "fences only grow":
+
+1. The holder polices itself: it counts its lease as lost `ttl_ms - heartbeat/2` after sending
+   the last renewal that Redis confirmed (its Redis-side TTL started later than that send), so
+   when Redis is unreachable or paused it stops before anyone could be granted. `Grant.lost` is
+   set; DeviceGuard fails the batch with UNAVAILABLE (a LeaseLost) and the client retries it.
+2. A Redis whose uptime is below the TTL grants nothing new (a quiet period): any holder from
+   before the restart either renews within it, and its renewal re-creates its hold with its
+   ticket and fence ("reclaim", scripts.RENEW), or has policed itself off by the end of it, since
+   its last confirmed renewal came before the restart. So no two holders overlap.
+3. A missing fence counter is created from the server clock in microseconds, above every fence
+   of the lost state (that counter grew by one per grant, far slower than a microsecond clock).
+
+The quiet period also delays the first grant on a brand-new Redis by one TTL (Redis cannot tell
+"new" from "restarted"). Whoever knows a server started empty with nobody holding anything (a
+deployment's first start, a test fixture) can call `declare_clean_start`, which records that
+server's run_id; the marker never matches a later run, so a restart still gets its quiet period.
+Assumed: the Redis host's clock does not jump back across a restart, and every user of a device
+shares one `ttl_ms` (the quiet period uses the asker's TTL). A failover to a replica that missed
+the newest writes is not covered (the same limit as redis-py's Lock).
 """
 
 from __future__ import annotations
@@ -23,6 +46,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
+import redis
 import redis.asyncio as aioredis
 from prometheus_client import Counter, Histogram
 from redis.exceptions import RedisError
@@ -50,6 +74,11 @@ class LeaseTimeout(LeaseError):
 
 class LeaseUnavailable(LeaseError):
     """Redis could not be reached; the caller should answer UNAVAILABLE and retry later."""
+
+
+class LeaseLost(LeaseError):
+    """The lease lapsed while work ran under it (no heartbeat got through in time, or a Redis
+    restart could not be reclaimed): the work's result must not be used; retry it."""
 
 
 @dataclass(frozen=True)
@@ -89,8 +118,29 @@ class Grant:
     ticket: str
     fence: int
     granted_at: float
+    confirmed_at: float = 0.0
+    """Clock time at which the last grant or renewal that Redis confirmed was sent: the holder
+    counts its lease as lost a little less than a TTL after this (see the module docstring)."""
     lost: asyncio.Event = field(default_factory=asyncio.Event)
-    """Set when a heartbeat found the lease gone: stop GPU work, the device is someone else's."""
+    """Set when a heartbeat found the lease gone or none got through in time: stop GPU work,
+    the device may be someone else's."""
+
+
+def clean_start_key(namespace: str) -> str:
+    """Where `declare_clean_start` records a server's run_id (outside any device's hash tag: it is
+    read by a plain GET and handed to the scripts as an argument)."""
+    return f"{namespace}:clean-start"
+
+
+def declare_clean_start(client: redis.Redis, namespace: str = "speechrl:lease") -> str:
+    """Declare that the Redis behind client started empty and nobody holds a lease from before,
+    so it needs no post-restart quiet period. Only for a server you just started yourself.
+
+        declare_clean_start(redis.Redis.from_url("redis://127.0.0.1:6379/0"))
+    """
+    run_id = str(client.info("server")["run_id"])
+    client.set(clean_start_key(namespace), run_id)
+    return run_id
 
 
 def device_prefix(namespace: str, device: str) -> str:
@@ -111,6 +161,7 @@ class GpuLease:
         self._renew = client.register_script(scripts.RENEW)
         self._release = client.register_script(scripts.RELEASE)
         self._cancel = client.register_script(scripts.CANCEL)
+        self._clean_run_id = ""  # see declare_clean_start; read when a reply says "recovering"
 
     def _keys(self, device: str) -> tuple[str, dict[str, str]]:
         p = device_prefix(self.settings.namespace, device)
@@ -129,16 +180,20 @@ class GpuLease:
         s = self.settings
         try:
             while True:
-                state, value, expired = await self._acquire(
+                sent = self.clock()
+                state, value, expired, recovering = await self._acquire(
                     keys=[k["holder"], k["info"], k["queue"], k["fence"], k["seq"], k["stats"], k["owners"]],
-                    args=[ticket, s.ttl_ms, s.waiter_ttl_ms, PRIORITIES[priority], self.owner, p, int(enqueue)])
+                    args=[ticket, s.ttl_ms, s.waiter_ttl_ms, PRIORITIES[priority], self.owner, p, int(enqueue),
+                          self._clean_run_id])
                 enqueue = False
                 if expired:
                     LEASE_EVENTS.labels(device, "expired").inc()
                 if state == 1:
                     WAIT_SECONDS.labels(device).observe(self.clock() - start)
                     LEASE_EVENTS.labels(device, "granted").inc()
-                    return Grant(device, ticket, int(value), self.clock())
+                    return Grant(device, ticket, int(value), self.clock(), confirmed_at=sent)
+                if recovering:  # maybe this server was declared clean since we last looked
+                    await self._read_clean_marker()
                 if state == -1:  # we paused longer than waiter_ttl_ms and were skipped: rejoin at the back
                     log.warning("lease %s: waiter %s was dropped as dead; re-queueing", device, self.owner)
                     enqueue = True
@@ -162,15 +217,46 @@ class GpuLease:
                 await self._cancel(keys=[k["queue"], k["owners"]], args=[ticket, p])
             raise
 
-    async def renew(self, grant: Grant) -> bool:
-        """Extend the grant's TTL; False (and grant.lost set) when it had already lapsed."""
-        _, k = self._keys(grant.device)
-        ok = bool(await self._renew(keys=[k["holder"]], args=[grant.ticket, self.settings.ttl_ms]))
-        if not ok and not grant.lost.is_set():
+    async def _read_clean_marker(self) -> None:
+        marker = await self.client.get(clean_start_key(self.settings.namespace))
+        self._clean_run_id = marker.decode() if isinstance(marker, bytes) else (marker or "")
+
+    def _mark_lost(self, grant: Grant, why: str) -> None:
+        if not grant.lost.is_set():
             grant.lost.set()
             LEASE_EVENTS.labels(grant.device, "lost").inc()
-            log.error("lease %s lost by %s (fence %d): TTL ran out before a heartbeat", grant.device, self.owner, grant.fence)
-        return ok
+            log.error("lease %s lost by %s (fence %d): %s", grant.device, self.owner, grant.fence, why)
+
+    async def renew(self, grant: Grant) -> bool:
+        """Extend the grant's TTL (re-creating it after a Redis restart, within the quiet period);
+        False (and grant.lost set) when it had already lapsed or someone else holds the device."""
+        _, k = self._keys(grant.device)
+        sent = self.clock()
+        if sent >= self.lost_after(grant):  # paused past our own deadline: too late to renew safely
+            self._mark_lost(grant, "no renewal was confirmed within the TTL")
+            return False
+        outcome = int(await self._renew(keys=[k["holder"], k["info"], k["fence"], k["stats"]],
+                                        args=[grant.ticket, self.settings.ttl_ms, grant.fence, self.owner,
+                                              self._clean_run_id]))
+        if outcome == 0:
+            self._mark_lost(grant, "TTL ran out before a heartbeat, or a restarted Redis could not be reclaimed")
+            return False
+        if outcome == 2:
+            LEASE_EVENTS.labels(grant.device, "reclaimed").inc()
+            log.warning("lease %s reclaimed by %s (fence %d) after Redis lost it", grant.device, self.owner, grant.fence)
+        grant.confirmed_at = max(grant.confirmed_at, sent)
+        return True
+
+    def still_held(self, grant: Grant) -> bool:
+        """Whether work may go on under grant: not lost, and within its own deadline even when the
+        heartbeat task has not run yet (the holder checks this before each unit of work)."""
+        return not grant.lost.is_set() and self.clock() < self.lost_after(grant)
+
+    def lost_after(self, grant: Grant) -> float:
+        """Clock time from which grant counts as lost unless a renewal is confirmed: half a
+        heartbeat before its Redis-side TTL can run out, a margin for the holder to notice."""
+        s = self.settings
+        return grant.confirmed_at + (s.ttl_ms - s.heartbeat_interval_ms / 2) / 1000
 
     async def release(self, grant: Grant) -> bool:
         """Give the lease back and wake the next waiter; False when it had already lapsed."""
@@ -183,13 +269,22 @@ class GpuLease:
 
     async def _heartbeat(self, grant: Grant) -> None:
         interval = self.settings.heartbeat_interval_ms / 1000
+        next_beat = self.clock() + interval
         while not grant.lost.is_set():
-            await asyncio.sleep(interval)
+            # Wake for the next beat, or at our own deadline when renewals are failing.
+            await asyncio.sleep(max(0.0, min(next_beat, self.lost_after(grant)) - self.clock()))
+            if self.clock() >= self.lost_after(grant):
+                self._mark_lost(grant, "no renewal was confirmed within the TTL (Redis unreachable?)")
+                return
+            next_beat = self.clock() + interval
             try:
-                if not await self.renew(grant):
+                # A renewal still in flight at our deadline is too late to count.
+                budget = self.lost_after(grant) - self.clock()
+                if not await asyncio.wait_for(self.renew(grant), timeout=max(budget, 0.001)):
                     return
-            except RedisError as exc:  # keep trying: the TTL still protects the device meanwhile
-                log.warning("lease %s heartbeat failed: %s", grant.device, exc)
+            except (RedisError, TimeoutError) as exc:  # keep trying until our deadline
+                log.warning("lease %s heartbeat failed: %s", grant.device, exc or type(exc).__name__)
+                next_beat = min(next_beat, self.clock() + self.settings.poll_ms / 1000)
 
     @contextlib.asynccontextmanager
     async def hold(self, device: str, priority: str = "normal", timeout: float | None = None) -> AsyncIterator[Grant]:

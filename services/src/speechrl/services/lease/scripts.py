@@ -13,26 +13,46 @@ Per-device keys (prefix P = "<namespace>:{<device>}"):
   P:owners          hash ticket -> owner label, for status displays
   P:waiter:<ticket> liveness of a waiter, PX waiter TTL; a waiter whose key lapsed is skipped
   P:notify:<ticket> list pushed on release to wake the next waiter at once
-  P:fence           fencing-token counter: only grows, one increment per grant
+  P:fence           fencing-token counter: only grows, one increment per grant; created from the
+                    server's clock in microseconds, so a Redis that lost it (restart without
+                    persistence) starts above every fence it handed out before
   P:seq             arrival counter (FIFO within a priority class)
-  P:stats           hash of counters: grants, releases, handoffs, expiries, skipped
+  P:stats           hash of counters: grants, releases, handoffs, expiries, skipped, reclaims
+
+Recovery after a Redis restart (see lease.py's docstring for why this is sound): while the Redis
+server's uptime is below the lease TTL (plus one second, as INFO counts whole seconds), ACQUIRE
+grants nothing, and RENEW lets a holder whose key vanished re-create it ("reclaim"). A caller may
+pass the run_id that `declare_clean_start` recorded for this server; when it matches, the server
+was declared to have started empty with nobody holding anything, and there is no quiet period.
+"""
+
+# Shared by ACQUIRE and RENEW. True while a holder from before a restart may still be working.
+_RECOVERY = """
+local function recovering(ttl_ms, clean_run_id)
+  local info = redis.call('INFO', 'server')
+  if clean_run_id ~= '' and clean_run_id == string.match(info, 'run_id:(%x+)') then return false end
+  local uptime_s = tonumber(string.match(info, 'uptime_in_seconds:(%d+)'))
+  return uptime_s * 1000 < tonumber(ttl_ms) + 1000
+end
 """
 
 # KEYS: holder, info, queue, fence, seq, stats, owners
-# ARGV: ticket, holder_ttl_ms, waiter_ttl_ms, priority_rank, owner, prefix, enqueue (1 = first call)
-# Returns {state, value, expired}: state 1 = granted (value = fencing token), 0 = waiting
+# ARGV: ticket, holder_ttl_ms, waiter_ttl_ms, priority_rank, owner, prefix, enqueue (1 = first call),
+#       clean_run_id ('' when none is known)
+# Returns {state, value, expired, recovering}: state 1 = granted (value = fencing token), 0 = waiting
 # (value = 0-based queue position), -1 = dropped as a dead waiter (value 0); expired = 1 when
-# this call found a holder whose TTL had run out.
-ACQUIRE = """
+# this call found a holder whose TTL had run out; recovering = 1 when the device is free but the
+# server is in its post-restart quiet period.
+ACQUIRE = _RECOVERY + """
 local ticket = ARGV[1]
 local prefix = ARGV[6]
 local holder = redis.call('GET', KEYS[1])
 if holder == ticket then
-  return {1, tonumber(redis.call('HGET', KEYS[2], 'fence')), 0}
+  return {1, tonumber(redis.call('HGET', KEYS[2], 'fence')), 0, 0}
 end
 if not redis.call('ZSCORE', KEYS[3], ticket) then
   if ARGV[7] ~= '1' then
-    return {-1, 0, 0}
+    return {-1, 0, 0, 0}
   end
   local seq = redis.call('INCR', KEYS[5])
   redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) * 1099511627776 + seq, ticket)
@@ -40,7 +60,10 @@ if not redis.call('ZSCORE', KEYS[3], ticket) then
 end
 redis.call('SET', prefix .. ':waiter:' .. ticket, '1', 'PX', ARGV[3])
 if holder then
-  return {0, redis.call('ZRANK', KEYS[3], ticket), 0}
+  return {0, redis.call('ZRANK', KEYS[3], ticket), 0, 0}
+end
+if recovering(ARGV[2], ARGV[8]) then
+  return {0, redis.call('ZRANK', KEYS[3], ticket), 0, 1}
 end
 local expired = 0
 if redis.call('HEXISTS', KEYS[2], 'ticket') == 1 then
@@ -52,7 +75,7 @@ while true do
   local head = redis.call('ZRANGE', KEYS[3], 0, 0)[1]
   if head == ticket then break end
   if redis.call('EXISTS', prefix .. ':waiter:' .. head) == 1 then
-    return {0, redis.call('ZRANK', KEYS[3], ticket), expired}
+    return {0, redis.call('ZRANK', KEYS[3], ticket), expired, 0}
   end
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[7], head)
@@ -61,22 +84,46 @@ while true do
 end
 redis.call('ZREM', KEYS[3], ticket)
 redis.call('DEL', prefix .. ':waiter:' .. ticket, prefix .. ':notify:' .. ticket)
-local fence = redis.call('INCR', KEYS[4])
 local now = redis.call('TIME')
+if redis.call('EXISTS', KEYS[4]) == 0 then  -- string concatenation: Lua numbers print as 1.7e+15
+  redis.call('SET', KEYS[4], now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
+end
+local fence = redis.call('INCR', KEYS[4])
 redis.call('SET', KEYS[1], ticket, 'PX', ARGV[2])
 redis.call('HSET', KEYS[2], 'ticket', ticket, 'owner', ARGV[5], 'fence', fence,
            'granted_ms', now[1] * 1000 + math.floor(now[2] / 1000))
 redis.call('HINCRBY', KEYS[6], 'grants', 1)
-return {1, fence, expired}
+return {1, fence, expired, 0}
 """
 
-# KEYS: holder
-# ARGV: ticket, holder_ttl_ms
-# Returns 1 when the TTL was extended, 0 when ticket no longer holds the lease.
-RENEW = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
+# KEYS: holder, info, fence, stats
+# ARGV: ticket, holder_ttl_ms, fence, owner, clean_run_id
+# Returns 1 when the TTL was extended, 2 when the holder's key had vanished in a restart and was
+# re-created (reclaimed), 0 when ticket no longer holds the lease.
+# A reclaim needs: nobody else holds it, no newer grant is recorded (info names no other ticket,
+# the fence counter is not past ours), and the server is recovering, so no one else can have been
+# granted since the restart.
+RENEW = _RECOVERY + """
+local holder = redis.call('GET', KEYS[1])
+if holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+if holder then return 0 end
+local info_ticket = redis.call('HGET', KEYS[2], 'ticket')
+if info_ticket and info_ticket ~= ARGV[1] then return 0 end
+local counter = redis.call('GET', KEYS[3])
+if counter and tonumber(counter) > tonumber(ARGV[3]) then return 0 end
+if not recovering(ARGV[2], ARGV[5]) then return 0 end
+local now = redis.call('TIME')
+if not counter then  -- as ACQUIRE does: later grants start above every fence of the lost state
+  redis.call('SET', KEYS[3], now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
+end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+redis.call('HSET', KEYS[2], 'ticket', ARGV[1], 'owner', ARGV[4], 'fence', ARGV[3],
+           'granted_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('HINCRBY', KEYS[4], 'reclaims', 1)
+return 2
 """
 
 # KEYS: holder, info, queue, stats, owners

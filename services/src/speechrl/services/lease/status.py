@@ -65,12 +65,12 @@ def format_status(statuses: Sequence[DeviceStatus]) -> str:
     """A table of devices, holders and queues."""
     if not statuses:
         return "no device has been leased yet"
-    lines = [f"{'device':<10} {'holder':<22} {'fence':>6} {'held':>7} {'ttl':>7}  queue / counters"]
+    lines = [f"{'device':<10} {'holder':<22} {'fence':>16} {'held':>7} {'ttl':>7}  queue / counters"]
     for s in statuses:
         held = f"{s.held_for_s:.1f}s" if s.holder else "-"
         ttl = f"{s.ttl_left_ms}ms" if s.holder else "-"
         counters = " ".join(f"{k}={v}" for k, v in sorted(s.stats.items()))
-        lines.append(f"{s.device:<10} {s.holder or 'free':<22} {s.fence:>6} {held:>7} {ttl:>7}  "
+        lines.append(f"{s.device:<10} {s.holder or 'free':<22} {s.fence:>16} {held:>7} {ttl:>7}  "
                      f"[{', '.join(s.queue)}] {counters}")
     return "\n".join(lines)
 
