@@ -149,6 +149,36 @@ def test_job_api_submit_watch_and_refuse_bad_jobs(stack: Stack, tmp_path: Path, 
         assert http.get("/readyz").status_code == 200
 
 
+def test_a_redis_restart_without_persistence_loses_no_job(stack: Stack, tmp_path: Path,
+                                                          redis_server: RedisServer) -> None:
+    import time
+
+    import httpx
+    from fastapi.testclient import TestClient
+
+    from speechrl.trainer.service import TrainerConfig, create_app
+
+    def listed(http: TestClient) -> list[str] | None:
+        try:
+            reply = http.get("/v1/jobs")
+        except httpx.HTTPError:
+            return None
+        return [j["id"] for j in reply.json()] if reply.status_code == 200 else None
+
+    app = create_app(TrainerConfig(redis_url=redis_server.url, poll_seconds=0.2, journal_dir=str(tmp_path / "journal")))
+    with TestClient(app) as http:
+        job_id = http.post("/v1/jobs", json=job_payload(stack, tmp_path / "restart", 3, redis_server.url)).json()["id"]
+        wait_for(lambda: http.get(f"/v1/jobs/{job_id}").json()["step"] >= 1, 300, "the first step")
+        redis_server.stop()  # no persistence: the job's record, its metrics and the queue are gone
+        time.sleep(0.5)
+        redis_server.start()
+        assert wait_for(lambda: listed(http), 10, "the job list") == [job_id], "the job is listed again at once"
+        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed")
+                        and j, 300, "the job to finish")
+        assert done["status"] == "succeeded", done["error"]
+        assert [m["step"] for m in http.get(f"/v1/jobs/{job_id}/metrics").json()] == [1, 2, 3], "each step once"
+
+
 def test_a_killed_trainer_resumes_its_job_from_the_checkpoint(stack: Stack, tmp_path: Path,
                                                              redis_server: RedisServer) -> None:
     import os

@@ -62,11 +62,21 @@ async def update_lease(lease_device: str, redis_url: str) -> AsyncIterator[None]
         return
     import redis.asyncio as aioredis
 
-    from speechrl.services.lease import GpuLease
+    from speechrl.services.lease import GpuLease, LeaseUnavailable
 
     client = aioredis.Redis.from_url(redis_url)
+    lease = GpuLease(client, owner="trainer")
     try:
-        async with GpuLease(client, owner="trainer").hold(lease_device, priority="high", timeout=600):
+        async with contextlib.AsyncExitStack() as held:
+            # A Redis outage (a restart) costs the step a wait, not the job: retry for up to a minute.
+            for attempt in range(60):
+                try:
+                    await held.enter_async_context(lease.hold(lease_device, priority="high", timeout=600))
+                    break
+                except LeaseUnavailable:
+                    if attempt == 59:
+                        raise
+                    await asyncio.sleep(1.0)
             yield
     finally:
         await client.aclose()

@@ -7,21 +7,37 @@ Keys (prefix `speechrl:jobs`):
   <prefix>:index         sorted set of ids by creation time
   <prefix>:queue         list of ids waiting for a worker (FIFO)
 
+  <prefix>:journal:<h>   set once this trainer's journal (journal.py) has been published to this
+                         Redis; its absence means Redis lost its data (or never had it)
+
 A job's files (checkpoints, metrics.jsonl, plots) live in its out_dir; Redis holds what the job
-API shows. Redis should persist (appendonly, as docker-compose and the k8s StatefulSet set it);
-a Redis that lost its data loses the job list, not the checkpoints.
+API shows. Redis should persist (appendonly, as docker-compose and the k8s StatefulSet set it).
+A Redis that lost its data anyway (a restart without persistence) loses no job: every change is
+written to the trainer's journal first, and the store re-publishes the journal whenever its
+marker key is missing, checked before each read and inside each write's transaction (so a write
+that lands on an emptied Redis is followed at once by the full records). A write that fails
+because Redis is down is kept in the journal and re-published when Redis answers again; the
+worker's writes therefore never fail a running job. The journal belongs to one trainer process:
+a cancel sent to another trainer's API is not journalled by this one.
 """
 
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
+import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis
+
+from speechrl.trainer.journal import JobJournal
+
+log = logging.getLogger(__name__)
 
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 FINAL = ("succeeded", "failed", "cancelled")
@@ -56,11 +72,15 @@ class JobNotFound(KeyError):
 
 
 class JobStore:
-    """CRUD of jobs and their metrics in Redis."""
+    """CRUD of jobs and their metrics in Redis, journalled to files when journal is given."""
 
-    def __init__(self, client: redis.Redis, prefix: str = "speechrl:jobs"):
+    def __init__(self, client: redis.Redis, prefix: str = "speechrl:jobs", journal: JobJournal | None = None):
         self.client = client
         self.prefix = prefix
+        self.journal = journal
+        folder = str(journal.folder.resolve()) if journal else ""
+        self._marker = f"{prefix}:journal:{hashlib.sha1(folder.encode()).hexdigest()[:12]}"
+        self._dirty: set[str] = set()  # jobs whose last Redis write failed: their journal entry is newer
 
     def _key(self, job_id: str) -> str:
         return f"{self.prefix}:{job_id}"
@@ -69,12 +89,79 @@ class JobStore:
         """Store a new queued job and put it on the queue."""
         job = Job(id=time.strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3), kind=kind, config=config,
                   out_dir=out_dir, total_steps=total_steps)
+        self.sync()
+        if self.journal:
+            self.journal.save(job.id, job.to_json(), [])
         pipe = self.client.pipeline()
         pipe.hset(self._key(job.id), mapping=self._encode(job))  # type: ignore[arg-type]
         pipe.zadd(f"{self.prefix}:index", {job.id: job.created})
         pipe.rpush(f"{self.prefix}:queue", job.id)
-        pipe.execute()
+        try:
+            self._execute(pipe)
+        except redis.RedisError:
+            if self.journal:  # the caller hears 503 and resubmits: no job may appear later
+                self.journal.remove(job.id)
+            raise
         return job
+
+    def _execute(self, pipe: redis.client.Pipeline) -> None:
+        """Run a write's transaction; when it shows that Redis lost its data, re-publish the journal
+        (which already holds this write) so the job is whole again, not a fragment."""
+        if self.journal:
+            pipe.exists(self._marker)
+        results = pipe.execute()
+        if self.journal and not results[-1]:
+            self.republish()
+
+    def sync(self) -> None:
+        """Re-publish journalled jobs that Redis is missing or behind on (no-op without a journal)."""
+        if self.journal and (self._dirty or not self.client.exists(self._marker)):
+            self.republish()
+
+    def republish(self) -> None:
+        """Write every journalled job (or, when Redis kept its data, only the dirty ones) to Redis."""
+        assert self.journal is not None
+        with self.journal.lock:
+            whole = not self.client.exists(self._marker)
+            entries = [e for e in self.journal.all() if whole or e[0]["id"] in self._dirty]
+            pipe = self.client.pipeline()
+            for record, metrics in entries:
+                job, key = Job(**record), self._key(record["id"])
+                pipe.delete(key, f"{key}:metrics")
+                pipe.hset(key, mapping=self._encode(job))  # type: ignore[arg-type]
+                if metrics:
+                    pipe.rpush(f"{key}:metrics", *[json.dumps(m) for m in metrics])
+                pipe.zadd(f"{self.prefix}:index", {job.id: job.created})
+                if job.status == "queued":  # the worker skips a popped job that is no longer queued
+                    pipe.lrem(f"{self.prefix}:queue", 0, job.id)
+                    pipe.rpush(f"{self.prefix}:queue", job.id)
+            pipe.set(self._marker, "1")
+            pipe.execute()
+            self._dirty.clear()
+        if whole:
+            log.warning("job store: Redis had lost its data; re-published %d job(s) from the journal", len(entries))
+
+    def _journalled(self, job_id: str, change: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> bool:
+        """Apply change to the journal entry of job_id; False when the job is not journalled."""
+        if not self.journal:
+            return False
+        with self.journal.lock:
+            entry = self.journal.load(job_id)
+            if entry is None:
+                return False
+            change(*entry)
+            self.journal.save(job_id, *entry)
+        return True
+
+    def _write(self, job_id: str, pipe: redis.client.Pipeline, durable: bool) -> None:
+        """Execute a write; when Redis is down and the journal has it, keep it for re-publishing."""
+        try:
+            self._execute(pipe)
+        except redis.RedisError as exc:
+            if not durable:
+                raise
+            self._dirty.add(job_id)
+            log.warning("job %s: Redis unreachable (%s); kept in the journal, re-published later", job_id, exc)
 
     @staticmethod
     def _encode(job: Job) -> dict[str, str]:
@@ -84,6 +171,7 @@ class JobStore:
         return {k: str(v) for k, v in values.items()}
 
     def get(self, job_id: str) -> Job:
+        self.sync()
         raw: Any = self.client.hgetall(self._key(job_id))
         if not raw:
             raise JobNotFound(job_id)
@@ -95,34 +183,59 @@ class JobStore:
 
     def list(self) -> builtins.list[Job]:
         """Every job, newest first."""
+        self.sync()
         ids = [_text(i) for i in self.client.zrevrange(f"{self.prefix}:index", 0, -1)]  # type: ignore[union-attr]
         return [self.get(i) for i in ids if self.client.exists(self._key(i))]
 
     def update(self, job_id: str, **fields: Any) -> None:
+        now = time.time()
+        durable = self._journalled(job_id, lambda record, _: record.update(fields, updated=now))
         values = {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in fields.items()}
-        values["updated"] = str(time.time())
-        self.client.hset(self._key(job_id), mapping=values)  # type: ignore[arg-type]
+        values["updated"] = str(now)
+        pipe = self.client.pipeline()
+        pipe.hset(self._key(job_id), mapping=values)  # type: ignore[arg-type]
+        self._write(job_id, pipe, durable)
 
     def record_step(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
         """Append one step's metrics and advance the job's step counter."""
+        row, now = {"step": step, **metrics}, time.time()
+
+        def change(record: dict[str, Any], rows: builtins.list[dict[str, Any]]) -> None:
+            record.update(step=step, updated=now)
+            rows.append(row)
+
+        durable = self._journalled(job_id, change)
         pipe = self.client.pipeline()
-        pipe.rpush(f"{self._key(job_id)}:metrics", json.dumps({"step": step, **metrics}))
-        pipe.hset(self._key(job_id), mapping={"step": str(step), "updated": str(time.time())})
-        pipe.execute()
+        pipe.rpush(f"{self._key(job_id)}:metrics", json.dumps(row))
+        pipe.hset(self._key(job_id), mapping={"step": str(step), "updated": str(now)})
+        self._write(job_id, pipe, durable)
 
     def metrics(self, job_id: str, since_step: int = 0) -> builtins.list[dict[str, Any]]:
+        self.sync()
         raw: Any = self.client.lrange(f"{self._key(job_id)}:metrics", 0, -1)
         rows = [json.loads(r) for r in raw]
         return [r for r in rows if r["step"] > since_step]
 
     def trim_metrics(self, job_id: str, last_step: int) -> None:
         """Drop metric records past last_step (a resumed job repeats those steps)."""
+        def change(_: dict[str, Any], rows: builtins.list[dict[str, Any]]) -> None:
+            rows[:] = [r for r in rows if r["step"] <= last_step]
+
+        durable = self._journalled(job_id, change)
         kept = [json.dumps(r) for r in self.metrics(job_id) if r["step"] <= last_step]
         pipe = self.client.pipeline()
         pipe.delete(f"{self._key(job_id)}:metrics")
         if kept:
             pipe.rpush(f"{self._key(job_id)}:metrics", *kept)
-        pipe.execute()
+        self._write(job_id, pipe, durable)
+
+    def cancel_requested(self, job_id: str) -> bool:
+        """Whether a cancel was asked for; while Redis is unreachable, what the journal last saw."""
+        try:
+            return self.get(job_id).cancel
+        except redis.RedisError:
+            entry = self.journal.load(job_id) if self.journal else None
+            return bool(entry and entry[0].get("cancel"))
 
     def request_cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
@@ -136,7 +249,8 @@ class JobStore:
         return self.get(job_id)
 
     def next_queued(self, timeout_s: float) -> str | None:
-        """Pop the next queued job id, waiting up to timeout_s."""
+        """Pop the next queued job id, waiting up to timeout_s (the worker's loop: it also re-publishes)."""
+        self.sync()
         item = self.client.blpop([f"{self.prefix}:queue"], timeout=timeout_s)
         return _text(item[1]) if item else None  # type: ignore[index]
 

@@ -8,7 +8,8 @@
     GET  /healthz, /readyz         liveness; readiness = Redis answers
 
 Jobs live in Redis (jobs.py), so a restarted trainer finds them: jobs it was running are queued
-again and resume from their newest checkpoint. One worker thread runs one job at a time (the
+again and resume from their newest checkpoint. The trainer also journals its jobs to files
+(journal.py) and puts them back when Redis restarts without its data. One worker thread runs one job at a time (the
 update owns the trainer's device); run one trainer per device pool.
 """
 
@@ -33,6 +34,7 @@ from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.trainer.jobs import Job, JobNotFound, JobStore
+from speechrl.trainer.journal import JobJournal, journal_folder
 from speechrl.trainer.runner import JobConfigError, parse_job, run_job
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class TrainerConfig:
     host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
     port: int = option(DEFAULT_PORTS["trainer"], "HTTP port of the job API.")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis holding the jobs (persist it: appendonly yes).")
+    journal_dir: str = option("runs/jobs", "Folder of the trainer's own copy of its jobs (one sub-folder per Redis), "
+                                           "re-published when Redis lost its data; empty: no journal.")
     poll_seconds: float = option(1.0, "How long the worker waits on the queue before checking for shutdown.")
     auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `Authorization: Bearer`; with "
                                   "auth_token_file empty too, no token is needed. /healthz, /readyz and the docs "
@@ -65,7 +69,7 @@ class StoreProgress:
         self.store.record_step(self.job_id, step, metrics)
 
     def cancelled(self) -> bool:
-        return self.store.get(self.job_id).cancel
+        return self.store.cancel_requested(self.job_id)  # a Redis outage does not stop the job
 
 
 class Worker:
@@ -102,7 +106,7 @@ class Worker:
         try:
             kind, config = parse_job({"kind": job.kind, **job.config})
             run_job(kind, config, StoreProgress(self.store, job_id))
-            final = "cancelled" if self.store.get(job_id).cancel else "succeeded"
+            final = "cancelled" if self.store.cancel_requested(job_id) else "succeeded"
             self.store.update(job_id, status=final)
         except Exception as exc:
             log.exception("job %s failed", job_id)
@@ -119,7 +123,8 @@ StoreDep = Annotated[JobStore, Depends(get_store)]
 
 def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
     """The job API for config; the worker starts with the app."""
-    store = JobStore(redis.Redis.from_url(config.redis_url))
+    folder = journal_folder(config.journal_dir, config.redis_url, "speechrl:jobs")
+    store = JobStore(redis.Redis.from_url(config.redis_url), journal=JobJournal(folder) if folder else None)
     worker = Worker(store, config.poll_seconds)
 
     @asynccontextmanager
