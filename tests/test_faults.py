@@ -1,5 +1,5 @@
 """Faults under load: a scorer replica killed with SIGKILL mid-load costs its in-flight calls a
-retry on the other replica, never a lost request."""
+retry on the other replica, never a lost request; SIGTERM mid-batch drains it and frees the lease."""
 
 from __future__ import annotations
 
@@ -9,12 +9,20 @@ import signal
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import pytest
+import redis
+import redis.asyncio as aioredis
 
 from speechrl.client import AsyncRuleRewardsClient, RetryPolicy, ServiceError
 from speechrl.services.healthcheck import grpc_status
+from speechrl.services.lease import GpuLease, LeaseSettings
 from speechrl.services.ports import free_port
+from speechrl.v1 import common_pb2, intelligibility_pb2_grpc
+from speechrl.v1 import intelligibility_pb2 as ipb
+from tests.conftest import RedisServer, Speech
 
 CLIENTS = 16
 
@@ -70,3 +78,61 @@ def test_a_replica_killed_mid_load_loses_no_retried_request(caplog: pytest.LogCa
     assert ok > CLIENTS * 10
     # The kill mattered: calls to the dead replica failed UNAVAILABLE and were retried on the live one.
     assert any("UNAVAILABLE" in r.getMessage() and "retry" in r.getMessage() for r in caplog.records)
+
+
+SENTENCES = ["The weather today is sunny with a light breeze from the west.",
+             "Please call Stella and ask her to bring these things from the store.",
+             "Reinforcement learning improves speech recognition models."]
+
+
+def test_sigterm_mid_batch_finishes_it_refuses_new_calls_and_releases_the_lease(
+        speech: Speech, redis_server: RedisServer) -> None:
+    port, grace = free_port(), 30.0
+    proc = subprocess.Popen([sys.executable, "-m", "speechrl.services.cli", "serve", "intelligibility",
+                             "--port", str(port), "--lease-device", "cpu:0", "--residency", "offload",
+                             "--redis-url", redis_server.url, "--grace-seconds", str(grace), "--threads", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    address, r = f"127.0.0.1:{port}", redis.Redis.from_url(redis_server.url)
+    holder_key = "speechrl:lease:{cpu:0}:holder"
+    try:
+        deadline = time.monotonic() + 120
+        while grpc_status(address) != "SERVING":
+            assert proc.poll() is None and time.monotonic() < deadline, "intelligibility server did not start"
+            time.sleep(0.2)
+        items = [ipb.IntelligibilityItem(audio=common_pb2.Audio(encoded=speech.wav(t)), reference_text=t)
+                 for t in SENTENCES * 2]
+        with grpc.insecure_channel(address) as channel, ThreadPoolExecutor(1) as pool:
+            stub = intelligibility_pb2_grpc.IntelligibilityScorerStub(channel)
+            in_flight = pool.submit(stub.ScoreIntelligibility, ipb.ScoreIntelligibilityRequest(items=items), timeout=120)
+            while r.get(holder_key) is None:  # the batch holds the lease: it is running now
+                assert not in_flight.done() and time.monotonic() < deadline, "the batch never took the lease"
+                time.sleep(0.01)
+            proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            while grpc_status(address) == "SERVING":
+                assert time.monotonic() - signalled < 5, "still SERVING after SIGTERM"
+                time.sleep(0.02)
+            assert not in_flight.done(), "the batch should still be running: make it longer"
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=items[:1]), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            results = in_flight.result(timeout=120).results
+        assert [res.score.wer < 0.5 for res in results] == [True] * len(items), "in-flight calls get real results"
+        assert proc.wait(timeout=grace) == 0
+        assert time.monotonic() - signalled < grace
+        assert r.get(holder_key) is None, "the lease was released, not left to its TTL"
+        asked = time.monotonic()
+        assert asyncio.run(_acquire_once(redis_server.url)) and time.monotonic() - asked < 1.0
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        r.close()
+
+
+async def _acquire_once(url: str) -> bool:
+    client = aioredis.Redis.from_url(url)
+    try:
+        lease = GpuLease(client, "next", LeaseSettings(ttl_ms=10_000))
+        return await lease.release(await lease.acquire("cpu:0", timeout=5))
+    finally:
+        await client.aclose()
