@@ -39,7 +39,7 @@ STACK = ("intelligibility", "speaker", "rollout", "token2wav")
 # system -> (job kind, GRPOConfig overrides); the audio rewards act only where GRPO does.
 SYSTEMS: dict[str, tuple[str, dict[str, Any]]] = {
     "GRPO": ("tts-grpo", {}),
-    "DiffRO": ("tts-diffro", {"reward_weights": {"intelligibility": 0.0, "speaker": 0.0}}),
+    "DiffRO": ("tts-diffro", {"reward_weights": {"intelligibility": 0.0, "speaker": 0.0, "duration": 0.2}}),
     "GRPO+DiffRO (no filter)": ("tts-grpo+diffro", {"diffro_filter": False}),
     "GRPO+DiffRO (filter)": ("tts-grpo+diffro", {"diffro_filter": True}),
 }
@@ -53,15 +53,17 @@ class TtsReproConfig:
                                         "results.*")
     systems: str = option(",".join(SYSTEMS), f"Comma-separated systems, of {', '.join(SYSTEMS)}.")
     train: int = option(600, "Training sentences (warm start, Token2Reward, RL prompts).")
-    test: int = option(40, "Held-out test sentences (the reported WER / SIM): Whisper costs ~0.35 s each.")
+    test: int = option(30, "Held-out test sentences (the reported WER / SIM): Whisper costs ~0.35 s each.")
     warmstart_steps: int = option(150, "Warm-start updates: stopped early on purpose, so RL has room.")
     token2reward_steps: int = option(300, "Token2Reward training updates.")
-    steps: int = option(12, "RL steps per system.")
+    steps: int = option(8, "RL steps per system.")
     group_size: int = option(4, "G: samples per text.")
     batch_size: int = option(4, "Texts per step.")
     learning_rate: float = option(2e-4, "RL learning rate.")
     kl_beta: float = option(0.05, "GRPO's KL coefficient.")
     diffro_beta: float = option(0.05, "DiffRO's token-level KL coefficient beta.")
+    temperature: float = option(0.7, "Rollout temperature: below 1 keeps the noisy warm start's samples near its "
+                                     "greedy output, so a group differs by a few phonemes, not in everything.")
     diffro_lambda: float = option(0.05, "lambda of the DiffRO term in GRPO+DiffRO (its reward is a sum over "
                                         "characters, tens of nats, so it is scaled down next to GRPO's ~1).")
     voices: str = option("en-us,en-gb+f3,en-us+m7", "espeak voices (speaker prompts), round-robin over texts.")
@@ -103,6 +105,29 @@ def train_reward_model(config: TtsReproConfig, corpus: Path, out: Path) -> Path:
     return out
 
 
+def prepare(config: TtsReproConfig, out: Path, stages: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Corpus + warm start and Token2Reward, built once per out folder (a rerun reuses them, naming the
+    wall time they took when built)."""
+    built_file = out / "prepared.json"
+    built = json.loads(built_file.read_text()) if built_file.exists() else {}
+    if "warm start" not in built:
+        print("[1/5] corpus + warm start", flush=True)
+        built["warm"] = timed(stages, "corpus + warm start", run_tts_warmstart, TtsWarmStartConfig(
+            out=str(out / "warm"), train=config.train, dev=20, test=config.test, steps=config.warmstart_steps,
+            seed=config.seed))
+        built["warm start"] = stages["corpus + warm start"]
+        built_file.write_text(json.dumps(built, indent=2) + "\n")
+    if "token2reward" not in built:
+        print("[2/5] Token2Reward", flush=True)
+        timed(stages, "token2reward", train_reward_model, config, Path(built["warm"]["corpus"]), out / "token2reward")
+        built["token2reward"] = stages["token2reward"]
+        built_file.write_text(json.dumps(built, indent=2) + "\n")
+    for name, key in (("corpus + warm start", "warm start"), ("token2reward", "token2reward")):
+        stages.setdefault(name, f"reused (built in {built[key] / 60:.1f} min)")
+    print(f"  warm start: {built['warm']}", flush=True)
+    return built["warm"], out / "token2reward"
+
+
 def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path, out_dir: Path,
                grpo: dict[str, Any]) -> TtsJobConfig:
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
@@ -113,7 +138,8 @@ def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path,
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
               "mini_batch_size": config.group_size * config.batch_size, "kl_beta": config.kl_beta,
               "diffro_beta": config.diffro_beta, "diffro_lambda": config.diffro_lambda,
-              "max_completion_length": 160, "seed": config.seed, **grpo})
+              "temperature": config.temperature, "max_completion_length": 160, "seed": config.seed,
+              "reward_weights": {"intelligibility": 1.0, "speaker": 0.5, "duration": 0.2}, **grpo})
 
 
 async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt]) -> dict[str, float]:
@@ -123,7 +149,7 @@ async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt]) -> dict[
         return await evaluate(services, job, prompts, layout, await voice_references(services, job))
 
 
-def timed(stages: dict[str, float], name: str, fn: Any, *args: Any) -> Any:
+def timed(stages: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
     started = time.monotonic()
     result = fn(*args)
     stages[name] = round(time.monotonic() - started, 1)
@@ -133,14 +159,8 @@ def timed(stages: dict[str, float], name: str, fn: Any, *args: Any) -> Any:
 def run(config: TtsReproConfig) -> dict[str, Any]:
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
-    started, stages = time.monotonic(), dict[str, float]()
-    print("[1/5] corpus + warm start", flush=True)
-    warm = timed(stages, "corpus + warm start", run_tts_warmstart, TtsWarmStartConfig(
-        out=str(out / "warm"), train=config.train, dev=20, test=config.test, steps=config.warmstart_steps,
-        seed=config.seed))
-    print(f"  {warm}", flush=True)
-    print("[2/5] Token2Reward", flush=True)
-    reward_model = timed(stages, "token2reward", train_reward_model, config, Path(warm["corpus"]), out / "token2reward")
+    started, stages = time.monotonic(), dict[str, Any]()
+    warm, reward_model = prepare(config, out, stages)
     env = {"SPEECHRL_HOME": str(out / "stack"), "SPEECHRL_ROLLOUT_MODEL_PATH": str(Path(warm["policy"]).resolve()),
            **{f"SPEECHRL_{name.upper()}_PORT": str(free_port()) for name in STACK}}
     os.environ.update(env)  # private ports: never collide with a stack the user already runs
@@ -174,11 +194,12 @@ def run(config: TtsReproConfig) -> dict[str, Any]:
     return results
 
 
-def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, float]) -> str:
+def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, Any]) -> str:
     lines = ["| system | test WER | SIM | speech tokens / utt |", "|---|---|---|---|"]
     lines += [f"| {name} | {s['wer']:.3f} | {s['sim']:.3f} | {s['speech_tokens']:.1f} |" for name, s in table.items()]
     lines += ["", "| stage | wall time |", "|---|---|"]
-    lines += [f"| {name} | {seconds / 60:.1f} min |" for name, seconds in stages.items()]
+    lines += [f"| {name} | {value / 60:.1f} min |" if isinstance(value, float) else f"| {name} | {value} |"
+              for name, value in stages.items()]
     return "\n".join(lines) + f"\n\nWhole run: {minutes} min.\n"
 
 

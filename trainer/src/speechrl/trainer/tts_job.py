@@ -106,7 +106,10 @@ class TtsJobConfig:
         for name in self.grpo.get("reward_weights", {}):
             if name not in REWARD_COMPONENTS:
                 raise ValueError(f"reward_weights names {name!r}; components are {', '.join(REWARD_COMPONENTS)}")
-        self.grpo.setdefault("reward_weights", {}).setdefault("f0", 0.0)  # F0 spread in Hz: logged, acts when asked
+        weights = self.grpo.setdefault("reward_weights", {})
+        # Diversity and F0 spread reward variety, not correctness: logged always, acting only when asked.
+        weights.setdefault("diversity", 0.0)
+        weights.setdefault("f0", 0.0)
 
     @property
     def grpo_config(self) -> GRPOConfig:
