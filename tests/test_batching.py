@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
+from prometheus_client import REGISTRY
 
-from speechrl.services.batching import DynamicBatcher, QueueFull
+from speechrl.services.batching import DeadlineExpired, DynamicBatcher, QueueFull
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 
@@ -124,3 +126,24 @@ async def test_callers_that_come_back_together_are_waited_for_and_a_lone_caller_
     batcher.close()
     # Greedy batching (max_wait_ms=0) splits them by their return times, into ~25 batches of 4-8.
     assert sum(sizes) == 160 and len(sizes) <= 12, f"16 returning clients ran in {len(sizes)} batches: {sizes}"
+
+
+async def test_items_past_their_deadline_are_dropped_unrun() -> None:
+    seen: list[int] = []
+
+    def slow(items: list[int]) -> list[int]:
+        seen.extend(items)
+        threading.Event().wait(0.3)
+        return items
+
+    batcher = DynamicBatcher(slow, max_batch_size=1, max_wait_ms=0, name="deadlines")
+    first = batcher.enqueue([1])
+    await asyncio.sleep(0.05)  # item 1 is running
+    late = batcher.enqueue([2], deadline=time.monotonic() + 0.1)  # waits behind it past its deadline
+    patient = batcher.enqueue([3], deadline=time.monotonic() + 30)
+    assert await asyncio.gather(*first, *patient) == [1, 3]
+    with pytest.raises(DeadlineExpired, match="deadline passed"):
+        await late[0]
+    assert seen == [1, 3], "no model time for an item nobody waits for"
+    assert REGISTRY.get_sample_value("speechrl_items_expired_total", {"batcher": "deadlines"}) == 1
+    batcher.close()

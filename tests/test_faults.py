@@ -136,3 +136,38 @@ async def _acquire_once(url: str) -> bool:
         return await lease.release(await lease.acquire("cpu:0", timeout=5))
     finally:
         await client.aclose()
+
+
+def test_an_item_whose_caller_gave_up_is_not_run(speech: Speech) -> None:
+    from prometheus_client import REGISTRY
+
+    from speechrl.services.intelligibility.server import SERVICE, IntelligibilityConfig, start
+    from speechrl.v1 import common_pb2_grpc
+    from tests.conftest import serve_in_thread
+
+    def expired() -> float:
+        return REGISTRY.get_sample_value("speechrl_items_expired_total", {"batcher": SERVICE}) or 0.0
+
+    # One item per batch: the second call's item waits behind the first call's four batches.
+    config = IntelligibilityConfig(port=free_port(), max_batch_size=1, max_wait_ms=0, threads=1)
+    items = [ipb.IntelligibilityItem(audio=common_pb2.Audio(encoded=speech.wav(t)), reference_text=t)
+             for t in [*SENTENCES, *SENTENCES[:2]]]
+    with serve_in_thread(lambda: start(config)) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch, \
+            ThreadPoolExecutor(1) as pool:
+        stub = intelligibility_pb2_grpc.IntelligibilityScorerStub(ch)
+        status = common_pb2_grpc.ServiceStatusStub(ch)
+        stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=items[:1]), timeout=60)  # warm
+        before, processed = expired(), status.GetServiceStatus(common_pb2.GetServiceStatusRequest()).items_processed
+        slow = pool.submit(stub.ScoreIntelligibility, ipb.ScoreIntelligibilityRequest(items=items[:4]), timeout=120)
+        time.sleep(0.05)
+        with pytest.raises(grpc.RpcError) as late:
+            stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=items[4:]), timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert all(r.score.wer < 0.5 for r in slow.result(timeout=120).results)
+        deadline = time.monotonic() + 10
+        while expired() < before + 1:  # counted when the batcher reaches the item
+            assert time.monotonic() < deadline, "the expired item was never counted"
+            time.sleep(0.05)
+        after = status.GetServiceStatus(common_pb2.GetServiceStatusRequest()).items_processed
+        assert after - processed == 4, "the late call's item was dropped, not run"
+        assert stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=items[4:]), timeout=60).results[0].score

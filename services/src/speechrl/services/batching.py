@@ -17,6 +17,8 @@ exception, which the servicer turns into UNAVAILABLE.
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -41,6 +43,13 @@ BATCH_SIZE = Histogram("speechrl_batch_size", "Items per model batch", ["batcher
 BATCH_SECONDS = Histogram("speechrl_batch_seconds", "Time the batch function took", ["batcher"])
 QUEUE_DEPTH = Gauge("speechrl_queue_depth", "Items waiting for a batch", ["batcher"])
 ITEMS = Counter("speechrl_items_total", "Items processed, by outcome", ["batcher", "outcome"])
+EXPIRED = Counter("speechrl_items_expired_total", "Items dropped unrun because their caller had given up "
+                  "(its deadline passed while the item waited, or the call was cancelled)", ["batcher"])
+
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("speechrl_request_deadline",
+                                                                               default=None)
+"""time.monotonic() by which the current call's caller stops waiting; set per call by
+servicing.grpc_method from the gRPC deadline, read by enqueue."""
 
 
 # Before closing a batch on an empty queue, yield to the event loop this many times: gRPC hands the
@@ -53,10 +62,18 @@ class QueueFull(RuntimeError):
     """More items are waiting than the batcher accepts; the caller should shed the request."""
 
 
+class DeadlineExpired(RuntimeError):
+    """The caller's deadline passed before its item ran; the item was not run (DEADLINE_EXCEEDED)."""
+
+
+_EXPIRED = object()  # a result slot whose item was dropped unrun
+
+
 @dataclass
 class _Pending(Generic[ItemT, ResultT]):
     item: ItemT
     future: asyncio.Future
+    deadline: float | None = None  # time.monotonic(); None: the caller waits as long as it takes
 
 
 class DynamicBatcher(Generic[ItemT, ResultT]):
@@ -101,12 +118,15 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         """Queue items and wait for their results, in order."""
         return list(await asyncio.gather(*self.enqueue(items)))
 
-    def enqueue(self, items: Sequence[ItemT]) -> list[asyncio.Future]:
+    def enqueue(self, items: Sequence[ItemT], deadline: float | None = None) -> list[asyncio.Future]:
         """Queue items; one future per item, each done when its batch is (for replies streamed per item).
 
         Call from the event loop. A caller that stops waiting should cancel the futures it no
-        longer wants, so that their items are skipped.
+        longer wants, so that their items are skipped. Items still unrun at deadline
+        (time.monotonic(); default: the gRPC call's, see REQUEST_DEADLINE) are not run: their
+        futures fail with DeadlineExpired, so no model time goes to answers nobody waits for.
         """
+        deadline = REQUEST_DEADLINE.get() if deadline is None else deadline
         if self._queue is None:
             self._queue = asyncio.Queue()
             self._worker = asyncio.get_running_loop().create_task(self._run(), name=f"{self.name}-batcher")
@@ -114,7 +134,7 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         if self._outstanding + len(items) > self.max_queue_items:
             raise QueueFull(f"{self.name}: {self._outstanding} items already waiting (max_queue_items {self.max_queue_items})")
         loop = asyncio.get_running_loop()
-        pending: list[_Pending[ItemT, ResultT]] = [_Pending(item, loop.create_future()) for item in items]
+        pending: list[_Pending[ItemT, ResultT]] = [_Pending(item, loop.create_future(), deadline) for item in items]
         self._outstanding += len(pending)
         for p in pending:
             p.future.add_done_callback(self._answered)
@@ -131,25 +151,56 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         while True:
             batch = await self._gather(loop)
             QUEUE_DEPTH.labels(self.name).set(self._queue.qsize())
-            live = [p for p in batch if not p.future.done()]  # skip callers that were cancelled
+            live = self._unexpired(batch)
             if not live:
                 continue
             items = [p.item for p in live]
+            deadlines = [p.deadline for p in live]
+            run = functools.partial(self._process_in_time, deadlines)
             try:
                 if self.inline:
-                    results = self._process_isolated(items)
+                    results = run(items)
                 elif self.guard is None:
-                    results = await loop.run_in_executor(self._executor, self._process_isolated, items)
+                    results = await loop.run_in_executor(self._executor, run, items)
                 else:
-                    results = await self.guard.run(self._executor, self._process_isolated, items)
+                    results = await self.guard.run(self._executor, run, items)
             except Exception as exc:  # noqa: BLE001 - infrastructure failure: every caller of the batch hears it
                 for p in live:
                     if not p.future.done():
                         p.future.set_exception(exc)
                 continue
             for p, result in zip(live, results, strict=True):
-                if not p.future.done():
+                if p.future.done():
+                    continue
+                if result is _EXPIRED:
+                    p.future.set_exception(DeadlineExpired(f"{self.name}: the call's deadline passed before "
+                                                           "its item ran; it was not run"))
+                else:
                     p.future.set_result(result)
+
+    def _unexpired(self, batch: list[_Pending[ItemT, ResultT]]) -> list[_Pending[ItemT, ResultT]]:
+        """The batch without items whose caller gave up (cancelled, or past its deadline)."""
+        now, live = time.monotonic(), []
+        for p in batch:
+            if p.future.done():  # cancelled: gRPC ends the handler when the client's deadline passes
+                EXPIRED.labels(self.name).inc()
+            elif p.deadline is not None and p.deadline <= now:
+                EXPIRED.labels(self.name).inc()
+                p.future.set_exception(DeadlineExpired(f"{self.name}: the call's deadline passed in the queue"))
+            else:
+                live.append(p)
+        return live
+
+    def _process_in_time(self, deadlines: list[float | None], items: list[ItemT]) -> list[object]:
+        """_process_isolated on the items whose deadline has not passed by now (after any lease
+        wait, in the model thread); the others get _EXPIRED and cost no model time."""
+        now = time.monotonic()
+        keep = [d is None or d > now for d in deadlines]
+        if all(keep):
+            return list(self._process_isolated(items))
+        EXPIRED.labels(self.name).inc(keep.count(False))
+        done = iter(self._process_isolated([i for i, k in zip(items, keep, strict=True) if k]) if any(keep) else [])
+        return [next(done) if k else _EXPIRED for k in keep]
 
     async def _gather(self, loop: asyncio.AbstractEventLoop) -> list[_Pending[ItemT, ResultT]]:
         """The next batch: what is queued, plus the items worth waiting for (at most max_wait_ms).

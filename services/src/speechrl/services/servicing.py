@@ -10,13 +10,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Sized
 from typing import Any, TypeVar
 
 import grpc
 
 from speechrl.services.audio import AudioInput
-from speechrl.services.batching import QueueFull
+from speechrl.services.batching import REQUEST_DEADLINE, DeadlineExpired, QueueFull
 from speechrl.services.errors import ItemFailure, RequestInvalid
 from speechrl.services.lease import LeaseError
 from speechrl.v1 import common_pb2
@@ -63,16 +64,25 @@ async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContex
         # Keep what the interceptor set (x-request-id): set_trailing_metadata replaces.
         context.set_trailing_metadata((*(context.trailing_metadata() or ()), ("retry-after-ms", "200")))
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{exc}; retry after 200 ms")
+    if isinstance(exc, DeadlineExpired):
+        await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if isinstance(exc, LeaseError):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")
     log.error("%s failed", name, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
 
+def _set_deadline(context: grpc.aio.ServicerContext) -> None:
+    """Hand the call's deadline to the batcher (a context variable: each call runs in its own task)."""
+    remaining = context.time_remaining()
+    REQUEST_DEADLINE.set(None if remaining is None else time.monotonic() + remaining)
+
+
 def grpc_method(method: F) -> F:
     """Map exceptions of a servicer method to status codes, in one place.
 
     RequestInvalid -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED (with a retry hint),
+    DeadlineExpired (the caller gave up before its items ran) -> DEADLINE_EXCEEDED,
     LeaseError (Redis down, lease wait timed out) -> UNAVAILABLE with the reason, anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
     Works for unary methods and for server-streaming ones (async generators); a stream that fails
     midway keeps the replies already sent and then ends with the status.
@@ -81,6 +91,7 @@ def grpc_method(method: F) -> F:
 
         @functools.wraps(method)
         async def stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            _set_deadline(context)
             try:
                 async for reply in method(self, request, context):
                     yield reply
@@ -91,6 +102,7 @@ def grpc_method(method: F) -> F:
 
     @functools.wraps(method)
     async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        _set_deadline(context)
         try:
             return await method(self, request, context)
         except Exception as exc:  # noqa: BLE001 - _abort_for maps every exception to a status
