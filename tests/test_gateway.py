@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import socket
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -15,6 +17,7 @@ import numpy as np
 import pytest
 import soundfile
 from fastapi.testclient import TestClient
+from prometheus_client import REGISTRY
 from prometheus_client.parser import text_string_to_metric_families
 
 from speechrl.client import AsyncIntelligibilityClient, AsyncSpeakerClient, ServiceError, SpeakerId
@@ -314,3 +317,37 @@ async def test_speaker_routes_match_the_grpc_scorer(speaker: str, speech: Speech
     assert uploaded.json()["results"][0]["score"]["cosine"] == pytest.approx(same_voice["score"]["cosine"], abs=1e-6)
     np.testing.assert_allclose(embedded.json()["results"][0]["embedding"], embedding.unwrap(), atol=1e-6)
     assert (both.status_code, both.json()["field"]) == (400, "reference_file")
+
+
+def test_a_malformed_request_timeout_is_400_naming_the_header(rules: str) -> None:
+    with gateway(rules=rules) as client:
+        for bad in ("soon", "0", "-1", "nan"):
+            reply = client.post("/v1/rules/score", json={"items": ITEMS[:1]}, headers={"X-Request-Timeout": bad})
+            assert reply.status_code == 400 and "X-Request-Timeout" in reply.json()["detail"], reply.text
+        fine = client.post("/v1/rules/score", json={"items": ITEMS[:1]}, headers={"X-Request-Timeout": "20"})
+        assert fine.status_code == 200
+
+
+async def test_the_callers_deadline_reaches_the_scorer_which_drops_the_item(intelligibility: str, speech: Speech) -> None:
+    def expired() -> float:
+        return REGISTRY.get_sample_value("speechrl_items_expired_total", {"batcher": "intelligibility"}) or 0.0
+
+    wav, before = speech.wav(SENTENCE), expired()
+    app = create_app(GatewayConfig(intelligibility=intelligibility, speaker="", rules=""))  # request_timeout_s 30
+    async with AsyncIntelligibilityClient(intelligibility, timeout_s=120) as direct, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw", timeout=60) as http:
+        busy = asyncio.ensure_future(direct.score([wav] * 12, [SENTENCE] * 12))  # seconds of Whisper
+        await asyncio.sleep(0.5)
+        started = time.monotonic()
+        reply = await http.post("/v1/intelligibility/score", headers={"X-Request-Timeout": "0.5"},
+                                json={"items": [{"audio_base64": b64(wav), "reference_text": SENTENCE}]})
+        waited = time.monotonic() - started
+        assert all(r.score is not None for r in await busy)
+    await app.state.scorers.close()
+    assert reply.status_code == 504 and reply.json()["grpc_code"] == "DEADLINE_EXCEEDED", reply.text
+    assert waited < 3, f"the gateway waited {waited:.1f} s: its 30 s timeout applied, not the caller's 0.5 s"
+    for _ in range(100):  # the scorer meets the abandoned item when it forms its next batch
+        if expired() > before:
+            break
+        await asyncio.sleep(0.1)
+    assert expired() > before, "the scorer ran an item whose caller had given up"

@@ -27,6 +27,7 @@ Asyncio, with two replicas and a bearer token:
 """
 
 from speechrl.client._channel import (
+    CALLER_DEADLINE,
     DEFAULT_MAX_MESSAGE_MB,
     DEFAULT_TIMEOUT_S,
     REQUEST_ID,
@@ -79,7 +80,7 @@ from speechrl.client.sync import (
 )
 
 __all__ = [
-    "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S", "REQUEST_ID",
+    "CALLER_DEADLINE", "DEFAULT_MAX_MESSAGE_MB", "DEFAULT_PORTS", "DEFAULT_TIMEOUT_S", "REQUEST_ID",
     "AsyncAudioEncoderClient", "AsyncClient", "AsyncIntelligibilityClient", "AsyncRolloutClient",
     "AsyncRuleRewardsClient", "AsyncSpeakerClient", "AsyncToken2WavClient", "AudioEncoderClient", "AudioLike", "ClientOptions", "Connection",
     "EmbeddingResult", "EncodedAudio", "ErrorCounts", "IntelligibilityClient", "IntelligibilityResult",

@@ -46,6 +46,11 @@ REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("speechr
 """The id of the request being served; when set, every call sends it as `x-request-id` metadata so
 that the server's logs of the call carry the same id (the gateway sets it per HTTP request)."""
 
+CALLER_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("speechrl_caller_deadline", default=None)
+"""time.monotonic() by which the caller being served needs its answer; when set, every call ends by
+then, whatever its own timeout (the gateway sets it from a request's `X-Request-Timeout`), so a
+scorer is never asked for work whose caller has gone."""
+
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 # gRPC also reports an oversized message as RESOURCE_EXHAUSTED; resending it cannot help.
@@ -321,6 +326,12 @@ class Connection:
         """
         timeout_s = self.timeout_s if timeout_s is None else timeout_s
         deadline = time.monotonic() + timeout_s
+        caller_deadline = CALLER_DEADLINE.get()
+        if caller_deadline is not None and caller_deadline < deadline:
+            deadline, timeout_s = caller_deadline, max(caller_deadline - time.monotonic(), 0.0)
+            if timeout_s <= 0:
+                raise ServiceError(grpc.StatusCode.DEADLINE_EXCEEDED, f"{what}: the caller's deadline passed before the call",
+                                   endpoint=self.endpoints[self._next], attempts=0)
         first = self._next
         self._next = (self._next + 1) % len(self.endpoints)
         attempts = 0

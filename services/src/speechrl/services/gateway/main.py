@@ -16,6 +16,7 @@ from fastapi import FastAPI
 from speechrl.services import __version__
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
 from speechrl.services.gateway.config import GatewayConfig
+from speechrl.services.gateway.deadline import DeadlineMiddleware
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import add_error_handlers
 from speechrl.services.gateway.metrics import MetricsMiddleware
@@ -50,7 +51,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     add_error_handlers(app)
-    # The last added runs first: request id, then metrics (refusals counted too), then the token check.
+    # The last added runs first: request id, then metrics (refusals counted too), then the token
+    # check, then the caller's deadline.
+    app.add_middleware(DeadlineMiddleware)
     app.add_middleware(BearerAuthMiddleware, store=TokenStore(config.auth_tokens, config.auth_token_file))
     app.add_middleware(MetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
