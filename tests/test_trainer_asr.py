@@ -279,3 +279,20 @@ def test_embedding_cache_encodes_an_utterance_once(stack: Stack) -> None:
     assert sent == [rows[0].audio, rows[1].audio, rows[2].audio, rows[1].audio], "each file once, until evicted"
     assert torch.equal(first[0], first[2]) and torch.equal(again[1], first[0]) and torch.equal(again[0], first[1])
     assert torch.equal(evicted[0], first[1]), "re-encoding gives the same embeddings: the front-end is frozen"
+
+
+def test_batch_by_split_draws_each_step_from_one_split() -> None:
+    import random
+
+    from speechrl.trainer.asr_job import draw_prompts
+    from speechrl.trainer.data import Row
+
+    rows = [Row(id=f"{split}-{i}", audio=f"/x/{split}-{i}.wav", text="a", voice="en-us", rate=160, duration=3.0,
+                split=split) for split, n in (("rl", 12), ("rl_long", 4)) for i in range(n)]
+    random.seed(0)
+    draws = [draw_prompts(rows, 6, by_split=True) for _ in range(200)]
+    assert all(len({r.split for r in d}) == 1 for d in draws)
+    long_steps = sum(d[0].split == "rl_long" for d in draws)
+    assert 25 <= long_steps <= 75, "a split is drawn in proportion to its rows (a quarter here)"
+    assert {len(d) for d in draws} == {4, 6}, "a split smaller than the batch gives all its rows"
+    assert len({r.split for r in draw_prompts(rows, 16)}) == 2

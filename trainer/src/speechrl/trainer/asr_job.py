@@ -86,6 +86,9 @@ class AsrJobConfig:
     seed: int = option(0, "Seed of prompt sampling and rollouts.")
     embedding_cache: int = option(4096, "Utterances whose front-end embeddings are kept in memory (the front-end is "
                                         "frozen: a prompt drawn again skips the encoder service); 0: none.")
+    batch_by_split: bool = option(False, "Draw each step's prompts from one split of train_split, the split picked "
+                                         "in proportion to its rows: long segments come together, so steps of short "
+                                         "prompts are not padded to a long one (several times cheaper on a CPU).")
     prefetch_embeddings: bool = option(False, "Encode every prompt of train_split (up to embedding_cache) once "
                                               "before the first step: worth it when steps will draw them again.")
     grpo: dict[str, Any] = field(default_factory=dict, metadata={
@@ -277,6 +280,15 @@ async def evaluate(services: Services, rows: Sequence[Row], layout_budget: Calla
             "eval/hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]])}
 
 
+def draw_prompts(rows: Sequence[Row], count: int, by_split: bool = False) -> list[Row]:
+    """One step's prompts: count rows at random, or (by_split) count rows of one split, the split drawn
+    with probability proportional to its rows (every row is still drawn equally often)."""
+    if by_split:
+        split = random.choice(rows).split
+        rows = [row for row in rows if row.split == split]
+    return random.sample(list(rows), min(count, len(rows)))
+
+
 def sync_dir(config: AsrJobConfig) -> Path:
     return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
 
@@ -346,7 +358,7 @@ async def run(config: AsrJobConfig, progress: Progress, cache: EmbeddingCache | 
                                      max(state.version, status.policy_version) + 1, grpo.lora)
 
         async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
-            batch_rows = random.sample(rows, min(grpo.batch_size, len(rows)))
+            batch_rows = draw_prompts(rows, grpo.batch_size, config.batch_by_split)
             return await train_step(index, batch_rows, policy, update, services, config, grpo, version, cache)
 
         async def evaluate_due(index: int, last: bool) -> dict[str, float]:
