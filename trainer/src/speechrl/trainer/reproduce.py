@@ -62,7 +62,7 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 STACK = ("rules", "encoder", "rollout")
 STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
-PROMPT_SPLIT = "rl"  # the selected RL prompts, in the run's own prompts manifest
+PROMPT_SPLITS = {"train": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
 
 
 @dataclass
@@ -89,6 +89,9 @@ class ReproConfig:
     temperature: float = option(0.8, "Rollout sampling temperature: below 1 keeps a small warm-started model's "
                                      "samples near its greedy output, so groups differ by a few words.")
     kl_beta: float = option(0.1, "KL coefficient (the paper: 0.1).")
+    updates_per_step: int = option(4, "AdamW steps per GRPO step: the rollout batch is split into this many "
+                                      "mini-batches of whole groups, each its own optimizer step (PPO-style; the ratio "
+                                      "clip holds the later ones near the sampling policy). 1: one step per batch.")
     prompt_candidates: int = option(256, "Training utterances the warm start samples G times to choose the RL "
                                          "prompts from (0: no selection, every train and long_train row is a prompt).")
     long_candidates: int = option(24, "long_train segments among the candidates (where R2's loops happen).")
@@ -149,12 +152,15 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
     return AsrJobConfig(
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split="dev",
-        train_split=train_split,
+        train_split=train_split, batch_by_split=True,  # long segments in steps of their own: short steps stay cheap
         eval_size=40, eval_every=max(1, config.steps // 4), checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-              "kl_beta": config.kl_beta, "temperature": config.temperature, "mini_batch_size": config.group_size * 2, "reward_weights": dict(weights),
+              "kl_beta": config.kl_beta, "temperature": config.temperature, "reward_weights": dict(weights),
+              # micro-batches of 2 groups, summed into updates_per_step optimizer steps
+              "mini_batch_size": config.group_size * 2,
+              "gradient_accumulation_steps": max(1, config.batch_size // 2 // config.updates_per_step),
               "seed": config.seed})
 
 
@@ -209,7 +215,7 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
     informative = select_informative_groups(candidates, groups)
     kept = select_informative_groups(candidates, groups, count=config.prompt_pool)
     path = Path(config.out) / "prompts.jsonl"
-    write_manifest(path, [replace(r, split=PROMPT_SPLIT) for r in kept]
+    write_manifest(path, [replace(r, split=PROMPT_SPLITS[r.split]) for r in kept]
                    + [r for r in rows if r.split == job.eval_split])
     counts = {"candidates": len(candidates), "informative": len(informative), "kept": len(kept),
               "long kept": sum(r.split == "long_train" for r in kept)}
@@ -256,7 +262,7 @@ def run(config: ReproConfig) -> dict[str, Any]:
                   f"{config.long_candidates} long candidates", flush=True)
             with stage_timer(stages, "prompt selection"):
                 prompts, selection = select_prompts(config, baseline_job, policy, manifest, cache)
-            train_split = PROMPT_SPLIT
+            train_split = ",".join(PROMPT_SPLITS.values())
             print(f"  {selection}", flush=True)
         print(f"[6/6] GRPO runs: {config.variants}", flush=True)
         for name in config.variants.split(","):
