@@ -73,14 +73,18 @@ def test_trained_model_prefers_the_right_text_and_survives_save_load(tmp_path: P
 
 def test_diffro_reward_reads_the_speech_range_of_a_policy_vocabulary() -> None:
     model = Token2Reward(Token2RewardConfig(num_tokens=16, d_model=32, layers=1, heads=2)).eval()
-    offset, vocab = 100, 130
+    offset = 100
     tokens, mask = pad([_tokens("the cat"), _tokens("dog")])  # [2, T]
-    policy_one_hot = F.one_hot(tokens + offset, vocab).float() * mask[..., None]  # [2, T, V]
+    one_hot = F.one_hot(tokens, 16).float() * mask[..., None]  # [2, T, K] the speech range's part
     # Right-padded here but left-padded in the policy's batch: the reward aligns either.
-    left = torch.stack([policy_one_hot[0], torch.roll(policy_one_hot[1], shifts=int((~mask[1]).sum()), dims=0)])
+    left = torch.stack([one_hot[0], torch.roll(one_hot[1], shifts=int((~mask[1]).sum()), dims=0)])
     left_mask = torch.stack([mask[0], torch.roll(mask[1], shifts=int((~mask[1]).sum()), dims=0)])
-    reward = model.diffro_reward(["the cat", "dog"], offset)(left, left_mask, torch.tensor([0, 1]))
-    assert torch.allclose(reward, model.log_prob_text(tokens, mask, ["the cat", "dog"]), atol=1e-4)
+    reward = model.diffro_reward(["the cat", "dog"], (offset, offset + 16), (1,))
+    assert reward.speech_range == (100, 116) and reward.stop_ids == (1,)
+    assert torch.allclose(reward.score(left, left_mask, torch.tensor([0, 1])),
+                          model.log_prob_text(tokens, mask, ["the cat", "dog"]), atol=1e-4)
+    with pytest.raises(ValueError, match="embeds 16"):
+        model.diffro_reward(["x"], (offset, offset + 15))
 
 
 def test_cli_trains_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

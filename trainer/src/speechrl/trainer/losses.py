@@ -53,9 +53,24 @@ class LossInputs:
     # -- DiffRO (diffro.py): the full distributions and the differentiable reward
     logits: Tensor | None = None  # [B, T, V] pi_theta's logits at the completion positions; carries the gradient
     ref_logits: Tensor | None = None  # [B, T, V] pi_ref's logits there, detached; None when diffro_beta == 0
-    diffro_reward: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None  # (soft [b, T, V], mask [b, T],
-    # rows [b] of this micro-batch) -> log P(text | soft tokens) [b], differentiable in soft
+    diffro_reward: TokenReward | None = None  # R = log P(text | soft speech tokens) and the ids it reads
+    completion_ids: Tensor | None = None  # [B, T] the sampled ids (DiffRO: which positions hold a speech token);
+    # None: every counted position does
     sample_normalizer: Tensor | float | None = None  # samples of the whole optimizer step; None: this batch's B
+
+
+@dataclass(frozen=True)
+class TokenReward:
+    """DiffRO's differentiable reward and the part of the policy's vocabulary it reads (diffro.py).
+
+    The relaxed token lives on the speech range only: the reward model embeds those K ids and
+    nothing else, so probability elsewhere (EOS) must not be able to change R.
+    """
+
+    score: Callable[[Tensor, Tensor, Tensor], Tensor]  # (soft [b, T, K] over the speech range, mask [b, T] of the
+    # speech positions, rows [b] of this micro-batch) -> R [b], differentiable in soft
+    speech_range: tuple[int, int]  # [begin, end) of the policy's ids: the K speech tokens the reward model embeds
+    stop_ids: tuple[int, ...] = ()  # the other ids the rollout samples (EOS); with the speech range, the KL's support
 
 
 # -- per-token KL estimators of KL(pi_theta || pi_ref), from logp = log pi_theta, ref = log pi_ref, [B, T]

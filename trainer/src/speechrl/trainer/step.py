@@ -25,11 +25,8 @@ from torch.distributed.tensor import DTensor
 
 from speechrl.trainer.advantages import group_advantages, reward_statistics
 from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.losses import LOGIT_LOSSES, LOSSES, LossInputs, normalizer
+from speechrl.trainer.losses import LOGIT_LOSSES, LOSSES, LossInputs, TokenReward, normalizer
 from speechrl.trainer.policy import CompletionScores, Reference, completion_forward, trainable_parameters
-
-# DiffRO's reward over samples of a batch: (soft tokens [b, T, V], mask [b, T], sample indices [b]) -> R [b]
-BatchReward = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 @dataclass(frozen=True)
@@ -46,7 +43,7 @@ class RolloutBatch:
     prompt_mask: Tensor  # [P, S] 1 on prompt positions
     prompt_ids: Tensor | None = None  # [P, S] token-id prompts, or
     prompt_embeds: Tensor | None = None  # [P, S, H] embedding prompts (audio embeddings + instruction)
-    diffro_reward: BatchReward | None = None  # losses "diffro" / "grpo+diffro": R = log P(text_i | soft tokens)
+    diffro_reward: TokenReward | None = None  # losses "diffro" / "grpo+diffro": R = log P(text_i | soft tokens)
 
     def __post_init__(self) -> None:
         if (self.prompt_ids is None) == (self.prompt_embeds is None):
@@ -112,12 +109,13 @@ def _diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | Non
         with torch.no_grad(), reference.active() as reference_model, \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             ref_logits = batch_forward(reference_model, batch, rows, config, with_logits=True).logits  # [M, T, V]
-    reward = batch.diffro_reward
+    score = batch.diffro_reward.score
 
-    def micro_batch_reward(soft: Tensor, mask: Tensor, index: Tensor) -> Tensor:
-        return reward(soft, mask, rows[index])  # [b] the micro-batch's rows back to batch samples
+    def micro_batch_score(soft: Tensor, mask: Tensor, index: Tensor) -> Tensor:
+        return score(soft, mask, rows[index])  # [b] the micro-batch's rows back to batch samples
 
-    return {"ref_logits": ref_logits, "diffro_reward": micro_batch_reward}
+    return {"ref_logits": ref_logits, "diffro_reward": replace(batch.diffro_reward, score=micro_batch_score),
+            "completion_ids": batch.completion_ids[rows]}  # [M, T]
 
 
 @torch.no_grad()

@@ -36,8 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from speechrl.trainer.losses import TokenReward
+
 ALPHABET = " abcdefghijklmnopqrstuvwxyz'"  # CTC classes 1..28; 0 is the blank
 CHECKPOINT = "token2reward.pt"
+# -log P of a text the frames cannot align to (CTC's +inf): a constant, so it carries no gradient, and
+# far beyond the few hundred nats a model gives even a wrong sentence, so no real alignment scores below it.
+IMPOSSIBLE = 1e4
 
 
 def encode_text(text: str) -> list[int]:
@@ -89,34 +94,56 @@ class Token2Reward(nn.Module):
         return torch.log_softmax(self.head(hidden).float(), dim=-1)  # [B, T*U, C]
 
     def log_prob_text(self, tokens: Tensor, mask: Tensor, texts: Sequence[str]) -> Tensor:
-        """log P(text_i | tokens_i) [B] by CTC; -inf-free (zero_infinity) so an impossible text is very negative.
+        """log P(text_i | tokens_i) [B] by CTC, always finite, with a finite gradient.
 
-        Tokens must be left-aligned (mask a prefix of each row): CTC reads the first
-        input_lengths frames.
+        A text the frames cannot align to (more CTC frames needed than the tokens give; an empty
+        token sequence gives none) scores -IMPOSSIBLE, a constant: no gradient, and far below what
+        any real alignment scores, so stopping early can never raise R. Tokens must be left-aligned
+        (mask a prefix of each row): CTC reads the first input_lengths frames.
         """
-        log_probs = self(tokens, mask)  # [B, T*U, C]
+        mask = mask.bool()  # [B, T]
+        # A row without tokens would be an all-padding row to attention (NaN out, NaN gradients
+        # back): give it one dummy frame to run on; its CTC length stays 0.
+        safe_mask = mask.clone()  # [B, T]
+        safe_mask[:, 0] |= ~mask.any(1)
+        log_probs = self(tokens, safe_mask)  # [B, T*U, C]
         targets = [torch.tensor(encode_text(t), dtype=torch.long) for t in texts]
         target_lengths = torch.tensor([len(t) for t in targets])  # [B]
         flat = torch.cat(targets) if targets else torch.zeros(0, dtype=torch.long)  # [sum L]
-        input_lengths = mask.bool().sum(1).cpu() * self.config.upsample  # [B]
+        input_lengths = mask.sum(1).cpu() * self.config.upsample  # [B]
+        # zero_infinity: CTC's gradient of an infinite loss is NaN, and NaN reaches every weight upstream.
         nll = F.ctc_loss(log_probs.transpose(0, 1), flat.to(log_probs.device), input_lengths, target_lengths,
-                         blank=0, reduction="none", zero_infinity=False)  # [B]
-        # An impossible alignment (text longer than the frames) is +inf; a large finite penalty keeps sums finite.
-        return -torch.nan_to_num(nll, posinf=1e4)  # [B]
+                         blank=0, reduction="none", zero_infinity=True)  # [B]
+        needed = torch.tensor([ctc_frames_needed(t) for t in targets])  # [B]
+        impossible = (input_lengths < needed).to(nll.device)  # [B]
+        return torch.where(impossible, torch.full_like(nll, -IMPOSSIBLE), -nll)  # [B]
 
-    def diffro_reward(self, texts: Sequence[str], token_offset: int) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """DiffRO's reward over a policy's full vocabulary: (soft [b, T, V], mask [b, T], rows [b]) -> [b].
+    def diffro_reward(self, texts: Sequence[str], speech_range: tuple[int, int],
+                      stop_ids: Sequence[int] = ()) -> TokenReward:
+        """DiffRO's reward for a policy whose speech ids are speech_range = [begin, begin + K).
 
-        texts are the micro-batch's target texts, one per sample; the speech range is
-        [token_offset, token_offset + K) of the policy's vocabulary. Probability outside it (EOS)
-        embeds as nothing.
+        texts are the batch's target texts, one per sample (the score's rows index them);
+        stop_ids are the other ids its rollout samples (EOS), which the KL covers and R never reads.
         """
-        def reward(soft: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
-            speech = soft[..., token_offset:token_offset + self.config.num_tokens]  # [b, T, K]
-            return self.log_prob_text(_left_align(speech, mask), _left_align(mask, mask),
-                                      [texts[int(r)] for r in rows])
+        begin, end = speech_range
+        if end - begin != self.config.num_tokens:
+            raise ValueError(f"speech_range [{begin}, {end}) has {end - begin} ids; this Token2Reward embeds "
+                             f"{self.config.num_tokens}")
 
-        return reward
+        def score(soft: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
+            return self.log_prob_text(_left_align(soft, mask), _left_align(mask, mask), [texts[int(r)] for r in rows])
+
+        return TokenReward(score=score, speech_range=(begin, end), stop_ids=tuple(stop_ids))
+
+
+def ctc_frames_needed(target: Sequence[int] | Tensor) -> int:
+    """Fewest CTC frames that can emit target: one per label, plus a blank between equal neighbours.
+
+    >>> ctc_frames_needed([1, 2, 2, 3])
+    5
+    """
+    labels = [int(t) for t in target]
+    return len(labels) + sum(a == b for a, b in zip(labels, labels[1:], strict=False))
 
 
 def _left_align(values: Tensor, mask: Tensor) -> Tensor:

@@ -55,9 +55,9 @@ from speechrl.trainer.jobkit import (
     train_loop,
     update_lease,
 )
-from speechrl.trainer.losses import LOGIT_LOSSES
+from speechrl.trainer.losses import LOGIT_LOSSES, TokenReward
 from speechrl.trainer.policy import make_optimizer, make_reference
-from speechrl.trainer.step import BatchReward, RolloutBatch, grpo_update
+from speechrl.trainer.step import RolloutBatch, grpo_update
 from speechrl.trainer.tts_policy import EOS_ID, PAD_ID, TtsLayout, TtsPolicy
 from speechrl.trainer.tts_warmstart import read_corpus
 
@@ -213,7 +213,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
 
 
 def rollout_batch(policy: TtsPolicy, prompts: Sequence[Prompt], samples: Sequence[Any],
-                  rewards: Sequence[float | None], diffro_reward: BatchReward | None) -> RolloutBatch:
+                  rewards: Sequence[float | None], diffro_reward: TokenReward | None) -> RolloutBatch:
     """The GRPO batch: word-id prompts once each (right-padded), completions with <eos> where sampled."""
     ids, mask = pad_right(sampled_sequences(samples, EOS_ID), PAD_ID)  # [N, T] each
     prompt_ids, prompt_mask = pad_right([policy.layout.prompt_ids(p.text) for p in prompts], PAD_ID)  # [P, S] each
@@ -254,7 +254,8 @@ class Trainer:
         rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
         reward_model = None
         if self.reward_model is not None:
-            reward_model = self.reward_model.diffro_reward([p.text for p in group_prompts], layout.speech_offset)
+            reward_model = self.reward_model.diffro_reward([p.text for p in group_prompts], layout.speech_range(),
+                                                            (EOS_ID,))
         batch = rollout_batch(self.policy, prompts, samples, rewards, reward_model)
         with timer("update"):
             async with update_lease(self.config.lease_device, self.config.redis_url):
