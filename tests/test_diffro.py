@@ -9,7 +9,7 @@ from torch import Tensor
 from speechrl.trainer.config import GRPOConfig
 from speechrl.trainer.diffro import diffro_rows, gumbel_softmax, token_kl
 from speechrl.trainer.losses import LOSSES, LossInputs, TokenReward, grpo_loss
-from speechrl.trainer.token2reward import IMPOSSIBLE, Token2Reward, Token2RewardConfig
+from speechrl.trainer.token2reward import IMPOSSIBLE, Token2Reward, Token2RewardConfig, diffro_reward
 
 B, T, V = 4, 5, 7
 
@@ -187,7 +187,7 @@ def test_logit_mass_moved_to_eos_or_text_ids_cannot_change_the_diffro_reward() -
         moved = logits.clone()
         moved[..., [PAD, EOS, TEXT]] += boost  # most of the probability now off the speech range
         torch.manual_seed(7)  # the same Gumbel noise both times
-        _, metrics = LOSSES["diffro"](_policy_inputs(moved, model.diffro_reward(texts, (OFFSET, VOCAB), (EOS,)).score,
+        _, metrics = LOSSES["diffro"](_policy_inputs(moved, diffro_reward(model, texts, (OFFSET, VOCAB), (EOS,)).score,
                                                      ids, mask), config)
         rewards.append(metrics["diffro_reward"].item())
     assert rewards[0] == pytest.approx(rewards[1], abs=1e-6)
@@ -198,7 +198,7 @@ def test_diffro_reward_gradient_never_reaches_eos_or_other_non_speech_logits() -
     ids, mask = _sampled(2, 6)
     logits = torch.randn(2, 6, VOCAB, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
     config = _config(loss="diffro", diffro_beta=0.0, group_size=2, mini_batch_size=2)
-    loss, _ = LOSSES["diffro"](_policy_inputs(logits, model.diffro_reward(texts, (OFFSET, VOCAB), (EOS,)).score,
+    loss, _ = LOSSES["diffro"](_policy_inputs(logits, diffro_reward(model, texts, (OFFSET, VOCAB), (EOS,)).score,
                                               ids, mask), config)
     loss.backward()
     assert logits.grad is not None and torch.isfinite(logits.grad).all()

@@ -79,12 +79,12 @@ def test_diffro_reward_reads_the_speech_range_of_a_policy_vocabulary() -> None:
     # Right-padded here but left-padded in the policy's batch: the reward aligns either.
     left = torch.stack([one_hot[0], torch.roll(one_hot[1], shifts=int((~mask[1]).sum()), dims=0)])
     left_mask = torch.stack([mask[0], torch.roll(mask[1], shifts=int((~mask[1]).sum()), dims=0)])
-    reward = model.diffro_reward(["the cat", "dog"], (offset, offset + 16), (1,))
+    reward = token2reward.diffro_reward(model, ["the cat", "dog"], (offset, offset + 16), (1,))
     assert reward.speech_range == (100, 116) and reward.stop_ids == (1,)
     assert torch.allclose(reward.score(left, left_mask, torch.tensor([0, 1])),
                           model.log_prob_text(tokens, mask, ["the cat", "dog"]), atol=1e-4)
     with pytest.raises(ValueError, match="embeds 16"):
-        model.diffro_reward(["x"], (offset, offset + 15))
+        token2reward.diffro_reward(model, ["x"], (offset, offset + 15))
 
 
 def test_cli_trains_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -85,3 +85,51 @@ def test_served_on_loopback_answers_per_item() -> None:
     assert rate == first.audio.sample_rate_hertz == 22050
     assert first.audio.duration_seconds == pytest.approx(len(samples) / rate)
     assert second.error.field == "items[1].tokens"
+
+
+def test_score_tokens_served_with_a_trained_token2reward(tmp_path: object) -> None:
+    """ScoreTokens on a real server with a small Token2Reward trained here: the right text scores
+    above another sentence's, an empty sequence is unalignable (reward 0, not an error), a bad id
+    fails alone, and a server without a checkpoint says what it needs."""
+    from pathlib import Path
+
+    import grpc
+    import torch
+
+    from speechrl.client import ServiceError, Token2WavClient
+    from speechrl.services.token2wav.server import Token2WavConfig, start
+    from speechrl.trainer import token2reward
+    from tests.conftest import free_port, serve_in_thread
+    from tests.test_token2reward import SENTENCES, _tokens
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # this tiny model trains ~10x faster so on a loaded 2-core machine
+    try:
+        model = token2reward.train([(_tokens(s), s) for s in SENTENCES], token2reward.Token2RewardConfig(
+            num_tokens=16, d_model=48, layers=1, heads=2, upsample=2, dropout=0.0), steps=120, batch_size=6,
+            learning_rate=1e-2)
+    finally:
+        torch.set_num_threads(threads)
+    folder = Path(str(tmp_path)) / "t2r"
+    token2reward.save(model, folder)
+    tokens = [_tokens(s) for s in SENTENCES]
+    with serve_in_thread(lambda: start(Token2WavConfig(port=free_port(), token2reward=str(folder)))) as running, \
+            Token2WavClient(f"127.0.0.1:{running.port}") as client:
+        right = client.score_tokens(tokens, SENTENCES)
+        wrong = client.score_tokens(tokens, SENTENCES[1:] + SENTENCES[:1])
+        edge = client.score_tokens([[], [1, 99]], ["the cat", "the cat"])
+    for r, w in zip(right, wrong, strict=True):
+        assert r.unwrap().alignable and r.unwrap().log_prob > w.unwrap().log_prob
+        assert 0 <= w.unwrap().reward < r.unwrap().reward <= 1  # a longer wrong text may not align at all
+        assert r.unwrap().reward == pytest.approx(np.exp(r.unwrap().log_prob / r.unwrap().num_chars))
+    assert right[0].unwrap().num_chars == len("the cat sat")
+    expected = model.log_prob_text(*token2reward.pad(tokens), SENTENCES)  # the server's numbers are the model's
+    assert [r.unwrap().log_prob for r in right] == pytest.approx(expected.tolist(), abs=1e-3)
+    empty, bad = edge
+    assert empty.unwrap().alignable is False and empty.unwrap().reward == 0.0
+    assert bad.error is not None and bad.error.field == "items[1].tokens"
+
+    with serve_in_thread(lambda: start(Token2WavConfig(port=free_port()))) as running, \
+            Token2WavClient(f"127.0.0.1:{running.port}") as client, pytest.raises(ServiceError) as error:
+        client.score_tokens([[1]], ["a"])
+    assert error.value.code == grpc.StatusCode.FAILED_PRECONDITION and "--token2reward" in str(error.value)

@@ -1,7 +1,8 @@
 """TTS RL through the real services and Redis (issue 7): two steps of each of tts-grpo, tts-diffro and
 tts-grpo+diffro change the weights, keep the rollout service's version in step with the trainer's,
 and log every reward component. Real audio (espeak-ng via token2wav), real scorers (Whisper tiny.en,
-Resemblyzer); the policy and the Token2Reward are tiny and barely trained, so this is about plumbing."""
+Resemblyzer, Token2Reward served by token2wav); the policy and the Token2Reward are tiny and barely
+trained, so this is about plumbing."""
 
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                                                                              layers=1, heads=2), steps=5, batch_size=6)
     token2reward.save(reward_model, root / "t2r")
     starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=summary["policy"], threads=1)),
-              "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port())),
+              "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port(), token2reward=str(root / "t2r"))),
               "intelligibility": lambda: start_intelligibility(IntelligibilityConfig(port=free_port(), threads=1)),
               "speaker": lambda: start_speaker(SpeakerConfig(port=free_port(), threads=1))}
     with ExitStack() as servers:
@@ -73,7 +74,8 @@ def job(stack: Stack, out: Path, redis_url: str, **grpo: Any) -> TtsJobConfig:
 
 
 @pytest.mark.parametrize(("kind", "grpo", "extra"), [
-    ("tts-grpo", {}, ("kl", "clip_fraction")),
+    # Token2Reward's ScoreTokens from the token2wav service as a fifth weighted component.
+    ("tts-grpo", {"reward_weights": {"token2reward": 0.5}}, ("kl", "clip_fraction", "reward/token2reward")),
     ("tts-diffro", {}, ("diffro_reward", "diffro_kl")),
     ("tts-grpo+diffro", {"diffro_filter": False}, ("grpo_loss", "diffro_loss", "diffro_reward", "kl")),
 ])

@@ -57,6 +57,8 @@ from speechrl.client.models import (
     SpeakerResult,
     SpeakerScore,
     SynthesizedSpeech,
+    TokenScore,
+    TokenScoreResult,
 )
 from speechrl.client.scorers import (
     DEFAULT_PORTS,
@@ -87,6 +89,7 @@ __all__ = [
     "IntelligibilityScore", "ItemError", "ItemFailedError", "PromptResult", "RegisteredSpeaker", "RetryPolicy",
     "RolloutClient", "RuleResult", "RuleRewardsClient", "RuleScore", "Sample", "ServiceError", "ServiceStatus",
     "SpeakerClient", "SpeakerId", "SpeakerResult", "SpeakerScore", "SyncClient", "SynthesizedSpeech", "Token2WavClient",
+    "TokenScore", "TokenScoreResult",
     "numpy_to_tensor",
     "parse_endpoints", "retry_after_hint", "tensor_to_numpy", "tls_credentials", "to_audio",
 ]

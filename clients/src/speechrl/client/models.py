@@ -313,6 +313,42 @@ def synthesized_speech(result: token2wav_pb2.SynthesisResult) -> SynthesizedSpee
 
 
 @dataclass(frozen=True)
+class TokenScore:
+    """How well one speech-token sequence says its text under the server's Token2Reward (no audio involved)."""
+
+    log_prob: float
+    """log P(text | tokens) in nats, <= 0; -1e4 (the model's penalty) when not alignable."""
+    num_chars: int
+    """Characters of the text the model scores."""
+    alignable: bool
+    """False when the tokens are too few to spell the text."""
+    reward: float
+    """exp(log_prob / num_chars): geometric-mean per-character probability in [0, 1]; 0 when not alignable."""
+
+
+@dataclass(frozen=True)
+class TokenScoreResult(_Outcome[TokenScore]):
+    """One pair's TokenScore, or its error."""
+
+    score: TokenScore | None = None
+    error: ItemError | None = None
+
+    @property
+    def reward(self) -> float | None:
+        return None if self.score is None else self.score.reward
+
+    def _value(self) -> TokenScore:
+        return self.score  # type: ignore[return-value]
+
+
+def token_score_result(result: token2wav_pb2.TokenScoreResult) -> TokenScoreResult:
+    if result.HasField("error"):
+        return TokenScoreResult(error=ItemError.from_proto(result.error))
+    s = result.score
+    return TokenScoreResult(score=TokenScore(s.log_prob, s.num_chars, s.alignable, s.reward))
+
+
+@dataclass(frozen=True)
 class Sample:
     """One sampled completion."""
 

@@ -36,6 +36,7 @@ from speechrl.client.models import (
     ServiceStatus,
     SpeakerResult,
     SynthesizedSpeech,
+    TokenScoreResult,
     embedding_result,
     encoded_audio,
     enum_value,
@@ -44,6 +45,7 @@ from speechrl.client.models import (
     rule_result,
     speaker_result,
     synthesized_speech,
+    token_score_result,
 )
 from speechrl.client.ports import DEFAULT_PORTS
 from speechrl.v1 import (
@@ -393,3 +395,23 @@ class AsyncToken2WavClient(AsyncClient):
         reply = await self.connection.unary(token2wav_pb2_grpc.Token2WavStub, "Synthesize", request, timeout_s)
         _check_count(reply.results, count, "Synthesize")
         return [synthesized_speech(r) for r in reply.results]
+
+    async def score_tokens(self, token_lists: Sequence[Sequence[int]], texts: Sequence[str], *,
+                           timeout_s: float | None = None) -> list[TokenScoreResult]:
+        """log P(text | tokens) of each pair under the server's Token2Reward, and its reward in [0, 1].
+
+        A reward without audio (DiffRO's token-input ASR); the server needs a Token2Reward checkpoint
+        (--token2reward), else FAILED_PRECONDITION.
+
+        Args:
+            token_lists: speech-token ids per item, 0-based as for synthesize.
+            texts: what each item should say, one per item.
+        """
+        if len(texts) != len(token_lists):
+            raise ValueError(f"{len(token_lists)} token lists but {len(texts)} texts: one text per item")
+        request = token2wav_pb2.ScoreTokensRequest(items=[
+            token2wav_pb2.TokenTextItem(tokens=[int(t) for t in tokens], text=text)
+            for tokens, text in zip(token_lists, texts, strict=True)])
+        reply = await self.connection.unary(token2wav_pb2_grpc.Token2WavStub, "ScoreTokens", request, timeout_s)
+        _check_count(reply.results, len(texts), "ScoreTokens")
+        return [token_score_result(r) for r in reply.results]

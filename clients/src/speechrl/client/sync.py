@@ -154,3 +154,4 @@ class Token2WavClient(SyncClient[AsyncToken2WavClient]):
 
     async_class = AsyncToken2WavClient
     synthesize = syncify(AsyncToken2WavClient.synthesize)
+    score_tokens = syncify(AsyncToken2WavClient.score_tokens)

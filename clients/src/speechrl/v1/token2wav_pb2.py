@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from speechrl.v1 import common_pb2 as speechrl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspeechrl/v1/token2wav.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\">\n\x11SynthesizeRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.speechrl.v1.SynthesisItem\"j\n\rSynthesisItem\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05voice\x18\x02 \x01(\t\x12(\n\x0cprompt_audio\x18\x03 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12\x10\n\x08rate_wpm\x18\x04 \x01(\x05\"C\n\x12SynthesizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.speechrl.v1.SynthesisResult\"u\n\x0fSynthesisResult\x12.\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x1d.speechrl.v1.SynthesizedAudioH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"T\n\x10SynthesizedAudio\x12\x0b\n\x03wav\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\x32Z\n\tToken2Wav\x12M\n\nSynthesize\x12\x1e.speechrl.v1.SynthesizeRequest\x1a\x1f.speechrl.v1.SynthesizeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bspeechrl/v1/token2wav.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\">\n\x11SynthesizeRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.speechrl.v1.SynthesisItem\"j\n\rSynthesisItem\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\r\n\x05voice\x18\x02 \x01(\t\x12(\n\x0cprompt_audio\x18\x03 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12\x10\n\x08rate_wpm\x18\x04 \x01(\x05\"C\n\x12SynthesizeResponse\x12-\n\x07results\x18\x01 \x03(\x0b\x32\x1c.speechrl.v1.SynthesisResult\"u\n\x0fSynthesisResult\x12.\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x1d.speechrl.v1.SynthesizedAudioH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"T\n\x10SynthesizedAudio\x12\x0b\n\x03wav\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12\x18\n\x10\x64uration_seconds\x18\x03 \x01(\x01\"?\n\x12ScoreTokensRequest\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.speechrl.v1.TokenTextItem\"-\n\rTokenTextItem\x12\x0e\n\x06tokens\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"E\n\x13ScoreTokensResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.speechrl.v1.TokenScoreResult\"p\n\x10TokenScoreResult\x12(\n\x05score\x18\x01 \x01(\x0b\x32\x17.speechrl.v1.TokenScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"T\n\nTokenScore\x12\x10\n\x08log_prob\x18\x01 \x01(\x01\x12\x11\n\tnum_chars\x18\x02 \x01(\x05\x12\x11\n\talignable\x18\x03 \x01(\x08\x12\x0e\n\x06reward\x18\x04 \x01(\x01\x32\xac\x01\n\tToken2Wav\x12M\n\nSynthesize\x12\x1e.speechrl.v1.SynthesizeRequest\x1a\x1f.speechrl.v1.SynthesizeResponse\x12P\n\x0bScoreTokens\x12\x1f.speechrl.v1.ScoreTokensRequest\x1a .speechrl.v1.ScoreTokensResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,6 +42,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SYNTHESISRESULT']._serialized_end=428
   _globals['_SYNTHESIZEDAUDIO']._serialized_start=430
   _globals['_SYNTHESIZEDAUDIO']._serialized_end=514
-  _globals['_TOKEN2WAV']._serialized_start=516
-  _globals['_TOKEN2WAV']._serialized_end=606
+  _globals['_SCORETOKENSREQUEST']._serialized_start=516
+  _globals['_SCORETOKENSREQUEST']._serialized_end=579
+  _globals['_TOKENTEXTITEM']._serialized_start=581
+  _globals['_TOKENTEXTITEM']._serialized_end=626
+  _globals['_SCORETOKENSRESPONSE']._serialized_start=628
+  _globals['_SCORETOKENSRESPONSE']._serialized_end=697
+  _globals['_TOKENSCORERESULT']._serialized_start=699
+  _globals['_TOKENSCORERESULT']._serialized_end=811
+  _globals['_TOKENSCORE']._serialized_start=813
+  _globals['_TOKENSCORE']._serialized_end=897
+  _globals['_TOKEN2WAV']._serialized_start=900
+  _globals['_TOKEN2WAV']._serialized_end=1072
 # @@protoc_insertion_point(module_scope)

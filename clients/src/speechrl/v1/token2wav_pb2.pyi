@@ -48,3 +48,43 @@ class SynthesizedAudio(_message.Message):
     sample_rate_hertz: int
     duration_seconds: float
     def __init__(self, wav: _Optional[bytes] = ..., sample_rate_hertz: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class ScoreTokensRequest(_message.Message):
+    __slots__ = ("items",)
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[TokenTextItem]
+    def __init__(self, items: _Optional[_Iterable[_Union[TokenTextItem, _Mapping]]] = ...) -> None: ...
+
+class TokenTextItem(_message.Message):
+    __slots__ = ("tokens", "text")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    def __init__(self, tokens: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ...) -> None: ...
+
+class ScoreTokensResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TokenScoreResult]
+    def __init__(self, results: _Optional[_Iterable[_Union[TokenScoreResult, _Mapping]]] = ...) -> None: ...
+
+class TokenScoreResult(_message.Message):
+    __slots__ = ("score", "error")
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    score: TokenScore
+    error: _common_pb2.ItemError
+    def __init__(self, score: _Optional[_Union[TokenScore, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
+
+class TokenScore(_message.Message):
+    __slots__ = ("log_prob", "num_chars", "alignable", "reward")
+    LOG_PROB_FIELD_NUMBER: _ClassVar[int]
+    NUM_CHARS_FIELD_NUMBER: _ClassVar[int]
+    ALIGNABLE_FIELD_NUMBER: _ClassVar[int]
+    REWARD_FIELD_NUMBER: _ClassVar[int]
+    log_prob: float
+    num_chars: int
+    alignable: bool
+    reward: float
+    def __init__(self, log_prob: _Optional[float] = ..., num_chars: _Optional[int] = ..., alignable: _Optional[bool] = ..., reward: _Optional[float] = ...) -> None: ...

@@ -40,6 +40,11 @@ class Token2WavStub:
                 request_serializer=speechrl_dot_v1_dot_token2wav__pb2.SynthesizeRequest.SerializeToString,
                 response_deserializer=speechrl_dot_v1_dot_token2wav__pb2.SynthesizeResponse.FromString,
                 _registered_method=True)
+        self.ScoreTokens = channel.unary_unary(
+                '/speechrl.v1.Token2Wav/ScoreTokens',
+                request_serializer=speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensRequest.SerializeToString,
+                response_deserializer=speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensResponse.FromString,
+                _registered_method=True)
 
 
 class Token2WavServicer:
@@ -53,6 +58,15 @@ class Token2WavServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ScoreTokens(self, request, context):
+        """Scores how well each token sequence says its text under the Token2Reward model (DiffRO's
+        token-input ASR): a cheap reward that needs no audio. FAILED_PRECONDITION when the server was
+        started without a Token2Reward checkpoint.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_Token2WavServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -60,6 +74,11 @@ def add_Token2WavServicer_to_server(servicer, server):
                     servicer.Synthesize,
                     request_deserializer=speechrl_dot_v1_dot_token2wav__pb2.SynthesizeRequest.FromString,
                     response_serializer=speechrl_dot_v1_dot_token2wav__pb2.SynthesizeResponse.SerializeToString,
+            ),
+            'ScoreTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ScoreTokens,
+                    request_deserializer=speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensRequest.FromString,
+                    response_serializer=speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -90,6 +109,33 @@ class Token2Wav:
             '/speechrl.v1.Token2Wav/Synthesize',
             speechrl_dot_v1_dot_token2wav__pb2.SynthesizeRequest.SerializeToString,
             speechrl_dot_v1_dot_token2wav__pb2.SynthesizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ScoreTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/speechrl.v1.Token2Wav/ScoreTokens',
+            speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensRequest.SerializeToString,
+            speechrl_dot_v1_dot_token2wav__pb2.ScoreTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,

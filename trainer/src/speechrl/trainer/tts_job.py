@@ -3,7 +3,9 @@
     rollout  (G speech-token samples per text, rollout service in SPEECH_TOKENS mode)
     -> token2wav (each sample rendered in its prompt's voice, the speaker prompt)
     -> score  (intelligibility: Whisper's WER as a reward; speaker: cosine to the prompt voice's
-               reference; duration vs the group median; token diversity; F0 spread)
+               reference; duration vs the group median; token diversity; F0 spread; token2reward:
+               the token2wav service's ScoreTokens, Token2Reward's exp(log P(text | tokens) / chars),
+               a cheap reward from the tokens alone, weight 0 unless asked for)
     -> update (GRPO / DiffRO / GRPO + lambda * filtered DiffRO, step.grpo_update, under the lease)
     -> sync   (new weights to the rollout service; its reply must echo the new version)
 
@@ -61,7 +63,7 @@ from speechrl.trainer.step import RolloutBatch, grpo_update
 from speechrl.trainer.tts_policy import EOS_ID, PAD_ID, TtsLayout, TtsPolicy
 from speechrl.trainer.tts_warmstart import read_corpus
 
-REWARD_COMPONENTS = ("intelligibility", "speaker", "duration", "diversity", "f0")
+REWARD_COMPONENTS = ("intelligibility", "speaker", "duration", "diversity", "f0", "token2reward")
 KIND_LOSSES = {"tts-grpo": "grpo", "tts-diffro": "diffro", "tts-grpo+diffro": "grpo+diffro"}
 REFERENCE_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -110,6 +112,8 @@ class TtsJobConfig:
         # Diversity and F0 spread reward variety, not correctness: logged always, acting only when asked.
         weights.setdefault("diversity", 0.0)
         weights.setdefault("f0", 0.0)
+        # Token2Reward's score needs the token2wav server started with --token2reward: off unless asked for.
+        weights.setdefault("token2reward", 0.0)
 
     @property
     def grpo_config(self) -> GRPOConfig:
@@ -204,7 +208,13 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
         for i, r in zip(rendered, results, strict=True):
             out["speaker"][i], out["sim"][i] = r.reward, r.score.cosine if r.score else None
 
-    await asyncio.gather(asr(), speaker())
+    async def token_reward() -> None:
+        if weights.get("token2reward", 1.0) == 0:
+            return
+        results = await services.token2wav.score_tokens(tokens, [p.text for p in prompts])
+        out["token2reward"] = [r.reward for r in results]
+
+    await asyncio.gather(asr(), speaker(), token_reward())
     out["duration"] = _per_group([s.duration_seconds if s.ok else None for s in speech], group_size, duration_rewards)
     out["diversity"] = [d for g in range(0, n, group_size) for d in diversity_rewards(tokens[g:g + group_size])]
     if weights.get("f0", 1.0) != 0:
@@ -254,8 +264,8 @@ class Trainer:
         rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
         reward_model = None
         if self.reward_model is not None:
-            reward_model = self.reward_model.diffro_reward([p.text for p in group_prompts], layout.speech_range(),
-                                                            (EOS_ID,))
+            reward_model = token2reward.diffro_reward(self.reward_model, [p.text for p in group_prompts],
+                                                      layout.speech_range(), (EOS_ID,))
         batch = rollout_batch(self.policy, prompts, samples, rewards, reward_model)
         with timer("update"):
             async with update_lease(self.config.lease_device, self.config.redis_url):

@@ -1,11 +1,20 @@
-"""token2wav engine: validate each item, render the batch with one backend, answer per item. No gRPC."""
+"""token2wav engines: validate each item, run the batch through one model, answer per item. No gRPC.
+
+Token2WavEngine renders speech tokens as audio; TokenScorer scores (tokens, text) pairs with a
+Token2Reward (DiffRO's token-input ASR), a reward without rendering any audio.
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
 
 from speechrl.services.errors import ErrorCode, ItemFailure
 from speechrl.services.token2wav.backends import SynthesisItem, Token2WavBackend, Waveform
+from speechrl.services.token2wav.token2reward import IMPOSSIBLE, Token2Reward, encode_text, pad
 
 
 class Token2WavEngine:
@@ -49,3 +58,68 @@ class Token2WavEngine:
         if isinstance(error, ValueError):
             return ItemFailure(ErrorCode.EMPTY_TEXT, str(error), "tokens")
         return ItemFailure(ErrorCode.INTERNAL, f"{type(error).__name__}: {error}")
+
+
+@dataclass(frozen=True)
+class TokenTextItem:
+    """One pair to score: 0-based speech-token ids and the text they should say."""
+
+    tokens: Sequence[int]
+    text: str
+
+
+@dataclass(frozen=True)
+class TokenScore:
+    """log P(text | tokens) of one pair (see token2wav.proto's TokenScore)."""
+
+    log_prob: float  # nats, <= 0; the model's fixed penalty (-IMPOSSIBLE) when not alignable
+    num_chars: int  # characters of the text the model scores
+    alignable: bool  # False: too few tokens to spell the text
+
+    @property
+    def reward(self) -> float:
+        """exp(log_prob / num_chars): the geometric-mean per-character probability in [0, 1]; 0 if not alignable."""
+        return math.exp(self.log_prob / self.num_chars) if self.alignable else 0.0
+
+
+class TokenScorer:
+    """Scores batches of (tokens, text) with a Token2Reward; every item ends as a TokenScore or an ItemFailure.
+
+    >>> from speechrl.services.token2wav.token2reward import Token2RewardConfig
+    >>> scorer = TokenScorer(Token2Reward(Token2RewardConfig(num_tokens=4, d_model=8, layers=1, heads=1)).eval())
+    >>> [type(r).__name__ for r in scorer.score_batch([TokenTextItem([1, 2], "a"), TokenTextItem([], "a"),
+    ...                                                 TokenTextItem([9], "a")])]
+    ['TokenScore', 'TokenScore', 'ItemFailure']
+    """
+
+    def __init__(self, model: Token2Reward):
+        self.model = model.eval().requires_grad_(False)
+
+    def modules(self) -> list[torch.nn.Module]:
+        """What moves with the GPU lease."""
+        return [self.model]
+
+    def score_batch(self, items: Sequence[TokenTextItem]) -> list[TokenScore | ItemFailure]:
+        results: list[TokenScore | ItemFailure | None] = [self._check(item) for item in items]
+        todo = [i for i, r in enumerate(results) if r is None]
+        if todo:
+            device = next(self.model.parameters()).device
+            tokens, mask = pad([items[i].tokens for i in todo])  # [B, T] each
+            with torch.no_grad():
+                log_probs = self.model.log_prob_text(tokens.to(device), mask.to(device),
+                                                     [items[i].text for i in todo]).tolist()  # B
+            for i, log_prob in zip(todo, log_probs, strict=True):
+                results[i] = TokenScore(log_prob, len(encode_text(items[i].text)), alignable=log_prob > -IMPOSSIBLE)
+        return [r for r in results if r is not None]
+
+    def _check(self, item: TokenTextItem) -> ItemFailure | None:
+        if not encode_text(item.text):
+            return ItemFailure(ErrorCode.EMPTY_TEXT, "the text has no letter, space or apostrophe to score", "text")
+        if len(item.tokens) > self.model.config.max_tokens:
+            return ItemFailure(ErrorCode.TEXT_TOO_LONG, f"{len(item.tokens)} tokens, more than the model's "
+                                                        f"{self.model.config.max_tokens}", "tokens")
+        bad = [t for t in item.tokens if not 0 <= t < self.model.config.num_tokens]
+        if bad:
+            return ItemFailure(ErrorCode.INVALID_TENSOR, f"token ids {bad[:5]} outside 0..{self.model.config.num_tokens - 1}",
+                               "tokens")
+        return None

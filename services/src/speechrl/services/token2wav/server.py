@@ -18,8 +18,9 @@ from speechrl.services.server import (
     start_server,
     status_response,
 )
+from speechrl.services.token2wav import token2reward
 from speechrl.services.token2wav.backends import BackendOptions, load_backend
-from speechrl.services.token2wav.engine import Token2WavEngine
+from speechrl.services.token2wav.engine import Token2WavEngine, TokenScorer
 from speechrl.services.token2wav.servicer import Token2WavServicer
 from speechrl.v1 import common_pb2, token2wav_pb2_grpc
 
@@ -38,6 +39,9 @@ class Token2WavConfig(ServerConfig):
     default_voice: str = option("en-us", "espeak-phonemes: the voice of items that name none.")
     default_rate_wpm: int = option(160, "espeak-phonemes: words per minute of items that set none.")
     max_tokens: int = option(4096, "Longest token sequence accepted per item.")
+    token2reward: str = option("", "Token2Reward checkpoint (a folder holding token2reward.pt, or the file) that "
+                                   "ScoreTokens serves: log P(text | tokens) as a reward without audio. Empty: "
+                                   "ScoreTokens answers FAILED_PRECONDITION.")
 
 
 async def start(config: Token2WavConfig) -> RunningServer:
@@ -46,19 +50,33 @@ async def start(config: Token2WavConfig) -> RunningServer:
                              default_voice=config.default_voice, default_rate_wpm=config.default_rate_wpm)
     backend = await asyncio.to_thread(load_backend, config.backend, options)
     engine = Token2WavEngine(backend, config.max_tokens)
+    scorer = None
+    if config.token2reward:
+        scorer = TokenScorer(await asyncio.to_thread(token2reward.load, config.token2reward))
     # The flow and vocoder move onto the device under the lease; espeak has no modules and only queues.
     residency = TorchResidency(backend.modules, options.device)
     guard = make_guard(config, residency, owner=f"{SERVICE}-{os.getpid()}")
     batcher = DynamicBatcher(engine.synthesize_batch, max_batch_size=config.max_batch_size,
                              max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
                              guard=guard)
+    # Scoring has its own guard: the Token2Reward moves alone, and its batches take the device's lease
+    # in turn with rendering's rather than sharing one residency state between two executor threads.
+    score_batcher = None if scorer is None else DynamicBatcher(
+        scorer.score_batch, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+        name=f"{SERVICE}-score", max_queue_items=config.max_queue_items,
+        guard=make_guard(config, TorchResidency(scorer.modules, options.device), owner=f"{SERVICE}-score-{os.getpid()}"))
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         return status_response(SERVICE_NAME, config.backend, config.model_dir or "espeak-ng", config, batcher)
 
-    servicer = Token2WavServicer(batcher, config.max_request_items)
+    def close() -> None:
+        batcher.close()
+        if score_batcher is not None:
+            score_batcher.close()
+
+    servicer = Token2WavServicer(batcher, config.max_request_items, score_batcher)
     spec = ServiceSpec(SERVICE_NAME, servicer, token2wav_pb2_grpc.add_Token2WavServicer_to_server)
-    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=batcher.close)
+    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=close)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
