@@ -14,7 +14,7 @@ import json
 import math
 import shutil
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +33,37 @@ class Progress(Protocol):
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None: ...
 
     def cancelled(self) -> bool: ...
+
+
+class LineProgress:
+    """A Progress that prints one line per step: the label, the step, `keys` present in the metrics
+    (NaN ones, components not computed in this run, left out) and the step's wall time.
+
+    >>> LineProgress("GRPO", ("reward_mean", "reward/wer")).report(1, 8, {"reward_mean": 0.5, "reward/wer": math.nan,
+    ...                                                                  "time/rollout": 1.0})
+      GRPO step 1/8: reward_mean 0.500 (1.0 s)
+    """
+
+    def __init__(self, label: str, keys: Sequence[str]):
+        self.label = label
+        self.keys = tuple(keys)
+
+    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
+        parts = [f"{key.removeprefix('reward/')} {metrics[key]:.3f}" for key in self.keys
+                 if key in metrics and metrics[key] == metrics[key]]
+        seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
+        print(f"  {self.label} step {step}/{total}: {' '.join(parts)} ({seconds:.1f} s)", flush=True)
+
+    def cancelled(self) -> bool:
+        return False
+
+
+@contextlib.contextmanager
+def stage_timer(stages: dict[str, Any], name: str) -> Iterator[None]:
+    """Wall seconds of a stage, into stages[name] (a reproduction's time per stage)."""
+    started = time.monotonic()
+    yield
+    stages[name] = round(time.monotonic() - started, 1)
 
 
 class PhaseTimer:

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
 import os
 import random
+import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +53,7 @@ from speechrl.trainer.data import (
     select_informative_groups,
     write_manifest,
 )
+from speechrl.trainer.jobkit import LineProgress, stage_timer
 from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -67,35 +68,38 @@ PROMPT_SPLITS = {"train": "rl", "long_train": "rl_long"}  # the selected RL prom
 
 @dataclass
 class ReproConfig:
-    """Sizes of the reproduction; the defaults fit ~15 minutes on 2 CPU cores."""
+    """Sizes of the reproduction; the defaults fit 20 minutes on 2 CPU cores."""
 
     out: str = option("runs/asr-repro", "Run folder: data/, policy/, one folder per variant, results.*")
     prepared: str = option("", "An earlier run folder whose data/ and policy/ this run reuses (GRPO experiments "
                                "on one warm start); empty: out's own, built when missing.")
     variants: str = option("R1,R1+R2,R1+R2+R3", f"Comma-separated reward sets, of {', '.join(VARIANTS)}.")
     train: int = option(1200, "Training utterances.")
-    joined: int = option(300, "Training segments of 2-4 joined utterances (6-14 s), so the warm start reads on "
+    joined: int = option(150, "Training segments of 2-4 joined utterances (6-14 s), so the warm start reads on "
                               "past a sentence end; on longer inputs it then tends to repeat (what R2 targets).")
     test: int = option(150, "Test utterances (the reported WER).")
     long_test: int = option(24, "Long test segments (15-28 s) for the hallucination columns.")
-    long_train: int = option(60, "Long training segments (15-28 s) among the RL prompts, where loops happen.")
-    warmstart_epochs: int = option(3, "Epochs of the supervised warm start: stopped early on purpose, so RL has room.")
+    long_train: int = option(30, "Long training segments (15-28 s), candidates for the RL prompts (loops happen there).")
+    warmstart_epochs: int = option(2, "Epochs of the supervised warm start: short on purpose (the time budget), RL has "
+                                      "room.")
     hidden_size: int = option(256, "LM hidden size.")
     num_layers: int = option(4, "LM layers.")
-    steps: int = option(24, "GRPO steps per variant.")
+    steps: int = option(40, "GRPO steps per variant.")
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
     learning_rate: float = option(5e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
-    temperature: float = option(0.8, "Rollout sampling temperature: below 1 keeps a small warm-started model's "
-                                     "samples near its greedy output, so groups differ by a few words.")
-    kl_beta: float = option(0.1, "KL coefficient (the paper: 0.1).")
+    temperature: float = option(1.0, "Rollout sampling temperature (1: the policy's own distribution, so samples "
+                                     "find the words greedy decoding misses).")
+    kl_beta: float = option(0.05, "KL coefficient (the paper: 0.1).")
+    eval_every: int = option(5, "Dev WER every this many GRPO steps; the test columns use the step with the lowest "
+                                "(early stopping on dev: RL on a small model drifts back late in a run).")
     updates_per_step: int = option(4, "AdamW steps per GRPO step: the rollout batch is split into this many "
                                       "mini-batches of whole groups, each its own optimizer step (PPO-style; the ratio "
                                       "clip holds the later ones near the sampling policy). 1: one step per batch.")
-    prompt_candidates: int = option(256, "Training utterances the warm start samples G times to choose the RL "
+    prompt_candidates: int = option(128, "Training utterances the warm start samples G times to choose the RL "
                                          "prompts from (0: no selection, every train and long_train row is a prompt).")
-    long_candidates: int = option(24, "long_train segments among the candidates (where R2's loops happen).")
-    prompt_pool: int = option(96, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
+    long_candidates: int = option(16, "long_train segments among the candidates (where R2's loops happen).")
+    prompt_pool: int = option(64, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
     seed: int = option(0, "Seed of data, warm start and rollouts.")
 
 
@@ -127,14 +131,6 @@ def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
     return manifest, policy
 
 
-@contextlib.contextmanager
-def stage_timer(stages: dict[str, Any], name: str) -> Iterator[None]:
-    """Wall seconds of a stage, into stages[name]."""
-    started = time.monotonic()
-    yield
-    stages[name] = round(time.monotonic() - started, 1)
-
-
 def stack_environment(policy: Path, home: Path) -> dict[str, str]:
     """The stack's settings for this policy: its front-end in the encoder, its LM in the rollout service."""
     layout = PromptLayout.load(policy)
@@ -153,7 +149,7 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
     return AsrJobConfig(
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split="dev",
         train_split=train_split, batch_by_split=True,  # long segments in steps of their own: short steps stay cheap
-        eval_size=40, eval_every=max(1, config.steps // 4), checkpoint_every=config.steps, seed=config.seed,
+        eval_size=40, eval_every=config.eval_every, checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
@@ -222,19 +218,40 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
     return path, counts
 
 
-class QuietProgress:
-    """One line per step."""
+PROGRESS_KEYS = ("reward_mean", "wer", "insertions", "kl", "eval/wer")  # one line per RL step
+BEST_WEIGHTS = "best-dev.safetensors"
 
-    def __init__(self, label: str):
-        self.label = label
+
+class BestDevProgress(LineProgress):
+    """One line per step, and the weights of the step with the lowest dev WER so far copied to
+    <out_dir>/best-dev.safetensors (from the file the job has just pushed to the rollout service)."""
+
+    def __init__(self, label: str, job: AsrJobConfig):
+        super().__init__(label, PROGRESS_KEYS)
+        self.job = job
+        self.best: tuple[float, int] | None = None  # (dev WER, step)
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
-        print(f"  {self.label} step {step}/{total}: reward {metrics['reward_mean']:.3f} wer {metrics['wer']:.3f} "
-              f"ins {metrics['insertions']:.2f} kl {metrics.get('kl', 0.0):.4f} "
-              f"({sum(v for k, v in metrics.items() if k.startswith('time/')):.1f} s)", flush=True)
+        super().report(step, total, metrics)
+        dev = metrics.get("eval/wer")
+        if dev is not None and (self.best is None or dev < self.best[0]):
+            pushed = asr_job.sync_dir(self.job) / f"policy-v{metrics['policy_version']:06d}.safetensors"
+            if pushed.exists():
+                shutil.copyfile(pushed, Path(self.job.out_dir) / BEST_WEIGHTS)
+                self.best = (dev, step)
 
-    def cancelled(self) -> bool:
-        return False
+
+async def serve_best(job: AsrJobConfig, progress: BestDevProgress) -> int:
+    """Early stopping on dev: the rollout service gets the best-dev weights when they are not the last
+    step's; returns the step whose weights it now serves."""
+    path = Path(job.out_dir) / BEST_WEIGHTS
+    if progress.best is None or progress.best[1] == job.steps or not path.exists():
+        return job.steps
+    async with Services.connect(job) as services:
+        version = (await services.rollout.get_service_status()).policy_version + 1
+        if await services.rollout.update_weights(version, str(path.resolve()), format="full") != version:
+            raise RuntimeError("the rollout service did not take the best-dev weights")
+    return progress.best[1]
 
 
 def run(config: ReproConfig) -> dict[str, Any]:
@@ -267,10 +284,13 @@ def run(config: ReproConfig) -> dict[str, Any]:
         print(f"[6/6] GRPO runs: {config.variants}", flush=True)
         for name in config.variants.split(","):
             job = job_config(config, prompts, policy, out / name.replace("+", "_"), VARIANTS[name], train_split)
+            progress = BestDevProgress(name, job)
             with stage_timer(stages, f"GRPO {name}"):
-                asyncio.run(asr_job.run(job, QuietProgress(name), cache))
+                asyncio.run(asr_job.run(job, progress, cache))
             with stage_timer(stages, f"eval {name}"):
-                table[name] = asyncio.run(evaluate_splits(job, policy, manifest, cache))
+                served = asyncio.run(serve_best(job, progress))
+                table[name] = {**asyncio.run(evaluate_splits(job, policy, manifest, cache)), "step": served}
+            print(f"  {name}: test and long evaluated at step {served} (lowest dev WER)", flush=True)
     finally:
         stack.down(STACK, paths, grace=10)
     minutes = round((time.monotonic() - started) / 60, 1)
@@ -293,10 +313,12 @@ def duration(seconds: float) -> str:
 
 
 def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, Any] | None = None) -> str:
-    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " |",
-             "|---|" + "---|" * len(COLUMNS)]
+    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " | GRPO step (lowest dev WER) |",
+             "|---|" + "---|" * (len(COLUMNS) + 1)]
     for name, scores in table.items():
-        lines.append(f"| {name} | " + " | ".join(f"{scores.get(key, float('nan')):.3f}" for key, _ in COLUMNS) + " |")
+        step = f"{scores['step']:.0f}" if "step" in scores else "-"
+        lines.append(f"| {name} | " + " | ".join(f"{scores.get(key, float('nan')):.3f}" for key, _ in COLUMNS)
+                     + f" | {step} |")
     text = "\n".join(lines) + "\n"
     if stages:
         text += "\n| stage | wall time |\n|---|---|\n" + "".join(
