@@ -56,6 +56,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                     rules=f"127.0.0.1:{ports[0]}")
 
 
+def assert_most_weights_moved(initial: Path, out: Path, checkpoint_name: str) -> None:
+    """The run's latest checkpoint is checkpoint_name and more than half its weight tensors differ from initial's."""
+    before = load_file(str(initial / "model.safetensors"))
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == checkpoint_name
+    trained = load_file(str(checkpoint / "policy" / "model.safetensors"))
+    moved = [name for name in before if not torch.equal(before[name], trained[name])]
+    assert len(moved) > len(before) // 2, f"only {moved} changed"
+
+
 class Recorder:
     def __init__(self) -> None:
         self.steps: list[tuple[int, dict[str, Any]]] = []
@@ -90,12 +100,7 @@ def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: Redis
         assert rollout.get_service_status().policy_version == 3
     assert first.steps[-1][1]["policy_version"] == 3
 
-    initial = load_file(str(stack.policy / "model.safetensors"))
-    checkpoint = latest_checkpoint(out)
-    assert checkpoint is not None and checkpoint.name == "step-000002"
-    trained = load_file(str(checkpoint / "policy" / "model.safetensors"))
-    moved = [name for name in initial if not torch.equal(initial[name], trained[name])]
-    assert len(moved) > len(initial) // 2, f"only {moved} changed"
+    assert_most_weights_moved(stack.policy, out, "step-000002")
 
     second = Recorder()
     run_job("asr-grpo", job(stack, out, 3, redis_server.url), second)

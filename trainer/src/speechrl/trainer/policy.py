@@ -167,3 +167,15 @@ def make_optimizer(model: nn.Module, config: GRPOConfig) -> torch.optim.Optimize
     """AdamW over the trainable parameters with config.learning_rate and weight_decay."""
     return torch.optim.AdamW(trainable_parameters(model), lr=config.learning_rate,
                              weight_decay=config.weight_decay)
+
+
+def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, *, max_grad_norm: float = 1.0,
+                    schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
+    """One update on a supervised loss (warm starts, Token2Reward): backward, clip, step; returns the loss."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    return loss.item()

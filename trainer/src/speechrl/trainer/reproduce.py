@@ -53,7 +53,7 @@ from speechrl.trainer.data import (
     select_informative_groups,
     write_manifest,
 )
-from speechrl.trainer.jobkit import LineProgress, stage_timer
+from speechrl.trainer.jobkit import LineProgress, stage_timer, write_results
 from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -296,10 +296,8 @@ def run(config: ReproConfig) -> dict[str, Any]:
     minutes = round((time.monotonic() - started) / 60, 1)
     results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "prompt_selection": selection,
                "table": table}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(table, minutes, stages))
+    write_results(out, results, markdown_table(table, minutes, stages))
     plot_table(table, out / "results.png")
-    print(markdown_table(table, minutes, stages))
     return results
 
 

@@ -30,6 +30,7 @@ from speechrl.services import stack
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.ports import free_port
 from speechrl.trainer import token2reward
+from speechrl.trainer.jobkit import LineProgress, stage_timer, write_results
 from speechrl.trainer.tts_job import Prompt, TtsJobConfig, TtsServices, evaluate, voice_references
 from speechrl.trainer.tts_job import run as run_tts_job
 from speechrl.trainer.tts_policy import TtsPolicy
@@ -67,24 +68,12 @@ class TtsReproConfig:
     diffro_lambda: float = option(0.05, "lambda of the DiffRO term in GRPO+DiffRO (its reward is a sum over "
                                         "characters, tens of nats, so it is scaled down next to GRPO's ~1).")
     voices: str = option("en-us,en-gb+f3,en-us+m7", "espeak voices (speaker prompts), round-robin over texts.")
+    eval_temperature: float = option(0.0, "Test synthesis temperature (0: greedy), the same seed for every system.")
     seed: int = option(0, "Seed of everything.")
 
 
-class StepLog:
-    """One line per RL step."""
-
-    def __init__(self, label: str):
-        self.label = label
-
-    def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
-        parts = [f"{key.removeprefix('reward/')} {metrics[key]:.3f}" for key in
-                 ("reward_mean", "reward/intelligibility", "wer", "sim", "diffro_reward", "kl", "diffro_kl")
-                 if key in metrics and metrics[key] == metrics[key]]  # NaN: not computed in this run
-        seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
-        print(f"  {self.label} step {step}/{total}: {' '.join(parts)} ({seconds:.1f} s)", flush=True)
-
-    def cancelled(self) -> bool:
-        return False
+# One line per RL step; components a run does not compute are NaN and left out.
+PROGRESS_KEYS = ("reward_mean", "reward/intelligibility", "wer", "sim", "diffro_reward", "kl", "diffro_kl")
 
 
 def train_reward_model(config: TtsReproConfig, corpus: Path, out: Path) -> Path:
@@ -112,14 +101,16 @@ def prepare(config: TtsReproConfig, out: Path, stages: dict[str, Any]) -> tuple[
     built = json.loads(built_file.read_text()) if built_file.exists() else {}
     if "warm start" not in built:
         print("[1/5] corpus + warm start", flush=True)
-        built["warm"] = timed(stages, "corpus + warm start", run_tts_warmstart, TtsWarmStartConfig(
-            out=str(out / "warm"), train=config.train, dev=20, test=config.test, steps=config.warmstart_steps,
-            seed=config.seed))
+        with stage_timer(stages, "corpus + warm start"):
+            built["warm"] = run_tts_warmstart(TtsWarmStartConfig(
+                out=str(out / "warm"), train=config.train, dev=20, test=config.test, steps=config.warmstart_steps,
+                seed=config.seed))
         built["warm start"] = stages["corpus + warm start"]
         built_file.write_text(json.dumps(built, indent=2) + "\n")
     if "token2reward" not in built:
         print("[2/5] Token2Reward", flush=True)
-        timed(stages, "token2reward", train_reward_model, config, Path(built["warm"]["corpus"]), out / "token2reward")
+        with stage_timer(stages, "token2reward"):
+            train_reward_model(config, Path(built["warm"]["corpus"]), out / "token2reward")
         built["token2reward"] = stages["token2reward"]
         built_file.write_text(json.dumps(built, indent=2) + "\n")
     for name, key in (("corpus + warm start", "warm start"), ("token2reward", "token2reward")):
@@ -142,18 +133,12 @@ def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path,
               "reward_weights": {"intelligibility": 1.0, "speaker": 0.5, "duration": 0.2}, **grpo})
 
 
-async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt]) -> dict[str, float]:
-    """Greedy test-set synthesis of the rollout service's current weights, scored for WER and SIM."""
+async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt], temperature: float) -> dict[str, float]:
+    """Test-set synthesis of the rollout service's current weights at `temperature` (0: greedy), scored
+    for WER and SIM."""
     layout = TtsPolicy.load(job.policy).layout
     async with TtsServices.connect(job) as services:
-        return await evaluate(services, job, prompts, layout, await voice_references(services, job))
-
-
-def timed(stages: dict[str, Any], name: str, fn: Any, *args: Any) -> Any:
-    started = time.monotonic()
-    result = fn(*args)
-    stages[name] = round(time.monotonic() - started, 1)
-    return result
+        return await evaluate(services, job, prompts, layout, await voice_references(services, job), temperature)
 
 
 def run(config: TtsReproConfig) -> dict[str, Any]:
@@ -162,35 +147,40 @@ def run(config: TtsReproConfig) -> dict[str, Any]:
     started, stages = time.monotonic(), dict[str, Any]()
     warm, reward_model = prepare(config, out, stages)
     env = {"SPEECHRL_HOME": str(out / "stack"), "SPEECHRL_ROLLOUT_MODEL_PATH": str(Path(warm["policy"]).resolve()),
+           # token2wav also serves the Token2Reward (ScoreTokens): a tts job's token2reward component can use it
+           "SPEECHRL_TOKEN2WAV_TOKEN2REWARD": str(reward_model.resolve()),
            **{f"SPEECHRL_{name.upper()}_PORT": str(free_port()) for name in STACK}}
     os.environ.update(env)  # private ports: never collide with a stack the user already runs
     paths = stack.StackPaths(Path(env["SPEECHRL_HOME"]).resolve())
     print("[3/5] starting the services", flush=True)
-    timed(stages, "services up", stack.up, STACK, paths, 300)
+    with stage_timer(stages, "services up"):
+        stack.up(STACK, paths, 300)
     voices = [v.strip() for v in config.voices.split(",")]
-    test = [Prompt(r["text"], voices[i % len(voices)]) for i, r in enumerate(read_corpus(warm["corpus"], "test"))]
+    test = [Prompt(r["text"], voices[i % len(voices)])
+            for i, r in enumerate(read_corpus(warm["corpus"], "test")[:config.test])]
     table: dict[str, dict[str, float]] = {}
     try:
         print(f"[4/5] evaluating the warm start on {len(test)} test sentences", flush=True)
         baseline = job_config(config, warm, reward_model, out / "baseline", {})
-        table["warm start (baseline)"] = timed(stages, "eval baseline", asyncio.run, evaluate_system(baseline, test))
+        with stage_timer(stages, "eval baseline"):
+            table["warm start (baseline)"] = asyncio.run(evaluate_system(baseline, test, config.eval_temperature))
         print(f"  {table['warm start (baseline)']}", flush=True)
         print(f"[5/5] RL runs: {config.systems}", flush=True)
         for name in config.systems.split(","):
             kind, grpo = SYSTEMS[name]
             job = job_config(config, warm, reward_model, out / name.replace(" ", "_").replace("+", "_"), grpo)
-            timed(stages, name, asyncio.run, run_tts_job(job, StepLog(name), kind=kind))
-            table[name] = timed(stages, f"eval {name}", asyncio.run, evaluate_system(job, test))
+            with stage_timer(stages, name):
+                asyncio.run(run_tts_job(job, LineProgress(name, PROGRESS_KEYS), kind=kind))
+            with stage_timer(stages, f"eval {name}"):
+                table[name] = asyncio.run(evaluate_system(job, test, config.eval_temperature))
             print(f"  {name}: {table[name]}", flush=True)
     finally:
         stack.down(STACK, paths, grace=10)
     minutes = round((time.monotonic() - started) / 60, 1)
     results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "warm_start": warm,
                "table": table}
-    (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "results.md").write_text(markdown_table(table, minutes, stages))
+    write_results(out, results, markdown_table(table, minutes, stages))
     plot(table, out, out / "results.png")
-    print(markdown_table(table, minutes, stages))
     return results
 
 

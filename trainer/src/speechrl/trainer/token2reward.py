@@ -32,6 +32,7 @@ from speechrl.services.token2wav.token2reward import (
     save,
 )
 from speechrl.trainer.losses import TokenReward
+from speechrl.trainer.policy import supervised_step
 
 __all__ = ["ALPHABET", "CHECKPOINT", "IMPOSSIBLE", "Token2Reward", "Token2RewardConfig", "ctc_frames_needed",
            "diffro_reward", "encode_text", "load", "pad", "read_pairs", "save", "train"]
@@ -70,13 +71,9 @@ def train(pairs: Sequence[tuple[Sequence[int], str]], config: Token2RewardConfig
         chosen = [pairs[rng.randrange(len(pairs))] for _ in range(min(batch_size, len(pairs)))]
         tokens, mask = pad([list(t) for t, _ in chosen])  # [B, T], [B, T]
         loss = -model.log_prob_text(tokens, mask, [text for _, text in chosen]).mean()  # []
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        value = supervised_step(model, optimizer, loss, schedule=schedule)
         if log is not None:
-            log(step, loss.item())
+            log(step, value)
     return model.eval()
 
 

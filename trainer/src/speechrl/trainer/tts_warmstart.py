@@ -29,6 +29,7 @@ import torch
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.token2wav.tokens import PHONEMES, VOCABULARY, PhonemeVocabulary
 from speechrl.trainer.data import generate_sentences
+from speechrl.trainer.policy import supervised_step
 from speechrl.trainer.tts_policy import TtsLayout, TtsPolicy, corpus_words
 
 CORPUS = "corpus.jsonl"
@@ -121,13 +122,9 @@ def train(policy: TtsPolicy, rows: Sequence[dict[str, Any]], config: TtsWarmStar
             [policy.layout.prompt_ids(r["text"]) for r in chosen],
             [corrupt(r["tokens"], rng, config.substitute, config.drop) for r in chosen])  # [B, L] each
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # [] mean over target tokens
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
+        value = supervised_step(model, optimizer, loss, schedule=schedule)
         if log is not None:
-            log(step, loss.item())
+            log(step, value)
     model.eval()
 
 

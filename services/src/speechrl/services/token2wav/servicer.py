@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TypeVar
+
 import grpc
 
 from speechrl.services.batching import DynamicBatcher
@@ -10,6 +13,8 @@ from speechrl.services.servicing import check_count, grpc_method, item_error
 from speechrl.services.token2wav.backends import SynthesisItem, Waveform
 from speechrl.services.token2wav.engine import TokenScore, TokenTextItem
 from speechrl.v1 import token2wav_pb2, token2wav_pb2_grpc
+
+ResultT = TypeVar("ResultT")
 
 
 class Token2WavServicer(token2wav_pb2_grpc.Token2WavServicer):
@@ -28,11 +33,10 @@ class Token2WavServicer(token2wav_pb2_grpc.Token2WavServicer):
         items = [SynthesisItem(tokens=list(i.tokens), voice=i.voice, rate_wpm=i.rate_wpm,
                                prompt_audio=i.prompt_audio.encoded if i.HasField("prompt_audio") else None)
                  for i in request.items]
-        results = await self.batcher.submit(items)
         response = token2wav_pb2.SynthesizeResponse()
-        for index, result in enumerate(results):
+        for result in _located(await self.batcher.submit(items)):
             if isinstance(result, ItemFailure):
-                response.results.add(error=item_error(result.at(f"items[{index}]")))
+                response.results.add(error=item_error(result))
             else:
                 response.results.add(audio=token2wav_pb2.SynthesizedAudio(
                     wav=result.wav_bytes(), sample_rate_hertz=result.sample_rate_hertz,
@@ -47,13 +51,17 @@ class Token2WavServicer(token2wav_pb2_grpc.Token2WavServicer):
                                                                      "server with --token2reward DIR")
             raise AssertionError("unreachable: abort raises")
         check_count(request.items, "items", self.max_request_items)
-        results = await self.scorer.submit([TokenTextItem(list(i.tokens), i.text) for i in request.items])
         response = token2wav_pb2.ScoreTokensResponse()
-        for index, result in enumerate(results):
+        for result in _located(await self.scorer.submit([TokenTextItem(list(i.tokens), i.text) for i in request.items])):
             if isinstance(result, ItemFailure):
-                response.results.add(error=item_error(result.at(f"items[{index}]")))
+                response.results.add(error=item_error(result))
             else:
                 response.results.add(score=token2wav_pb2.TokenScore(
                     log_prob=result.log_prob, num_chars=result.num_chars, alignable=result.alignable,
                     reward=result.reward))
         return response
+
+
+def _located(results: Sequence[ResultT | ItemFailure]) -> list[ResultT | ItemFailure]:
+    """The results with each failure located at its request item (items[i])."""
+    return [r.at(f"items[{i}]") if isinstance(r, ItemFailure) else r for i, r in enumerate(results)]
