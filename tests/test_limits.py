@@ -69,13 +69,14 @@ def test_max_text_chars_of_rules(rules: grpc.Channel) -> None:
     still_serves(rules)
 
 
+def pcm(seconds: float) -> common_pb2.Audio:
+    samples = (0.05 * np.sin(np.arange(int(16000 * seconds)) / 5)).astype("<f4")
+    return common_pb2.Audio(pcm=common_pb2.RawPcm(data=samples.tobytes(), sample_rate_hertz=16000,
+                                                  encoding=common_pb2.PCM_F32LE))
+
+
 def test_max_audio_seconds_and_max_text_chars_of_intelligibility() -> None:
     config = IntelligibilityConfig(port=free_port(), max_audio_seconds=2.0, max_text_chars=50)
-
-    def pcm(seconds: float) -> common_pb2.Audio:
-        samples = (0.05 * np.sin(np.arange(int(16000 * seconds)) / 5)).astype("<f4")
-        return common_pb2.Audio(pcm=common_pb2.RawPcm(data=samples.tobytes(), sample_rate_hertz=16000,
-                                                      encoding=common_pb2.PCM_F32LE))
 
     with serve_in_thread(lambda: start_intelligibility(config)) as running, \
             grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
@@ -111,8 +112,12 @@ def trailer(error: grpc.aio.AioRpcError, key: str) -> str | None:
 
 def test_max_concurrent_requests_sheds_with_a_retry_hint() -> None:
     # The first call holds its slot while its batch waits 300 ms for company; the others find none free.
+    # A batch waits only while smaller than the one before, so a first request of 5 items sets that up.
     config = RulesConfig(port=free_port(), max_concurrent_requests=1, max_wait_ms=300)
     with serve_in_thread(lambda: start_rules(config)) as running:
+        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+            rule_rewards_pb2_grpc.RuleRewardsStub(channel).ScoreRules(
+                rule_rewards_pb2.ScoreRulesRequest(items=[ITEM] * 5), timeout=10)
         outcomes = asyncio.run(_concurrent_calls(running.port, 5))
         refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
         assert len(refused) == 4 and len(outcomes) - len(refused) == 1
@@ -126,14 +131,30 @@ def test_max_concurrent_requests_sheds_with_a_retry_hint() -> None:
 
 
 def test_max_queue_items_sheds_with_a_retry_hint() -> None:
-    config = RulesConfig(port=free_port(), max_queue_items=1, max_wait_ms=300)
-    with serve_in_thread(lambda: start_rules(config)) as running:
-        outcomes = asyncio.run(_concurrent_calls(running.port, 4))
+    # Whisper holds the first item for a while in its model thread; calls arriving meanwhile find the
+    # queue (max_queue_items 1) full.
+    config = IntelligibilityConfig(port=free_port(), max_queue_items=1)
+    item = ipb.IntelligibilityItem(audio=pcm(1.5), reference_text="hello")
+
+    async def calls(port: int, n: int) -> list[grpc.aio.AioRpcError | ipb.ScoreIntelligibilityResponse]:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = ipb_grpc.IntelligibilityScorerStub(channel)
+
+            async def one() -> grpc.aio.AioRpcError | ipb.ScoreIntelligibilityResponse:
+                try:
+                    return await stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=[item]), timeout=60)
+                except grpc.aio.AioRpcError as exc:
+                    return exc
+
+            return await asyncio.gather(*(one() for _ in range(n)))
+
+    with serve_in_thread(lambda: start_intelligibility(config)) as running:
+        outcomes = asyncio.run(calls(running.port, 4))
         refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
         assert refused and len(refused) < 4
         for error in refused:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_items 1" in (error.details() or "")
             assert trailer(error, "retry-after-ms") == "200"
             assert trailer(error, "x-request-id")  # the interceptor's trailer survives the servicer's
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
-            still_serves(channel)
+        answered = asyncio.run(calls(running.port, 1))[0]
+        assert isinstance(answered, ipb.ScoreIntelligibilityResponse)  # the server keeps serving
