@@ -10,17 +10,16 @@
 from __future__ import annotations
 
 import asyncio
+import faulthandler
 import random
 import sys
 import time
 
-import redis.asyncio as aioredis
-
-from speechrl.services.lease import GpuLease, LeaseError, LeaseSettings
+from speechrl.services.lease import GpuLease, LeaseError, LeaseSettings, lease_redis
 
 
 async def contend(url: str, device: str, n: int, out: str) -> None:
-    lease = GpuLease(aioredis.Redis.from_url(url), owner=f"worker-{n}", settings=LeaseSettings(ttl_ms=5000))
+    lease = GpuLease(lease_redis(url), owner=f"worker-{n}", settings=LeaseSettings(ttl_ms=5000))
     lines = []
     for _ in range(n):
         async with lease.hold(device, timeout=120) as grant:
@@ -33,14 +32,14 @@ async def contend(url: str, device: str, n: int, out: str) -> None:
 
 
 async def hold(url: str, device: str, ttl_ms: int) -> None:
-    lease = GpuLease(aioredis.Redis.from_url(url), owner="holder", settings=LeaseSettings(ttl_ms=ttl_ms))
+    lease = GpuLease(lease_redis(url), owner="holder", settings=LeaseSettings(ttl_ms=ttl_ms))
     async with lease.hold(device) as grant:
         print(f"granted {grant.fence}", flush=True)
         await asyncio.sleep(3600)
 
 
 async def wait(url: str, device: str) -> None:
-    lease = GpuLease(aioredis.Redis.from_url(url), owner="doomed-waiter", settings=LeaseSettings(waiter_ttl_ms=500, poll_ms=50))
+    lease = GpuLease(lease_redis(url), owner="doomed-waiter", settings=LeaseSettings(waiter_ttl_ms=500, poll_ms=50))
     task = asyncio.create_task(lease.acquire(device))
     await asyncio.sleep(0.3)
     print("queued", flush=True)
@@ -50,7 +49,7 @@ async def wait(url: str, device: str) -> None:
 async def churn(url: str, device: str, seconds: float, out: str) -> None:
     """Hold for 50-800 ms at a time (often across a restart), doing "work" every 5 ms only while the lease is still ours,
     and record when work last happened: a holder paused by the OS does no work while paused."""
-    lease = GpuLease(aioredis.Redis.from_url(url), owner="churn",
+    lease = GpuLease(lease_redis(url), owner="churn",
                      settings=LeaseSettings(ttl_ms=1000, waiter_ttl_ms=600, poll_ms=50))
     stop_at = time.monotonic() + seconds
     lines = []
@@ -70,6 +69,8 @@ async def churn(url: str, device: str, seconds: float, out: str) -> None:
 
 
 if __name__ == "__main__":
+    # A worker that hangs shows where, instead of only timing out the test that waits for it.
+    faulthandler.dump_traceback_later(90, exit=True)
     mode, url, device, *rest = sys.argv[1:]
     if mode == "contend":
         asyncio.run(contend(url, device, int(rest[0]), rest[1]))

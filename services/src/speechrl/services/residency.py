@@ -17,7 +17,7 @@ from concurrent.futures import Executor
 from typing import Any, Protocol, TypeVar
 
 from speechrl.services.config import ServerConfig
-from speechrl.services.lease import GpuLease, Grant, LeaseLost, LeaseSettings
+from speechrl.services.lease import GpuLease, Grant, LeaseLost, LeaseSettings, lease_redis
 from speechrl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -118,9 +118,7 @@ def make_guard(config: ServerConfig, model: Residable, owner: str) -> DeviceGuar
     """The DeviceGuard a server's config asks for: leased when lease_device is set."""
     lease = None
     if config.lease_device:
-        import redis.asyncio as aioredis
-
-        lease = GpuLease(aioredis.Redis.from_url(config.redis_url), owner=owner,
+        lease = GpuLease(lease_redis(config.redis_url), owner=owner,
                          settings=LeaseSettings(ttl_ms=config.lease_ttl_ms))
     return DeviceGuard(model, lease=lease, device=config.lease_device or config.device, policy=config.residency,
                        priority=config.lease_priority, wait_timeout_s=config.lease_wait_seconds)

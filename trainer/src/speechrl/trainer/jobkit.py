@@ -98,11 +98,9 @@ async def update_lease(lease_device: str, redis_url: str) -> AsyncIterator[None]
     if not lease_device:
         yield
         return
-    import redis.asyncio as aioredis
+    from speechrl.services.lease import GpuLease, LeaseUnavailable, lease_redis
 
-    from speechrl.services.lease import GpuLease, LeaseUnavailable
-
-    client = aioredis.Redis.from_url(redis_url)
+    client = lease_redis(redis_url)
     lease = GpuLease(client, owner="trainer")
     try:
         async with contextlib.AsyncExitStack() as held:

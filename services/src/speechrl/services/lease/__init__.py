@@ -10,7 +10,8 @@ from speechrl.services.lease.lease import (
     LeaseTimeout,
     LeaseUnavailable,
     declare_clean_start,
+    lease_redis,
 )
 
 __all__ = ["PRIORITIES", "GpuLease", "Grant", "LeaseError", "LeaseLost", "LeaseSettings", "LeaseTimeout", "LeaseUnavailable",
-           "declare_clean_start"]
+           "declare_clean_start", "lease_redis"]

@@ -132,6 +132,13 @@ def clean_start_key(namespace: str) -> str:
     return f"{namespace}:clean-start"
 
 
+def lease_redis(url: str) -> aioredis.Redis:
+    """The asyncio Redis client a lease should use: a Redis that stops answering (paused, partitioned)
+    fails its calls within seconds, as LeaseUnavailable, instead of hanging a waiter or a release
+    forever. The read timeout stays well above the longest blocking call (BLPOP of one poll_ms)."""
+    return aioredis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
+
+
 def declare_clean_start(client: redis.Redis, namespace: str = "speechrl:lease") -> str:
     """Declare that the Redis behind client started empty and nobody holds a lease from before,
     so it needs no post-restart quiet period. Only for a server you just started yourself.

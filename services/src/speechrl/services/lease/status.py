@@ -12,7 +12,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from speechrl.services.lease.lease import LeaseSettings, device_prefix
+from speechrl.services.lease.lease import LeaseSettings, device_prefix, lease_redis
 
 
 @dataclass
@@ -84,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     async def run() -> str:
-        client = aioredis.Redis.from_url(args.redis_url)
+        client = lease_redis(args.redis_url)
         try:
             devices = args.device or await known_devices(client)
             return format_status([await device_status(client, d) for d in devices])
