@@ -123,6 +123,19 @@ def test_informative_groups_keep_the_widest_reward_spread() -> None:
         select_informative_groups(rows, groups[:2])
 
 
+def test_prompt_pool_keeps_a_quota_of_long_segments() -> None:
+    from dataclasses import replace
+
+    from speechrl.trainer.reproduce import keep_prompts
+
+    short = [row(i, str(i), 3.0) for i in range(4)]
+    long = [replace(row(i, str(i), 20.0), split="long_train") for i in range(4, 7)]
+    groups = [[0.0, 1.0]] * 4 + [[0.4, 0.5], [0.45, 0.5], [0.5, 0.5]]  # the long ones spread least; r6 not at all
+    assert [r.id for r in keep_prompts(short + long, groups, pool=3)] == ["r0", "r1", "r2"]
+    kept = keep_prompts(short + long, groups, pool=4, long_pool=3)
+    assert [r.id for r in kept] == ["r4", "r5", "r0", "r1"]  # only 2 long ones informative, the rest short
+
+
 def test_keyword_length_and_random_selectors() -> None:
     rows = [row(0, "a", 3.0, ("insulin",)), row(1, "b", 25.0, ("insulin", "router")), row(2, "c", 19.9),
             row(3, "d", 4.0, ("latency", "router", "voltage"))]

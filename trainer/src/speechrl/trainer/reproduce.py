@@ -13,10 +13,12 @@
 5. RL prompts: the warm start samples G transcripts of candidate training utterances and long
    segments; the prompts whose samples' rewards differ most are kept (data.select_informative_groups):
    a prompt the warm start always gets right, or always wrong the same way, gives GRPO no gradient.
+   Options (off by default): a quota of long prompts (--long-pool), long segments held out (--long-dev).
 6. One GRPO run per reward set on those prompts, each from the same warm start: R1 (1 - WER), R1+R2
    (+ hallucination penalty), R1+R2+R3 (+ keyword precision/recall); then its greedy evaluation:
    WER, insertions per utterance, hallucination rate. Written with the wall time of every stage to
-   results.md / results.json, and a plot (results.png).
+   results.md / results.json, and a plot (results.png). The test columns use the GRPO step with the
+   lowest dev WER (with --long-dev: on dev + the held-out long segments, which also sees R2's loops).
 
 The frozen front-end's embeddings are computed once per utterance by the encoder service and
 shared by every stage (asr_job.EmbeddingCache): prompts are drawn many times and the test split is
@@ -64,6 +66,7 @@ VARIANTS: dict[str, dict[str, float]] = {
 STACK = ("rules", "encoder", "rollout")
 STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
 PROMPT_SPLITS = {"train": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
+DEV = 40  # dev utterances (the corpus's dev split, all of them evaluated)
 
 
 @dataclass
@@ -100,6 +103,10 @@ class ReproConfig:
                                          "prompts from (0: no selection, every train and long_train row is a prompt).")
     long_candidates: int = option(16, "long_train segments among the candidates (where R2's loops happen).")
     prompt_pool: int = option(64, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
+    long_pool: int = option(0, "Long segments among the prompt_pool kept (the widest-spread long candidates, the "
+                                "rest short ones), so GRPO meets the loops R2 penalises; 0: no quota, widest overall.")
+    long_dev: int = option(0, "long_train segments held out of the candidates and evaluated with dev (split "
+                              "dev_long) for the best-dev step, so a long-segment gain counts there too; 0: dev only.")
     seed: int = option(0, "Seed of data, warm start and rollouts.")
 
 
@@ -113,7 +120,7 @@ def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
     if not manifest.exists():
         print(f"[1/6] speaking the corpus into {manifest.parent}", flush=True)
         with stage_timer(stages, "corpus"):
-            build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=40,
+            build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=DEV,
                                          joined=config.joined, test=config.test, long_test=config.long_test,
                                          long_train=config.long_train))
     if not (policy / "asr_layout.json").exists():
@@ -144,12 +151,13 @@ def stack_environment(policy: Path, home: Path) -> dict[str, str]:
 
 
 def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path, weights: dict[str, float],
-               train_split: str = "train,long_train") -> AsrJobConfig:
+               train_split: str = "train,long_train", eval_split: str = "dev") -> AsrJobConfig:
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
     return AsrJobConfig(
-        policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split="dev",
+        policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split=eval_split,
         train_split=train_split, batch_by_split=True,  # long segments in steps of their own: short steps stay cheap
-        eval_size=40, eval_every=config.eval_every, checkpoint_every=config.steps, seed=config.seed,
+        eval_size=DEV + (config.long_dev if "dev_long" in eval_split else 0), eval_every=config.eval_every,
+        checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
@@ -197,24 +205,45 @@ async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache
     return groups
 
 
+def keep_prompts(candidates: Sequence[Row], groups: Sequence[Sequence[float | None]], pool: int,
+                 long_pool: int = 0) -> list[Row]:
+    """The pool candidates whose sampled rewards spread the widest (data.select_informative_groups);
+    with long_pool, up to long_pool of them long_train segments (the widest-spread long ones) and the
+    rest short, so the long prompts are not crowded out by the many short ones."""
+    if not long_pool:
+        return select_informative_groups(candidates, groups, count=pool)
+    kept: list[Row] = []
+    for is_long, count in ((True, min(long_pool, pool)), (False, None)):
+        part = [i for i, row in enumerate(candidates) if (row.split == "long_train") == is_long]
+        kept += select_informative_groups([candidates[i] for i in part], [groups[i] for i in part],
+                                          count=pool - len(kept) if count is None else count)
+    return kept
+
+
 def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifest: Path,
                    cache: EmbeddingCache) -> tuple[Path, dict[str, int]]:
-    """The RL prompts (module docstring, step 5) in a manifest of their own beside the eval split;
-    returns it and the counts (candidates, with any reward spread, kept, long ones kept)."""
+    """The RL prompts (module docstring, step 5) in a manifest of their own beside the dev split and the
+    held-out long segments (dev_long); returns it and the counts (candidates, with any reward spread,
+    kept, long ones kept)."""
     rows = read_manifest(manifest)
     rng = random.Random(config.seed)
     train = [r for r in rows if r.split == "train"]
     long = [r for r in rows if r.split == "long_train"]
-    candidates = (rng.sample(train, min(config.prompt_candidates, len(train)))
-                  + rng.sample(long, min(config.long_candidates, len(long))))
+    long_dev: list[Row] = []
+    if config.long_dev:  # held out first: never a prompt
+        rng.shuffle(long)
+        long_dev, long = long[:config.long_dev], long[config.long_dev:]
+    candidates = rng.sample(train, min(config.prompt_candidates, len(train)))
+    candidates += (long[:config.long_candidates] if long_dev
+                   else rng.sample(long, min(config.long_candidates, len(long))))
     groups = asyncio.run(sample_rewards(job, policy, candidates, cache))
     informative = select_informative_groups(candidates, groups)
-    kept = select_informative_groups(candidates, groups, count=config.prompt_pool)
+    kept = keep_prompts(candidates, groups, config.prompt_pool, config.long_pool)
     path = Path(config.out) / "prompts.jsonl"
     write_manifest(path, [replace(r, split=PROMPT_SPLITS[r.split]) for r in kept]
-                   + [r for r in rows if r.split == job.eval_split])
+                   + [r for r in rows if r.split == "dev"] + [replace(r, split="dev_long") for r in long_dev])
     counts = {"candidates": len(candidates), "informative": len(informative), "kept": len(kept),
-              "long kept": sum(r.split == "long_train" for r in kept)}
+              "long kept": sum(r.split == "long_train" for r in kept), "long dev": len(long_dev)}
     return path, counts
 
 
@@ -273,17 +302,19 @@ def run(config: ReproConfig) -> dict[str, Any]:
         print("[4/6] evaluating the warm start", flush=True)
         with stage_timer(stages, "eval warm start"):
             table["warm start (baseline)"] = asyncio.run(evaluate_splits(baseline_job, policy, manifest, cache))
-        prompts, train_split = manifest, "train,long_train"
+        prompts, train_split, eval_split = manifest, "train,long_train", "dev"
         if config.prompt_candidates:
             print(f"[5/6] choosing {config.prompt_pool} RL prompts among {config.prompt_candidates} + "
                   f"{config.long_candidates} long candidates", flush=True)
             with stage_timer(stages, "prompt selection"):
                 prompts, selection = select_prompts(config, baseline_job, policy, manifest, cache)
             train_split = ",".join(PROMPT_SPLITS.values())
+            eval_split = "dev,dev_long" if config.long_dev else "dev"
             print(f"  {selection}", flush=True)
         print(f"[6/6] GRPO runs: {config.variants}", flush=True)
         for name in config.variants.split(","):
-            job = job_config(config, prompts, policy, out / name.replace("+", "_"), VARIANTS[name], train_split)
+            job = job_config(config, prompts, policy, out / name.replace("+", "_"), VARIANTS[name], train_split,
+                             eval_split)
             progress = BestDevProgress(name, job)
             with stage_timer(stages, f"GRPO {name}"):
                 asyncio.run(asr_job.run(job, progress, cache))
