@@ -264,7 +264,9 @@ def main() -> None:
         concurrency_rows += concurrency
     settings = bench_process_settings(wavs, args.quick) if "intelligibility" in args.only else []
     body = "\n".join([
-        "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis).",
+        "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis). Items come "
+        "in GRPO groups of 8 samples sharing a reference text / prompt speaker, and a batch does shared work once, "
+        "in-process and in the server alike. gRPC calls go through the asyncio client, one after another.",
         "", "| scorer | batch | in-process | over gRPC | gRPC overhead |", "|---|---|---|---|---|", *batch_rows,
         "", "32 concurrent clients, one item per request:", "",
         "| scorer | items | each request alone (max batch 1) | dynamic batching (max batch 32) | gain |",
