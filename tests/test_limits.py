@@ -8,7 +8,8 @@ RESOURCE_EXHAUSTED and a retry-after-ms hint.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -93,13 +94,17 @@ def test_max_audio_seconds_and_max_text_chars_of_intelligibility() -> None:
     assert fine.WhichOneof("outcome") == "score"
 
 
-async def _concurrent_calls(port: int, n: int) -> list[grpc.aio.AioRpcError | rule_rewards_pb2.ScoreRulesResponse]:
+async def _concurrent_calls(port: int, n: int, call: Callable[[grpc.aio.Channel], Awaitable[Any]] | None = None) -> list[Any]:
+    """n calls at once on one channel (ScoreRules of ITEM unless `call` says otherwise); each outcome
+    is its reply or its AioRpcError."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-        stub = rule_rewards_pb2_grpc.RuleRewardsStub(channel)
 
-        async def one() -> grpc.aio.AioRpcError | rule_rewards_pb2.ScoreRulesResponse:
+        async def one() -> Any:
             try:
-                return await stub.ScoreRules(rule_rewards_pb2.ScoreRulesRequest(items=[ITEM]), timeout=10)
+                if call is not None:
+                    return await call(channel)
+                return await rule_rewards_pb2_grpc.RuleRewardsStub(channel).ScoreRules(
+                    rule_rewards_pb2.ScoreRulesRequest(items=[ITEM]), timeout=10)
             except grpc.aio.AioRpcError as exc:
                 return exc
 
@@ -136,25 +141,17 @@ def test_max_queue_items_sheds_with_a_retry_hint() -> None:
     config = IntelligibilityConfig(port=free_port(), max_queue_items=1)
     item = ipb.IntelligibilityItem(audio=pcm(1.5), reference_text="hello")
 
-    async def calls(port: int, n: int) -> list[grpc.aio.AioRpcError | ipb.ScoreIntelligibilityResponse]:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-            stub = ipb_grpc.IntelligibilityScorerStub(channel)
-
-            async def one() -> grpc.aio.AioRpcError | ipb.ScoreIntelligibilityResponse:
-                try:
-                    return await stub.ScoreIntelligibility(ipb.ScoreIntelligibilityRequest(items=[item]), timeout=60)
-                except grpc.aio.AioRpcError as exc:
-                    return exc
-
-            return await asyncio.gather(*(one() for _ in range(n)))
+    def call(channel: grpc.aio.Channel) -> Awaitable[ipb.ScoreIntelligibilityResponse]:
+        return ipb_grpc.IntelligibilityScorerStub(channel).ScoreIntelligibility(
+            ipb.ScoreIntelligibilityRequest(items=[item]), timeout=60)
 
     with serve_in_thread(lambda: start_intelligibility(config)) as running:
-        outcomes = asyncio.run(calls(running.port, 4))
+        outcomes = asyncio.run(_concurrent_calls(running.port, 4, call))
         refused = [o for o in outcomes if isinstance(o, grpc.aio.AioRpcError)]
         assert refused and len(refused) < 4
         for error in refused:
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "max_queue_items 1" in (error.details() or "")
             assert trailer(error, "retry-after-ms") == "200"
             assert trailer(error, "x-request-id")  # the interceptor's trailer survives the servicer's
-        answered = asyncio.run(calls(running.port, 1))[0]
+        answered = asyncio.run(_concurrent_calls(running.port, 1, call))[0]
         assert isinstance(answered, ipb.ScoreIntelligibilityResponse)  # the server keeps serving
