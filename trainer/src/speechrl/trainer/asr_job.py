@@ -52,6 +52,7 @@ from speechrl.trainer.jobkit import (
     pad_right,
     push_weights,
     sampled_sequences,
+    sync_dir,
     train_loop,
     update_lease,
 )
@@ -287,10 +288,6 @@ def draw_prompts(rows: Sequence[Row], count: int, by_split: bool = False) -> lis
         split = random.choice(rows).split
         rows = [row for row in rows if row.split == split]
     return random.sample(list(rows), min(count, len(rows)))
-
-
-def sync_dir(config: AsrJobConfig) -> Path:
-    return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
 
 
 def sharded_update(config: AsrJobConfig, grpo: GRPOConfig) -> distributed.ShardedUpdate:

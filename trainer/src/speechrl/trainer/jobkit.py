@@ -210,6 +210,18 @@ def sampled_sequences(samples: Sequence[Any], eos_token_id: int) -> list[list[in
     return [list(s.token_ids) + ([eos_token_id] if s.finish_reason == "stop" else []) for s in samples]
 
 
+class RunFolders(Protocol):
+    """What a job config says about its folders (AsrJobConfig, TtsJobConfig)."""
+
+    out_dir: str
+    sync_dir: str
+
+
+def sync_dir(config: RunFolders) -> Path:
+    """Where the job writes new weights for the rollout service: sync_dir, else <out_dir>/sync."""
+    return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
+
+
 def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-padded ids [N, T] and mask [N, T] (1 on real tokens); T >= 1 even when all are empty."""
     width = max(1, max((len(s) for s in sequences), default=0))

@@ -55,7 +55,7 @@ from speechrl.trainer.data import (
     select_informative_groups,
     write_manifest,
 )
-from speechrl.trainer.jobkit import LineProgress, stage_timer, write_results
+from speechrl.trainer.jobkit import LineProgress, stage_timer, sync_dir, write_results
 from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -264,7 +264,7 @@ class BestDevProgress(LineProgress):
         super().report(step, total, metrics)
         dev = metrics.get("eval/wer")
         if dev is not None and (self.best is None or dev < self.best[0]):
-            pushed = asr_job.sync_dir(self.job) / f"policy-v{metrics['policy_version']:06d}.safetensors"
+            pushed = sync_dir(self.job) / f"policy-v{metrics['policy_version']:06d}.safetensors"
             if pushed.exists():
                 shutil.copyfile(pushed, Path(self.job.out_dir) / BEST_WEIGHTS)
                 self.best = (dev, step)

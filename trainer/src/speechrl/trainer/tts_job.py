@@ -54,6 +54,7 @@ from speechrl.trainer.jobkit import (
     pad_right,
     push_weights,
     sampled_sequences,
+    sync_dir,
     train_loop,
     update_lease,
 )
@@ -64,6 +65,15 @@ from speechrl.trainer.tts_policy import EOS_ID, PAD_ID, TtsLayout, TtsPolicy
 from speechrl.trainer.tts_warmstart import read_corpus
 
 REWARD_COMPONENTS = ("intelligibility", "speaker", "duration", "diversity", "f0", "token2reward")
+# Weights of components not named in a job; the others weigh 1. Diversity and F0 spread reward
+# variety, not correctness: logged, acting only when asked. Token2Reward's score needs the token2wav
+# server started with --token2reward: off unless asked for.
+DEFAULT_WEIGHTS = {"diversity": 0.0, "f0": 0.0, "token2reward": 0.0}
+
+
+def weight_of(weights: dict[str, float], name: str) -> float:
+    """The weight of component `name` in `weights`, DEFAULT_WEIGHTS (else 1) when not named."""
+    return weights.get(name, DEFAULT_WEIGHTS.get(name, 1.0))
 KIND_LOSSES = {"tts-grpo": "grpo", "tts-diffro": "diffro", "tts-grpo+diffro": "grpo+diffro"}
 REFERENCE_TEXT = "The quick brown fox jumps over the lazy dog near the river bank."
 
@@ -109,11 +119,8 @@ class TtsJobConfig:
             if name not in REWARD_COMPONENTS:
                 raise ValueError(f"reward_weights names {name!r}; components are {', '.join(REWARD_COMPONENTS)}")
         weights = self.grpo.setdefault("reward_weights", {})
-        # Diversity and F0 spread reward variety, not correctness: logged always, acting only when asked.
-        weights.setdefault("diversity", 0.0)
-        weights.setdefault("f0", 0.0)
-        # Token2Reward's score needs the token2wav server started with --token2reward: off unless asked for.
-        weights.setdefault("token2reward", 0.0)
+        for name, weight in DEFAULT_WEIGHTS.items():
+            weights.setdefault(name, weight)
 
     @property
     def grpo_config(self) -> GRPOConfig:
@@ -193,7 +200,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
     out: dict[str, list[Any]] = {k: [None] * n for k in (*REWARD_COMPONENTS, "wer", "sim")}
 
     async def asr() -> None:
-        if weights.get("intelligibility", 1.0) == 0 or not rendered:
+        if weight_of(weights, "intelligibility") == 0 or not rendered:
             return
         results = await services.intelligibility.score([speech[i].unwrap() for i in rendered],
                                                        [prompts[i].text for i in rendered], reward_mapping=config.wer_reward)
@@ -201,7 +208,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
             out["intelligibility"][i], out["wer"][i] = r.reward, r.score.wer if r.score else None
 
     async def speaker() -> None:
-        if weights.get("speaker", 1.0) == 0 or not rendered:
+        if weight_of(weights, "speaker") == 0 or not rendered:
             return
         results = await services.speaker.score([speech[i].unwrap() for i in rendered],
                                                [references[prompts[i].voice] for i in rendered])
@@ -209,7 +216,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
             out["speaker"][i], out["sim"][i] = r.reward, r.score.cosine if r.score else None
 
     async def token_reward() -> None:
-        if weights.get("token2reward", 1.0) == 0:
+        if weight_of(weights, "token2reward") == 0:
             return
         results = await services.token2wav.score_tokens(tokens, [p.text for p in prompts])
         out["token2reward"] = [r.reward for r in results]
@@ -217,7 +224,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
     await asyncio.gather(asr(), speaker(), token_reward())
     out["duration"] = _per_group([s.duration_seconds if s.ok else None for s in speech], group_size, duration_rewards)
     out["diversity"] = [d for g in range(0, n, group_size) for d in diversity_rewards(tokens[g:g + group_size])]
-    if weights.get("f0", 1.0) != 0:
+    if weight_of(weights, "f0") != 0:
         out["f0"] = await asyncio.to_thread(lambda: [_f0(s) for s in speech])
     return out
 
@@ -294,16 +301,12 @@ async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequenc
                                               speech_token_range=layout.speech_range())
     tokens = [layout.speech_tokens(r.unwrap()[0].token_ids) for r in results]
     speech = await render(services, tokens, [p.voice for p in prompts])
-    components = await score(services, config, {"f0": 0.0}, speech, tokens, prompts, references, group_size=1)
+    components = await score(services, config, {}, speech, tokens, prompts, references, group_size=1)
     # An utterance that could not be rendered (no speech tokens) said nothing: WER 1, not a skipped item.
     wers = [1.0 if w is None else w for w in components["wer"]]
     return {"wer": float(np.mean(wers)), "sim": mean_of(components["sim"]),
             "render_failures": float(sum(not s.ok for s in speech)),
             "speech_tokens": float(np.mean([len(t) for t in tokens]))}
-
-
-def sync_dir(config: TtsJobConfig) -> Path:
-    return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
 
 
 def read_prompts(config: TtsJobConfig) -> list[Prompt]:

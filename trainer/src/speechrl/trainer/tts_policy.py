@@ -27,6 +27,7 @@ rollout service takes from it, are right); PreTrainedTokenizerFast.from_pretrain
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Sequence
@@ -82,8 +83,12 @@ class TtsLayout:
 
     def prompt_ids(self, text: str) -> list[int]:
         """The prompt of text: its word ids (<unk> for words outside the vocabulary), then <speech>."""
-        index = {w: i for i, w in enumerate(self.words, start=len(SPECIALS))}
-        return [index.get(w, UNK_ID) for w in words_of(text)] + [SPEECH_ID]
+        return [self._word_ids.get(w, UNK_ID) for w in words_of(text)] + [SPEECH_ID]
+
+    @functools.cached_property
+    def _word_ids(self) -> dict[str, int]:
+        """Word -> id, built once per layout (prompt_ids runs for every prompt of every step)."""
+        return {w: i for i, w in enumerate(self.words, start=len(SPECIALS))}
 
     def speech_tokens(self, completion: Sequence[int]) -> list[int]:
         """The 0-based speech tokens (token2wav's ids) of a completion; <eos> and other ids dropped."""
