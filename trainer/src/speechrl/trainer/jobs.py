@@ -123,7 +123,8 @@ class JobStore:
         assert self.journal is not None
         with self.journal.lock:
             whole = not self.client.exists(self._marker)
-            entries = [e for e in self.journal.all() if whole or e[0]["id"] in self._dirty]
+            dirty = set(self._dirty)  # a write failing from now on marks its job again, for the next round
+            entries = self.journal.all() if whole else [e for i in dirty if (e := self.journal.load(i)) is not None]
             pipe = self.client.pipeline()
             for record, metrics in entries:
                 job, key = Job(**record), self._key(record["id"])
@@ -137,7 +138,7 @@ class JobStore:
                     pipe.rpush(f"{self.prefix}:queue", job.id)
             pipe.set(self._marker, "1")
             pipe.execute()
-            self._dirty.clear()
+            self._dirty -= dirty
         if whole:
             log.warning("job store: Redis had lost its data; re-published %d job(s) from the journal", len(entries))
 

@@ -20,7 +20,7 @@ from speechrl.client import (
     ClientOptions,
     RetryPolicy,
 )
-from speechrl.services.gateway.config import GatewayConfig
+from speechrl.services.gateway.config import BACKENDS, GatewayConfig
 from speechrl.services.gateway.errors import ScorerOff
 
 AnyScorer = AsyncIntelligibilityClient | AsyncSpeakerClient | AsyncRuleRewardsClient | AsyncToken2WavClient
@@ -44,7 +44,7 @@ class Scorers:
             options["tls_root_cert"] = config.scorer_tls_root_cert or None
             options["tls_client_cert"] = config.scorer_tls_client_cert or None
             options["tls_client_key"] = config.scorer_tls_client_key or None
-        ends = {name: list(config.endpoints(name)) for name in ("intelligibility", "speaker", "rules", "token2wav")}
+        ends = {name: list(config.endpoints(name)) for name in BACKENDS}
         return cls(
             intelligibility=AsyncIntelligibilityClient(ends["intelligibility"], **options) if ends["intelligibility"] else None,
             speaker=AsyncSpeakerClient(ends["speaker"], **options) if ends["speaker"] else None,
@@ -53,8 +53,7 @@ class Scorers:
 
     def configured(self) -> dict[str, AnyScorer]:
         """The services this gateway calls, by name (readiness waits for each)."""
-        named = {"intelligibility": self.intelligibility, "speaker": self.speaker, "rules": self.rules,
-                 "token2wav": self.token2wav}
+        named = {name: getattr(self, name) for name in BACKENDS}
         return {name: client for name, client in named.items() if client is not None}
 
     async def health(self, timeout_s: float) -> dict[str, dict[str, str]]:
