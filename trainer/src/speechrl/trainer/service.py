@@ -28,6 +28,7 @@ import redis
 import yaml
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
 from speechrl.services.config import add_arguments, from_namespace, option
@@ -163,23 +164,26 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
         except JobConfigError as exc:
             raise HTTPException(400, str(exc)) from None
         fields = asdict(job_config)
-        return store.submit(kind, fields, fields.get("out_dir", ""), int(fields.get("steps", 0))).to_json()
+        job = await run_in_threadpool(store.submit, kind, fields, fields.get("out_dir", ""), int(fields.get("steps", 0)))
+        return job.to_json()
 
+    # The store's Redis calls and journal files block: routes that use it are plain functions, which
+    # FastAPI runs in its thread pool, so a slow store never stalls the event loop.
     @app.get("/v1/jobs", summary="List jobs, newest first")
-    async def list_jobs(store: StoreDep) -> list[dict[str, Any]]:
+    def list_jobs(store: StoreDep) -> list[dict[str, Any]]:
         return [job.to_json() for job in store.list()]
 
     @app.get("/v1/jobs/{job_id}", summary="One job's status and progress")
-    async def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
+    def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
         return store.get(job_id).to_json()
 
     @app.get("/v1/jobs/{job_id}/metrics", summary="Per-step metrics of a job")
-    async def job_metrics(job_id: str, store: StoreDep, since_step: int = 0) -> list[dict[str, Any]]:
+    def job_metrics(job_id: str, store: StoreDep, since_step: int = 0) -> list[dict[str, Any]]:
         store.get(job_id)
         return store.metrics(job_id, since_step)
 
     @app.post("/v1/jobs/{job_id}/cancel", summary="Stop a job after its current step")
-    async def cancel(job_id: str, store: StoreDep) -> dict[str, Any]:
+    def cancel(job_id: str, store: StoreDep) -> dict[str, Any]:
         job: Job = store.request_cancel(job_id)
         return job.to_json()
 
@@ -188,7 +192,7 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: the job store answers")
-    async def readyz(store: StoreDep) -> dict[str, str]:
+    def readyz(store: StoreDep) -> dict[str, str]:
         store.client.ping()
         return {"status": "ready"}
 
