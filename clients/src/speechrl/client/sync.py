@@ -128,9 +128,17 @@ class SpeakerClient(SyncClient[AsyncSpeakerClient]):
 
 
 class RuleRewardsClient(SyncClient[AsyncRuleRewardsClient]):
-    """Blocking client of the rule-reward service; see AsyncRuleRewardsClient."""
+    """Blocking client of the rule-reward service; see AsyncRuleRewardsClient.
+
+    Calls from several threads at once are merged into one request as the async client's are
+    (they meet on the loop thread); `coalesce=False` sends one request per call.
+    """
 
     async_class = AsyncRuleRewardsClient
+
+    def __init__(self, endpoints: Endpoints | None = None, *, coalesce: bool = True, **options: Unpack[ClientOptions]):
+        self.async_client = AsyncRuleRewardsClient(endpoints, coalesce=coalesce, **options)
+
     score = syncify(AsyncRuleRewardsClient.score)
 
 
