@@ -91,7 +91,7 @@ class JobStore:
                   out_dir=out_dir, total_steps=total_steps)
         self.sync()
         if self.journal:
-            self.journal.save(job.id, job.to_json(), [])
+            self.journal.save_record(job.id, job.to_json())
         pipe = self.client.pipeline()
         pipe.hset(self._key(job.id), mapping=self._encode(job))  # type: ignore[arg-type]
         pipe.zadd(f"{self.prefix}:index", {job.id: job.created})
@@ -142,16 +142,22 @@ class JobStore:
         if whole:
             log.warning("job store: Redis had lost its data; re-published %d job(s) from the journal", len(entries))
 
-    def _journalled(self, job_id: str, change: Callable[[dict[str, Any], list[dict[str, Any]]], None]) -> bool:
-        """Apply change to the journal entry of job_id; False when the job is not journalled."""
+    def _journalled(self, job_id: str, change: Callable[[dict[str, Any]], None], *,
+                    append: dict[str, Any] | None = None, trim_after: int | None = None) -> bool:
+        """Apply change to the journalled record of job_id, then append a metric row or trim the rows
+        past a step; False when the job is not journalled."""
         if not self.journal:
             return False
         with self.journal.lock:
-            entry = self.journal.load(job_id)
-            if entry is None:
+            record = self.journal.load_record(job_id)
+            if record is None:
                 return False
-            change(*entry)
-            self.journal.save(job_id, *entry)
+            change(record)
+            self.journal.save_record(job_id, record)
+            if append is not None:
+                self.journal.append_metrics(job_id, append)
+            if trim_after is not None:
+                self.journal.trim_metrics(job_id, trim_after)
         return True
 
     def _write(self, job_id: str, pipe: redis.client.Pipeline, durable: bool) -> None:
@@ -190,7 +196,7 @@ class JobStore:
 
     def update(self, job_id: str, **fields: Any) -> None:
         now = time.time()
-        durable = self._journalled(job_id, lambda record, _: record.update(fields, updated=now))
+        durable = self._journalled(job_id, lambda record: record.update(fields, updated=now))
         values = {k: ("1" if v else "0") if isinstance(v, bool) else str(v) for k, v in fields.items()}
         values["updated"] = str(now)
         pipe = self.client.pipeline()
@@ -200,12 +206,7 @@ class JobStore:
     def record_step(self, job_id: str, step: int, metrics: dict[str, Any]) -> None:
         """Append one step's metrics and advance the job's step counter."""
         row, now = {"step": step, **metrics}, time.time()
-
-        def change(record: dict[str, Any], rows: builtins.list[dict[str, Any]]) -> None:
-            record.update(step=step, updated=now)
-            rows.append(row)
-
-        durable = self._journalled(job_id, change)
+        durable = self._journalled(job_id, lambda record: record.update(step=step, updated=now), append=row)
         pipe = self.client.pipeline()
         pipe.rpush(f"{self._key(job_id)}:metrics", json.dumps(row))
         pipe.hset(self._key(job_id), mapping={"step": str(step), "updated": str(now)})
@@ -219,10 +220,7 @@ class JobStore:
 
     def trim_metrics(self, job_id: str, last_step: int) -> None:
         """Drop metric records past last_step (a resumed job repeats those steps)."""
-        def change(_: dict[str, Any], rows: builtins.list[dict[str, Any]]) -> None:
-            rows[:] = [r for r in rows if r["step"] <= last_step]
-
-        durable = self._journalled(job_id, change)
+        durable = self._journalled(job_id, lambda record: None, trim_after=last_step)
         kept = [json.dumps(r) for r in self.metrics(job_id) if r["step"] <= last_step]
         pipe = self.client.pipeline()
         pipe.delete(f"{self._key(job_id)}:metrics")
@@ -235,8 +233,8 @@ class JobStore:
         try:
             return self.get(job_id).cancel
         except redis.RedisError:
-            entry = self.journal.load(job_id) if self.journal else None
-            return bool(entry and entry[0].get("cancel"))
+            record = self.journal.load_record(job_id) if self.journal else None
+            return bool(record and record.get("cancel"))
 
     def request_cancel(self, job_id: str) -> Job:
         job = self.get(job_id)
