@@ -282,9 +282,11 @@ class _RulesKey:
 
 
 # Failures of a merged request that are about the call, not its items: every caller gets them, as
-# sending each call again could only fail the same way, N times over.
+# sending each call again could only fail the same way, N times over. RESOURCE_EXHAUSTED too: the
+# connection has already retried it with backoff, and N separate calls would only add to the overload.
 _CALL_FAILURES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED})
+                            grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                            grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 _ITEM_FIELD = re.compile(r"^items\[(\d+)\]")
 
