@@ -34,10 +34,11 @@ import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from speechrl.client import tls_credentials
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,7 @@ class TlsSettings:
     server_name: str | None = None
 
     def credentials(self) -> grpc.ChannelCredentials:
-        def read(path: str | None) -> bytes | None:
-            return Path(path).read_bytes() if path else None
-
-        return grpc.ssl_channel_credentials(read(self.root_cert), read(self.client_key), read(self.client_cert))
+        return tls_credentials(self.root_cert, self.client_cert, self.client_key)
 
 
 def tls_from_env(environ: Mapping[str, str] | None = None, service: str = "") -> TlsSettings | None:
