@@ -37,7 +37,7 @@ from speechrl.trainer import token2reward
 from speechrl.trainer.jobkit import LineProgress, mean_of, stage_timer, write_results
 from speechrl.trainer.tts_job import Prompt, TtsJobConfig, TtsServices, evaluate, render, score, voice_references
 from speechrl.trainer.tts_job import run as run_tts_job
-from speechrl.trainer.tts_policy import TtsPolicy
+from speechrl.trainer.tts_policy import TtsLayout
 from speechrl.trainer.tts_warmstart import TtsWarmStartConfig, read_corpus, run_tts_warmstart
 
 STACK = ("intelligibility", "speaker", "rollout", "token2wav")
@@ -146,7 +146,7 @@ def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path,
 async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt], temperature: float) -> dict[str, float]:
     """Test-set synthesis of the rollout service's current weights at `temperature` (0: greedy), scored
     for WER and SIM."""
-    layout = TtsPolicy.load(job.policy).layout
+    layout = TtsLayout.load(job.policy)
     async with TtsServices.connect(job) as services:
         return await evaluate(services, job, prompts, layout, await voice_references(services, job), temperature)
 

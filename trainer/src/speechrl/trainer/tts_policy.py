@@ -98,6 +98,15 @@ class TtsLayout:
         """Completion budget of text: tokens_per_word per word, plus a little, so a loop cannot run long."""
         return self.tokens_per_word * len(words_of(text)) + 8
 
+    @classmethod
+    def load(cls, folder: str | Path) -> TtsLayout:
+        """The layout of a policy folder (its tts_layout.json), without loading the model."""
+        path = Path(folder) / LAYOUT_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{folder} has no {LAYOUT_FILE}: not a TtsPolicy folder (TtsPolicy.save writes one)")
+        values = json.loads(path.read_text())
+        return cls(words=tuple(values.pop("words")), **values)
+
     def token_strings(self) -> list[str]:
         """Every id's string, in id order (the tokenizer's vocabulary)."""
         return [*SPECIALS, *self.words, *(f"<|s_{i}|>" for i in range(self.num_speech))]
@@ -137,11 +146,7 @@ class TtsPolicy:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> TtsPolicy:
-        folder = Path(folder)
-        if not (folder / LAYOUT_FILE).exists():
-            raise FileNotFoundError(f"{folder} has no {LAYOUT_FILE}: not a TtsPolicy folder (TtsPolicy.save writes one)")
-        values = json.loads((folder / LAYOUT_FILE).read_text())
-        layout = TtsLayout(words=tuple(values.pop("words")), **values)
+        layout = TtsLayout.load(folder)
         model: Any = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
         return cls(model.to(device), layout)
 
