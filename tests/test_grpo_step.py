@@ -168,3 +168,26 @@ def test_reference_copy_is_frozen_and_independent() -> None:
     assert all(not p.requires_grad for p in reference.model.parameters())
     with pytest.raises(ValueError, match="needs a reference"):
         grpo_update(model, None, make_optimizer(model, settings()), rollout(), settings())
+
+
+def test_grpo_plus_diffro_runs_the_reference_once_per_micro_batch() -> None:
+    """DiffRO's KL needs the reference's full logits on every micro-batch; the GRPO KL's logprobs come
+    from that same forward, not from a second pass over the batch."""
+    from speechrl.trainer.losses import TokenReward
+
+    model = tiny_model()
+    reference = make_reference(model)
+    forwards = []
+    reference.model.register_forward_hook(lambda *_: forwards.append(1))
+
+    def reward(soft: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        return (soft[..., 0] * mask).sum(-1)  # [b] differentiable in the relaxed tokens
+
+    batch = RolloutBatch(completion_ids=COMPLETIONS, completion_mask=COMPLETION_MASK, rewards=REWARDS,
+                         prompt_mask=PROMPT_MASK, prompt_ids=PROMPTS,
+                         diffro_reward=TokenReward(score=reward, speech_range=(30, VOCAB), stop_ids=(2,)))
+    config = settings(loss="grpo+diffro", kl_beta=0.1, diffro_beta=0.1, num_iterations=2)
+    metrics = grpo_update(model, reference, make_optimizer(model, config), batch, config)
+    micro_batches = COMPLETIONS.shape[0] // config.mini_batch_size
+    assert len(forwards) == micro_batches * config.num_iterations  # was + one more pass over the batch
+    assert metrics["kl"] > 0  # the second iteration's policy has moved away from the reference

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -97,24 +98,27 @@ def batch_logprobs(model: nn.Module, batch: RolloutBatch, rows: Tensor, config: 
 
 def _diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | None, config: GRPOConfig,
                    bf16: bool) -> dict[str, object]:
-    """LossInputs' DiffRO fields for the micro-batch `rows` [M]: the reference's logits and the reward."""
+    """LossInputs' DiffRO fields for the micro-batch `rows` [M]: the reference's logits and the reward,
+    and the reference's logprobs from the same forward (the KL term's, so it needs no pass of its own)."""
     if batch.diffro_reward is None:
         raise ValueError(f"loss {config.loss!r} needs RolloutBatch.diffro_reward (a token-input reward model); "
                          "the TTS job sets it from its token2reward checkpoint")
-    ref_logits = None  # [M, T, V]
+    ref_logits = ref_logprobs = None  # [M, T, V], [M, T]
     if config.diffro_beta > 0:
         if reference is None:
             raise ValueError("diffro_beta > 0 needs a reference (make_reference(policy)); or set diffro_beta=0")
         device = batch.completion_ids.device
         with torch.no_grad(), reference.active() as reference_model, \
                 torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            ref_logits = batch_forward(reference_model, batch, rows, config, with_logits=True).logits  # [M, T, V]
+            ref_scores = batch_forward(reference_model, batch, rows, config, with_logits=True)
+        ref_logits, ref_logprobs = ref_scores.logits, ref_scores.logprobs  # [M, T, V], [M, T]
     score = batch.diffro_reward.score
 
     def micro_batch_score(soft: Tensor, mask: Tensor, index: Tensor) -> Tensor:
         return score(soft, mask, rows[index])  # [b] the micro-batch's rows back to batch samples
 
-    return {"ref_logits": ref_logits, "diffro_reward": replace(batch.diffro_reward, score=micro_batch_score),
+    return {"ref_logits": ref_logits, "ref_logprobs": ref_logprobs,
+            "diffro_reward": replace(batch.diffro_reward, score=micro_batch_score),
             "completion_ids": batch.completion_ids[rows]}  # [M, T]
 
 
@@ -181,15 +185,18 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
     # (ratio exactly 1) and the extra forward is skipped; otherwise capture them now.
     on_policy = config.num_iterations == 1 and step_size >= samples
     old_logprobs = None if on_policy else frozen_logprobs(policy, batch, config, bf16)  # [N, T]
+    loss_fn = LOSSES[config.loss]
+    with_logits = config.loss in LOGIT_LOSSES  # DiffRO reads the full distributions, not only the sampled token
+    # DiffRO's KL runs the reference on every micro-batch anyway: the GRPO KL's logprobs come from that pass.
+    reference_per_micro_batch = with_logits and config.diffro_beta > 0
     ref_logprobs = None  # [N, T]
     if config.kl_beta > 0:
         if reference is None:
             raise ValueError("kl_beta > 0 needs a reference (make_reference(policy)); or set kl_beta=0")
-        with reference.active() as reference_model:
-            ref_logprobs = frozen_logprobs(reference_model, batch, config, bf16)  # [N, T]
+        if not reference_per_micro_batch:
+            with reference.active() as reference_model:
+                ref_logprobs = frozen_logprobs(reference_model, batch, config, bf16)  # [N, T]
 
-    loss_fn = LOSSES[config.loss]
-    with_logits = config.loss in LOGIT_LOSSES  # DiffRO reads the full distributions, not only the sampled token
     totals, step_losses, grad_norms = _MetricSum(), [], []
     for _ in range(config.num_iterations):
         for step_rows in torch.arange(samples, device=device).split(step_size):  # [K]
@@ -201,10 +208,15 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
                     scores = batch_forward(policy, batch, rows, config, with_entropy=True, with_logits=with_logits)
                 logprobs = scores.logprobs  # [M, T]
                 diffro = _diffro_inputs(batch, rows, reference, config, bf16) if with_logits else {}
+                micro_ref_logprobs = cast(Tensor | None, diffro.pop("ref_logprobs", None))  # [M, T]
+                if config.kl_beta <= 0:
+                    micro_ref_logprobs = None
+                elif ref_logprobs is not None:
+                    micro_ref_logprobs = ref_logprobs[rows]
                 inputs = LossInputs(
                     logprobs=logprobs,  # [M, T]
                     old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[rows],  # [M, T]
-                    ref_logprobs=None if ref_logprobs is None else ref_logprobs[rows],  # [M, T]
+                    ref_logprobs=micro_ref_logprobs,  # [M, T]
                     advantages=advantages[rows],  # [M]
                     mask=mask[rows],  # [M, T]
                     normalizer=z, entropy=scores.entropy, logits=scores.logits,  # [M, T, V] or None
