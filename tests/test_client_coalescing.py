@@ -141,7 +141,7 @@ def test_the_sync_client_merges_calls_from_several_threads(rules: str) -> None:
 
         futures = [pool.submit(call, h, r) for h, r in calls]
         started.wait()
-        time.sleep(0.3)  # the threads only need to reach run_coroutine_threadsafe
+        time.sleep(1.0)  # the threads only need to reach run_coroutine_threadsafe (generous for a loaded CI box)
         gate.set()
         got = [f.result(timeout=10) for f in futures]
         assert requests_answered() - before == 1
