@@ -66,7 +66,6 @@ VARIANTS: dict[str, dict[str, float]] = {
 STACK = ("rules", "encoder", "rollout")
 STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
 PROMPT_SPLITS = {"train": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
-DEV = 40  # dev utterances (the corpus's dev split, all of them evaluated)
 
 
 @dataclass
@@ -80,6 +79,8 @@ class ReproConfig:
     train: int = option(1200, "Training utterances.")
     joined: int = option(150, "Training segments of 2-4 joined utterances (6-14 s), so the warm start reads on "
                               "past a sentence end; on longer inputs it then tends to repeat (what R2 targets).")
+    dev: int = option(40, "Dev utterances, all evaluated every eval_every GRPO steps to pick the reported step "
+                          "(greedy, ~1 s per 40).")
     test: int = option(150, "Test utterances (the reported WER).")
     long_test: int = option(24, "Long test segments (15-28 s) for the hallucination columns.")
     long_train: int = option(30, "Long training segments (15-28 s), candidates for the RL prompts (loops happen there).")
@@ -120,7 +121,7 @@ def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
     if not manifest.exists():
         print(f"[1/6] speaking the corpus into {manifest.parent}", flush=True)
         with stage_timer(stages, "corpus"):
-            build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=DEV,
+            build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=config.dev,
                                          joined=config.joined, test=config.test, long_test=config.long_test,
                                          long_train=config.long_train))
     if not (policy / "asr_layout.json").exists():
@@ -156,7 +157,7 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
     return AsrJobConfig(
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split=eval_split,
         train_split=train_split, batch_by_split=True,  # long segments in steps of their own: short steps stay cheap
-        eval_size=DEV + (config.long_dev if "dev_long" in eval_split else 0), eval_every=config.eval_every,
+        eval_size=config.dev + (config.long_dev if "dev_long" in eval_split else 0), eval_every=config.eval_every,
         checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
