@@ -5,11 +5,17 @@ single-item clients, and the ASR scorer's thread/allocator settings.
 
 Utterances are espeak-ng speech (about 3 s each). Items come in GRPO groups of 8 samples of one
 prompt: rule hypotheses are different transcripts of the group's reference, speaker items compare
-different utterances with the group's prompt speaker. In-process calls the engine's batch function
-directly; "gRPC" runs the real server as a separate process (`speechrl serve`, with the stack's
-process settings) and calls it with the asyncio client, one call after another; the concurrency table sends one item per
-request from 32 asyncio clients at once, against a server with max_batch_size 32 (dynamic
-batching) and with max_batch_size 1 (each request alone).
+different utterances with the group's prompt speaker.
+
+In-process calls the engine's batch function in a process of its own started with the services'
+settings (stack.service_env: thread counts, jemalloc), so that it and the server differ only by
+gRPC. "gRPC" runs the real server (`speechrl serve`, same settings) and calls it with the asyncio
+client, one call after another. The concurrency table sends one item per request from 32 asyncio
+clients at once, against a server with max_batch_size 32 (dynamic batching) and one with
+max_batch_size 1 (each request alone).
+
+A shared 2-core VM drifts by tens of percent within minutes, so every number is the median of
+several rounds and the two sides of each comparison alternate within a round.
 """
 
 from __future__ import annotations
@@ -17,11 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-
-# The in-process measurements run in this process: give it the services' thread settings (see
-# speechrl.services.stack.service_env) before numpy and torch load, or it measures oversubscription.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,8 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
+
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_section
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from speechrl.client import (
     AsyncIntelligibilityClient,
@@ -64,6 +69,8 @@ class Scorer:
     call_batch: Callable[[Any, list[Path], int, int], Any]
     async_client: type
     call_async: Callable[[Any, list[Path], int], Any]
+    rounds: int = 5  # alternating rounds per comparison (the reported numbers are their medians)
+    coalesces: bool = False  # the client merges concurrent calls (AsyncRuleRewardsClient's coalesce option)
 
 
 def _texts(i: int) -> str:
@@ -123,7 +130,7 @@ SCORERS = {
                     lambda c, w, s, n: c.score([_hypothesis(i) for i in range(s, s + n)],
                                                [_reference(i) for i in range(s, s + n)]),
                     AsyncRuleRewardsClient,
-                    lambda c, w, i: c.score([_hypothesis(i)], [_reference(i)])),
+                    lambda c, w, i: c.score([_hypothesis(i)], [_reference(i)]), coalesces=True),
     "speaker": Scorer("speaker", 128, _speaker_inproc,
                       lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
                                                  [_prompt_speaker(w, i) for i in range(s, s + n)]),
@@ -133,17 +140,55 @@ SCORERS = {
                               lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
                                                          [_texts(i) for i in range(s, s + n)]),
                               AsyncIntelligibilityClient,
-                              lambda c, w, i: c.score([w[i % len(w)]], [_texts(i)])),
+                              lambda c, w, i: c.score([w[i % len(w)]], [_texts(i)]), rounds=3),
 }
 
 
 def throughput(run_batch: Callable[[int, int], Any], total: int, batch: int) -> float:
-    """Items per second over `total` items sent `batch` at a time (one warm-up batch first)."""
-    run_batch(0, batch)
+    """Items per second over `total` items sent `batch` at a time."""
     start = time.perf_counter()
     for offset in range(0, total, batch):
         run_batch(offset, min(batch, total - offset))
     return total / (time.perf_counter() - start)
+
+
+def speech() -> list[Path]:
+    """The benchmark's utterances (espeak-ng, cached on disk)."""
+    synth = EspeakSynthesizer(Path(tempfile.gettempdir()) / "speechrl-bench-speech")
+    return [synth.path(text, voice=voice) for voice in VOICES for text in SENTENCES]
+
+
+def in_process_worker(name: str) -> None:
+    """`--in-process-worker NAME`: build the engine, warm it up, then answer "total batch" lines on stdin
+    with the in-process items/s on stdout."""
+    scorer, wavs = SCORERS[name], speech()
+    run_batch = scorer.build_inproc(wavs)
+    throughput(run_batch, scorer.items_per_run, 8)  # caches, lazy imports and kernels warm, as in the server
+    print("ready", flush=True)
+    for line in sys.stdin:
+        total, batch = map(int, line.split())
+        print(throughput(run_batch, total, batch), flush=True)
+
+
+class InProcessWorker:
+    """The engine in a process of its own, started with the same settings as the server's process."""
+
+    def __init__(self, name: str):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--in-process-worker", name], text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=service_env(dict(os.environ)))
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
+        if self.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the in-process {name} worker did not start")
+
+    def throughput(self, total: int, batch: int) -> float:
+        self.stdin.write(f"{total} {batch}\n")
+        self.stdin.flush()
+        return float(self.stdout.readline())
+
+    def stop(self) -> None:
+        self.stdin.close()
+        self.proc.wait(30)
 
 
 async def remote_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], total: int, batch: int) -> float:
@@ -158,6 +203,19 @@ async def remote_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], tot
         for offset in range(0, total, batch):
             await scorer.call_batch(client, wavs, offset, min(batch, total - offset))
         return total / (time.perf_counter() - start)
+
+
+async def round_trip_ms(endpoint: str, calls: int = 500) -> float:
+    """Median milliseconds of a grpc.health.v1 Check on the server: Python gRPC's own cost of one call
+    (client, loopback, server), with no scorer work."""
+    async with grpc.aio.insecure_channel(endpoint) as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        times = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            await check(health_pb2.HealthCheckRequest())
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times[calls // 10:])
 
 
 class ServerProcess:
@@ -184,9 +242,11 @@ class ServerProcess:
         self.proc.wait(30)
 
 
-async def concurrent_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], total: int, clients: int = 32) -> float:
-    """Items per second when `clients` tasks each send single-item requests until `total` are done."""
-    async with scorer.async_client(endpoint, timeout_s=600) as client:
+async def concurrent_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], total: int, clients: int = 32,
+                                **client_options: Any) -> float:
+    """Items per second when `clients` tasks share one client and each sends single-item calls until `total`
+    are done."""
+    async with scorer.async_client(endpoint, timeout_s=600, **client_options) as client:
         await scorer.call_async(client, wavs, 0)
         counter = iter(range(total))
 
@@ -200,29 +260,47 @@ async def concurrent_throughput(scorer: Scorer, endpoint: str, wavs: list[Path],
         return total / (time.perf_counter() - start)
 
 
-def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], list[str]]:
-    total = scorer.items_per_run // (4 if quick else 1)
-    # In-process first: once a gRPC channel exists, its poller thread competes for this process's GIL
-    # and would slow the in-process numbers (and flatter the gRPC overhead).
-    inproc = scorer.build_inproc(wavs)
-    local = {batch: throughput(inproc, total, batch) for batch in BATCH_SIZES}
+def alternating_medians(measures: Sequence[Callable[[], float]], rounds: int) -> list[float]:
+    """Median of each measurement, taken in turn within every round: a drift of the machine hits all alike."""
+    samples: list[list[float]] = [[] for _ in measures]
+    for _ in range(rounds):
+        for measure, taken in zip(measures, samples, strict=True):
+            taken.append(measure())
+    return [statistics.median(taken) for taken in samples]
+
+
+def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], list[str], float]:
+    """Rows of the batch table and of the concurrency table, and the server's health-check round trip (ms)."""
+    total, rounds = scorer.items_per_run // (4 if quick else 1), 2 if quick else scorer.rounds
     rows = []
+    local = InProcessWorker(scorer.name)
     server = ServerProcess(scorer.name, ["--max-batch-size", "32"])
-    try:
-        for batch in BATCH_SIZES:
-            remote = asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))
-            rows.append(f"| {scorer.name} | {batch} | {local[batch]:.1f} | {remote:.1f} | "
-                        f"{100 * (local[batch] / remote - 1):+.1f}% |")
-        batched = asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total))
-    finally:
-        server.stop()
     alone_server = ServerProcess(scorer.name, ["--max-batch-size", "1"])
     try:
-        alone = asyncio.run(concurrent_throughput(scorer, alone_server.endpoint, wavs, total))
+        asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the worker
+        for batch in BATCH_SIZES:
+            in_process, remote = alternating_medians(
+                [lambda: local.throughput(total, batch),  # noqa: B023 (called within this iteration)
+                 lambda: asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))],  # noqa: B023
+                rounds)
+            added_ms = 1e3 * batch * (1 / remote - 1 / in_process)
+            rows.append(f"| {scorer.name} | {batch} | {in_process:.1f} | {remote:.1f} | "
+                        f"{100 * (in_process / remote - 1):+.1f}% | {added_ms:+.2f} |")
+        floor_ms = asyncio.run(round_trip_ms(server.endpoint))
+        # The rules client merges concurrent calls into one request unless told not to (coalesce=False):
+        # measured apart from the server's batching, and off for "each request alone".
+        single = {"coalesce": False} if scorer.coalesces else {}
+        measures = [lambda: asyncio.run(concurrent_throughput(scorer, alone_server.endpoint, wavs, total, **single)),
+                    lambda: asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total, **single))]
+        if scorer.coalesces:
+            measures.append(lambda: asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total)))
+        alone, batched, *merged = alternating_medians(measures, rounds)
     finally:
-        alone_server.stop()
-    concurrency = [f"| {scorer.name} | {total} | {alone:.1f} | {batched:.1f} | {batched / alone:.2f}x |"]
-    return rows, concurrency
+        for process in (local, server, alone_server):
+            process.stop()
+    with_sdk = f"{merged[0]:.1f} | {merged[0] / alone:.2f}x" if merged else "- | -"
+    concurrency = [f"| {scorer.name} | {total} | {alone:.1f} | {batched:.1f} | {batched / alone:.2f}x | {with_sdk} |"]
+    return rows, concurrency, floor_ms
 
 
 def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
@@ -232,45 +310,60 @@ def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
     variants = {
         "library defaults (OpenBLAS threads = cores, glibc malloc)": dict(base),
         "OPENBLAS_NUM_THREADS=1, glibc malloc": {**base, "OPENBLAS_NUM_THREADS": "1"},
-        "stack settings: OPENBLAS_NUM_THREADS=1 + jemalloc": service_env(base),
+        "OPENBLAS_NUM_THREADS=1 + jemalloc returning pages after 60 s, background thread (the earlier setting)":
+            {**service_env(base), "MALLOC_CONF": "background_thread:true,dirty_decay_ms:60000,muzzy_decay_ms:60000"},
+        "stack settings: OPENBLAS_NUM_THREADS=1 + jemalloc keeping its pages": service_env(base),
     }
     if not os.path.exists(JEMALLOC):
-        variants.pop("stack settings: OPENBLAS_NUM_THREADS=1 + jemalloc")
+        variants = {k: v for k, v in variants.items() if "jemalloc" not in k}
     scorer = SCORERS["intelligibility"]
-    total = 16 if quick else 32
-    rows = []
-    for label, env in variants.items():
-        server = ServerProcess("intelligibility", ["--max-batch-size", "8"], env=env)
-        try:
-            rate = asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))
-        finally:
+    total, rounds = (16, 1) if quick else (32, scorer.rounds)
+    servers = {label: ServerProcess("intelligibility", ["--max-batch-size", "8"], env=env)
+               for label, env in variants.items()}
+    samples: dict[str, list[float]] = {label: [] for label in variants}
+    try:
+        for _ in range(rounds):  # the settings in turn within each round, as alternating_medians
+            for label, server in servers.items():
+                samples[label].append(asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8)))
+    finally:
+        for server in servers.values():
             server.stop()
-        rows.append(f"| {label} | {rate:.2f} |")
-    return rows
+    return [f"| {label} | {statistics.median(rates):.2f} |" for label, rates in samples.items()]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", default=",".join(SCORERS), help="comma-separated scorers")
-    parser.add_argument("--quick", action="store_true", help="a quarter of the items (a smoke run)")
+    parser.add_argument("--quick", action="store_true", help="a quarter of the items, two rounds (a smoke run)")
+    parser.add_argument("--in-process-worker", metavar="SCORER", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    synth = EspeakSynthesizer(Path(tempfile.gettempdir()) / "speechrl-bench-speech")
-    wavs = [synth.path(text, voice=voice) for voice in VOICES for text in SENTENCES]
-    batch_rows, concurrency_rows = [], []
+    if args.in_process_worker:
+        in_process_worker(args.in_process_worker)
+        return
+    wavs = speech()
+    batch_rows, concurrency_rows, floors = [], [], []
     for name in args.only.split(","):
         print(f"benchmarking {name} ...", flush=True)
-        rows, concurrency = bench_scorer(SCORERS[name], wavs, args.quick)
+        rows, concurrency, floor_ms = bench_scorer(SCORERS[name], wavs, args.quick)
         batch_rows += rows
         concurrency_rows += concurrency
+        floors.append(f"{name} {floor_ms:.2f} ms")
     settings = bench_process_settings(wavs, args.quick) if "intelligibility" in args.only else []
     body = "\n".join([
-        "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis). Items come "
-        "in GRPO groups of 8 samples sharing a reference text / prompt speaker, and a batch does shared work once, "
-        "in-process and in the server alike. gRPC calls go through the asyncio client, one after another.",
-        "", "| scorer | batch | in-process | over gRPC | gRPC overhead |", "|---|---|---|---|---|", *batch_rows,
-        "", "32 concurrent clients, one item per request:", "",
-        "| scorer | items | each request alone (max batch 1) | dynamic batching (max batch 32) | gain |",
-        "|---|---|---|---|---|", *concurrency_rows,
+        "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis), the median "
+        "of alternating rounds. Items come in GRPO groups of 8 samples sharing a reference text / prompt speaker, "
+        "and a batch does shared work once, in-process and in the server alike. In-process runs in its own process "
+        "with the services' settings; gRPC calls go through the asyncio client, one after another.",
+        "", "| scorer | batch | in-process | over gRPC | gRPC overhead | gRPC time per call (ms) |",
+        "|---|---|---|---|---|---|", *batch_rows,
+        "", "Python gRPC's own cost of one call on this machine (client, loopback and server; median round trip of a "
+        "grpc.health.v1 Check on the same server, no scorer work): " + ", ".join(floors) + ".",
+        "", "32 concurrent clients (asyncio tasks sharing one client object), one item per call. Each request "
+        "alone: server max_batch_size 1. Server batching: max_batch_size 32, one request per call. With SDK "
+        "coalescing: the rules client also merges the calls pending in one event-loop iteration into one request "
+        "(its default; coalesce=False for the other two columns).", "",
+        "| scorer | items | each request alone | server dynamic batching | gain | + SDK coalescing | gain |",
+        "|---|---|---|---|---|---|---|", *concurrency_rows,
     ])
     if settings:
         body += "\n\nASR scorer over gRPC, batch 8, by process settings (items/s):\n\n| settings | items/s |\n|---|---|\n"
