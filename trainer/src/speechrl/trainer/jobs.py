@@ -142,18 +142,19 @@ class JobStore:
         if whole:
             log.warning("job store: Redis had lost its data; re-published %d job(s) from the journal", len(entries))
 
-    def _journalled(self, job_id: str, change: Callable[[dict[str, Any]], None], *,
+    def _journalled(self, job_id: str, change: Callable[[dict[str, Any]], None] | None = None, *,
                     append: dict[str, Any] | None = None, trim_after: int | None = None) -> bool:
-        """Apply change to the journalled record of job_id, then append a metric row or trim the rows
-        past a step; False when the job is not journalled."""
+        """Apply change (if any) to the journalled record of job_id, then append a metric row or trim
+        the rows past a step; False when the job is not journalled."""
         if not self.journal:
             return False
         with self.journal.lock:
             record = self.journal.load_record(job_id)
             if record is None:
                 return False
-            change(record)
-            self.journal.save_record(job_id, record)
+            if change is not None:
+                change(record)
+                self.journal.save_record(job_id, record)
             if append is not None:
                 self.journal.append_metrics(job_id, append)
             if trim_after is not None:
@@ -220,7 +221,7 @@ class JobStore:
 
     def trim_metrics(self, job_id: str, last_step: int) -> None:
         """Drop metric records past last_step (a resumed job repeats those steps)."""
-        durable = self._journalled(job_id, lambda record: None, trim_after=last_step)
+        durable = self._journalled(job_id, trim_after=last_step)
         kept = [json.dumps(r) for r in self.metrics(job_id) if r["step"] <= last_step]
         pipe = self.client.pipeline()
         pipe.delete(f"{self._key(job_id)}:metrics")
