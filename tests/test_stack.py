@@ -44,3 +44,24 @@ def test_up_starts_redis_and_services_then_down_stops_them(tmp_path: Path) -> No
 def test_unknown_service_is_refused(tmp_path: Path) -> None:
     result = run_cli("up", "--only", "nonsense", env={**os.environ, "SPEECHRL_HOME": str(tmp_path)})
     assert result.returncode != 0 and "unknown services" in result.stderr
+
+
+def test_a_stack_held_by_running_stops_when_its_owner_gets_sigterm(tmp_path: Path) -> None:
+    """A reproduction killed with SIGTERM (kill, a CI timeout) takes its services down with it."""
+    rules_port = free_port()
+    env = {**os.environ, "SPEECHRL_HOME": str(tmp_path / "home"), "SPEECHRL_RULES_PORT": str(rules_port)}
+    owner = subprocess.Popen(
+        [sys.executable, "-c", "import time\nfrom pathlib import Path\nfrom speechrl.services import stack\n"
+         f"with stack.running(['rules'], stack.StackPaths(Path({str(tmp_path / 'home')!r})), timeout=60):\n"
+         "    print('up', flush=True)\n    time.sleep(120)\n"],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        assert owner.stdout is not None
+        assert "up" in iter(lambda: owner.stdout.readline().strip(), "")  # after up()'s own lines
+        assert grpc_healthy(rules_port)
+        owner.terminate()
+        assert owner.wait(60) == 128 + 15
+    finally:
+        owner.kill()
+    assert not grpc_healthy(rules_port)
+    assert not (tmp_path / "home" / "run" / "rules.pid").exists()

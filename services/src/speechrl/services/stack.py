@@ -9,15 +9,17 @@ settings that must be set before Python starts (thread counts, allocator), see `
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -249,6 +251,26 @@ def down(names: Sequence[str], paths: StackPaths, grace: float) -> None:
     if redis_pid is not None:  # only a Redis this stack started
         os.kill(redis_pid, signal.SIGTERM)
         print(f"stopped redis (pid {redis_pid})")
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextlib.contextmanager
+def running(names: Sequence[str], paths: StackPaths, timeout: float, grace: float = 10.0) -> Iterator[None]:
+    """The services up for the length of a with-block, and down after it: also when `up` fails
+    halfway, on an exception, and on SIGTERM (`kill`, a CI timeout), which Python would otherwise
+    end without running any cleanup, leaving the services running with their ports taken."""
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
+    try:
+        up(names, paths, timeout)
+        yield
+    finally:
+        down(names, paths, grace)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def status_table(names: Sequence[str], paths: StackPaths) -> str:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -293,12 +294,12 @@ def run(config: ReproConfig) -> dict[str, Any]:
     os.environ.update(stack_environment(policy, out / "stack"))
     paths = stack.StackPaths(Path(os.environ["SPEECHRL_HOME"]).resolve())
     print("[3/6] starting the services", flush=True)
-    with stage_timer(stages, "services up"):
-        stack.up(STACK, paths, timeout=300)
     table: dict[str, dict[str, float]] = {}
     cache = EmbeddingCache(max_items=100_000)  # every utterance of the run: the front-end is frozen
     selection: dict[str, int] = {}
-    try:
+    with contextlib.ExitStack() as services:
+        with stage_timer(stages, "services up"):
+            services.enter_context(stack.running(STACK, paths, timeout=300))
         baseline_job = job_config(config, manifest, policy, out / "baseline", VARIANTS["R1+R2"])
         print("[4/6] evaluating the warm start", flush=True)
         with stage_timer(stages, "eval warm start"):
@@ -323,8 +324,6 @@ def run(config: ReproConfig) -> dict[str, Any]:
                 served = asyncio.run(serve_best(job, progress))
                 table[name] = {**asyncio.run(evaluate_splits(job, policy, manifest, cache)), "step": served}
             print(f"  {name}: test and long evaluated at step {served} (lowest dev WER)", flush=True)
-    finally:
-        stack.down(STACK, paths, grace=10)
     minutes = round((time.monotonic() - started) / 60, 1)
     results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "prompt_selection": selection,
                "table": table}

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import time
@@ -165,14 +166,14 @@ def run(config: TtsReproConfig) -> dict[str, Any]:
     os.environ.update(env)  # private ports: never collide with a stack the user already runs
     paths = stack.StackPaths(Path(env["SPEECHRL_HOME"]).resolve())
     print("[3/5] starting the services", flush=True)
-    with stage_timer(stages, "services up"):
-        stack.up(STACK, paths, 300)
     voices = [v.strip() for v in config.voices.split(",")]
     test_rows = read_corpus(warm["corpus"], "test")[:config.test]
     test = [Prompt(r["text"], voices[i % len(voices)]) for i, r in enumerate(test_rows)]
     table: dict[str, dict[str, float]] = {}
     ceiling: dict[str, float] | None = None
-    try:
+    with contextlib.ExitStack() as services:
+        with stage_timer(stages, "services up"):
+            services.enter_context(stack.running(STACK, paths, timeout=300))
         with stage_timer(stages, "eval ceiling"):
             ceiling = asyncio.run(evaluate_ceiling(job_config(config, warm, reward_model, out / "baseline", {}), test,
                                                    [r["tokens"] for r in test_rows]))
@@ -190,8 +191,6 @@ def run(config: TtsReproConfig) -> dict[str, Any]:
             with stage_timer(stages, f"eval {name}"):
                 table[name] = asyncio.run(evaluate_system(job, test, config.eval_temperature))
             print(f"  {name}: {table[name]}", flush=True)
-    finally:
-        stack.down(STACK, paths, grace=10)
     minutes = round((time.monotonic() - started) / 60, 1)
     results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "warm_start": warm,
                "table": table, "ceiling": ceiling}
