@@ -1,5 +1,6 @@
-"""Scorer throughput: in-process vs over gRPC at batch 1/8/32, dynamic batching under 32 concurrent
-single-item clients, and the ASR scorer's thread/allocator settings.
+"""Scorer throughput: in-process vs the server's batching path without gRPC vs over gRPC at batch
+1/8/32, dynamic batching under 32 concurrent single-item clients, and the ASR scorer's thread/allocator
+settings.
 
     python bench/scorers.py [--only rules,speaker,intelligibility] [--quick]
 
@@ -7,15 +8,22 @@ Utterances are espeak-ng speech (about 3 s each). Items come in GRPO groups of 8
 prompt: rule hypotheses are different transcripts of the group's reference, speaker items compare
 different utterances with the group's prompt speaker.
 
-In-process calls the engine's batch function in a process of its own started with the services'
-settings (stack.service_env: thread counts, jemalloc), so that it and the server differ only by
-gRPC. "gRPC" runs the real server (`speechrl serve`, same settings) and calls it with the asyncio
-client, one call after another. The concurrency table sends one item per request from 32 asyncio
-clients at once, against a server with max_batch_size 32 (dynamic batching) and one with
-max_batch_size 1 (each request alone).
+The batch table measures each scorer three ways, on the same items, each in a process of its own
+started with the services' settings (stack.service_env: thread counts, jemalloc):
+
+- in-process: the engine's batch function called directly, one batch after another;
+- server path without gRPC: the same engine behind the DynamicBatcher its server puts in front of
+  it (the server's max_batch_size, max_wait_ms and queue bound; inline on the event loop for the
+  rules, the model thread otherwise), `await batcher.submit(items)` one batch after another from
+  an asyncio loop. It differs from in-process by the server's batching path, and from gRPC by gRPC
+  (with the servicer's proto translation and the client);
+- over gRPC: the real server (`speechrl serve`) called by the asyncio client, one call after another.
+
+The concurrency table sends one item per request from 32 asyncio clients at once, against a server
+with max_batch_size 32 (dynamic batching) and one with max_batch_size 1 (each request alone).
 
 A shared 2-core VM drifts by tens of percent within minutes, so every number is the median of
-several rounds and the two sides of each comparison alternate within a round.
+several rounds and the sides of each comparison alternate within a round.
 """
 
 from __future__ import annotations
@@ -45,6 +53,9 @@ from speechrl.client import (
     AsyncSpeakerClient,
 )
 from speechrl.services.audio import AudioInput
+from speechrl.services.batching import DynamicBatcher
+from speechrl.services.config import ServerConfig, parse_config
+from speechrl.services.errors import ItemFailure
 from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.services.ports import free_port
 from speechrl.services.stack import JEMALLOC, grpc_healthy, service_env
@@ -57,15 +68,31 @@ SENTENCES = [
 ]
 VOICES = ["en-us", "en-gb", "en-us+f3", "en-gb-scotland"]
 BATCH_SIZES = (1, 8, 32)
+# Flags of the server compared with in-process (max_batch_size 32 is ServerConfig's default). The
+# batcher-only worker parses the same flags, and the same SPEECHRL_<SERVICE>_* variables, into its config.
+SERVER_ARGS = ("--max-batch-size", "32")
+
+
+@dataclass
+class Engine:
+    """A scorer's engine, built in this process as its server builds it."""
+
+    process: Callable[[list[Any]], Sequence[Any]]  # the batch function: one result or ItemFailure per item
+    item: Callable[[int], Any]  # the benchmark's i-th item as the engine takes it (what the gRPC path sends)
+    batcher: Callable[[], DynamicBatcher[Any, Any]]  # `process` behind a DynamicBatcher as the server's start() sets it
+
+    def items(self, start: int, n: int) -> list[Any]:
+        """Items start .. start + n - 1."""
+        return [self.item(i) for i in range(start, start + n)]
 
 
 @dataclass
 class Scorer:
-    """How to benchmark one scorer: in-process batch function, and client calls of a batch / of one item."""
+    """How to benchmark one scorer: its engine in this process, and client calls of a batch / of one item."""
 
     name: str
     items_per_run: int
-    build_inproc: Callable[[list[Path]], Callable[[int, int], Any]]
+    build_engine: Callable[[list[Path]], Engine]
     call_batch: Callable[[Any, list[Path], int, int], Any]
     async_client: type
     call_async: Callable[[Any, list[Path], int], Any]
@@ -97,46 +124,63 @@ def _prompt_speaker(wavs: Sequence[Any], i: int) -> Any:
     return wavs[(i // GROUP) % len(wavs)]
 
 
-def _rules_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
+def _server_batcher(config: ServerConfig, service: str, process: Callable[[list[Any]], Sequence[Any]],
+                    guard: Any = None, inline: bool = False) -> DynamicBatcher[Any, Any]:
+    """`process` behind a DynamicBatcher with the settings `speechrl serve SERVICE`'s start() gives it."""
+    return DynamicBatcher(process, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
+                          name=service, max_queue_items=config.max_queue_items, guard=guard, inline=inline)
+
+
+def _rules_engine(wavs: list[Path]) -> Engine:
     from speechrl.services.rules.engine import RuleItem, RuleRewardEngine
+    from speechrl.services.rules.server import RulesConfig
 
-    engine = RuleRewardEngine()
-    return lambda start, n: engine.score_batch([RuleItem(_hypothesis(i), _reference(i)) for i in range(start, start + n)])
+    config = parse_config(RulesConfig, "rules", SERVER_ARGS)
+    engine = RuleRewardEngine(config.max_text_chars)
+    return Engine(engine.score_batch, lambda i: RuleItem(_hypothesis(i), _reference(i)),
+                  lambda: _server_batcher(config, "rules", engine.score_batch, inline=True))  # as rules/server.py
 
 
-def _speaker_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
+def _speaker_engine(wavs: list[Path]) -> Engine:
+    from speechrl.services.residency import make_guard
     from speechrl.services.speaker.engine import ScoreItem
     from speechrl.services.speaker.server import SpeakerConfig, build_engine
 
-    engine = build_engine(SpeakerConfig())
+    config = parse_config(SpeakerConfig, "speaker", SERVER_ARGS)
+    engine = build_engine(config)
     engine.process(list(engine.warm_up_items()))
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
-    return lambda start, n: engine.process([ScoreItem(audio[i % len(audio)], _prompt_speaker(audio, i))
-                                            for i in range(start, start + n)])
+    return Engine(engine.process, lambda i: ScoreItem(audio[i % len(audio)], _prompt_speaker(audio, i)),
+                  lambda: _server_batcher(config, "speaker", engine.process,
+                                          guard=make_guard(config, engine.backend, owner=f"speaker-{os.getpid()}")))
 
 
-def _asr_inproc(wavs: list[Path]) -> Callable[[int, int], Any]:
+def _asr_engine(wavs: list[Path]) -> Engine:
     from speechrl.services.intelligibility.engine import IntelligibilityItem
     from speechrl.services.intelligibility.server import IntelligibilityConfig, build_engine
+    from speechrl.services.residency import make_guard
 
-    engine = build_engine(IntelligibilityConfig())
+    config = parse_config(IntelligibilityConfig, "intelligibility", SERVER_ARGS)
+    engine = build_engine(config)
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
-    return lambda start, n: engine.score_batch([IntelligibilityItem(audio[i % len(audio)], _texts(i))
-                                                for i in range(start, start + n)])
+    return Engine(engine.score_batch, lambda i: IntelligibilityItem(audio[i % len(audio)], _texts(i)),
+                  lambda: _server_batcher(config, "intelligibility", engine.score_batch,
+                                          guard=make_guard(config, engine.backend,
+                                                           owner=f"intelligibility-{os.getpid()}")))
 
 
 SCORERS = {
-    "rules": Scorer("rules", 2048, _rules_inproc,
+    "rules": Scorer("rules", 2048, _rules_engine,
                     lambda c, w, s, n: c.score([_hypothesis(i) for i in range(s, s + n)],
                                                [_reference(i) for i in range(s, s + n)]),
                     AsyncRuleRewardsClient,
                     lambda c, w, i: c.score([_hypothesis(i)], [_reference(i)]), coalesces=True),
-    "speaker": Scorer("speaker", 128, _speaker_inproc,
+    "speaker": Scorer("speaker", 128, _speaker_engine,
                       lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
                                                  [_prompt_speaker(w, i) for i in range(s, s + n)]),
                       AsyncSpeakerClient,
                       lambda c, w, i: c.score([w[i % len(w)]], [_prompt_speaker(w, i)])),
-    "intelligibility": Scorer("intelligibility", 32, _asr_inproc,
+    "intelligibility": Scorer("intelligibility", 32, _asr_engine,
                               lambda c, w, s, n: c.score([w[i % len(w)] for i in range(s, s + n)],
                                                          [_texts(i) for i in range(s, s + n)]),
                               AsyncIntelligibilityClient,
@@ -158,28 +202,60 @@ def speech() -> list[Path]:
     return [synth.path(text, voice=voice) for voice in VOICES for text in SENTENCES]
 
 
-def in_process_worker(name: str) -> None:
-    """`--in-process-worker NAME`: build the engine, warm it up, then answer "total batch" lines on stdin
-    with the in-process items/s on stdout."""
+async def batcher_throughput(batcher: DynamicBatcher[Any, Any], engine: Engine, total: int, batch: int) -> float:
+    """throughput() through the server's batching path: each batch submitted once the last one is
+    answered, as the servicer does for one client's calls."""
+    start = time.perf_counter()
+    for offset in range(0, total, batch):
+        await batcher.submit(engine.items(offset, min(batch, total - offset)))
+    return total / (time.perf_counter() - start)
+
+
+def in_process_worker(name: str, via_batcher: bool) -> None:
+    """`--in-process-worker NAME [--via-batcher]`: build the engine, warm it up, then answer "total batch"
+    lines on stdin with items/s on stdout: of the engine's batch function called directly, or with
+    --via-batcher of `await batcher.submit(items)` on the server's DynamicBatcher in one asyncio loop."""
     scorer, wavs = SCORERS[name], speech()
-    run_batch = scorer.build_inproc(wavs)
-    throughput(run_batch, scorer.items_per_run, 8)  # caches, lazy imports and kernels warm, as in the server
+    engine = scorer.build_engine(wavs)
+    batcher, loop = (engine.batcher(), asyncio.new_event_loop()) if via_batcher else (None, None)
+
+    def score(start: int, n: int) -> Sequence[Any]:
+        if batcher is None or loop is None:
+            return engine.process(engine.items(start, n))
+        return loop.run_until_complete(batcher.submit(engine.items(start, n)))
+
+    def measure(total: int, batch: int) -> float:
+        if batcher is None or loop is None:
+            return throughput(score, total, batch)
+        # One loop for the worker's life: the batcher's queue and worker task belong to it.
+        return loop.run_until_complete(batcher_throughput(batcher, engine, total, batch))
+
+    failed = [r for r in score(0, GROUP) if isinstance(r, ItemFailure)]
+    if failed:  # a failing item is fast and would pass for throughput
+        raise RuntimeError(f"{name}: {len(failed)} of {GROUP} benchmark items failed, e.g. {failed[0]!r}")
+    measure(scorer.items_per_run, 8)  # caches, lazy imports and kernels warm, as in the server
     print("ready", flush=True)
     for line in sys.stdin:
         total, batch = map(int, line.split())
-        print(throughput(run_batch, total, batch), flush=True)
+        print(measure(total, batch), flush=True)
+    if batcher is not None and loop is not None:
+        batcher.close()
+        loop.run_until_complete(asyncio.sleep(0))  # let the cancelled batcher task finish
+        loop.close()
 
 
 class InProcessWorker:
-    """The engine in a process of its own, started with the same settings as the server's process."""
+    """The engine in a process of its own, started with the same settings as the server's process;
+    via_batcher: behind the server's DynamicBatcher in an asyncio loop (the server path without gRPC)."""
 
-    def __init__(self, name: str):
-        self.proc = subprocess.Popen([sys.executable, __file__, "--in-process-worker", name], text=True,
+    def __init__(self, name: str, via_batcher: bool = False):
+        mode = ["--via-batcher"] if via_batcher else []
+        self.proc = subprocess.Popen([sys.executable, __file__, "--in-process-worker", name, *mode], text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=service_env(dict(os.environ)))
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self.stdin, self.stdout = self.proc.stdin, self.proc.stdout
         if self.stdout.readline().strip() != "ready":
-            raise RuntimeError(f"the in-process {name} worker did not start")
+            raise RuntimeError(f"the in-process {name} worker{' (via the batcher)' if via_batcher else ''} did not start")
 
     def throughput(self, total: int, batch: int) -> float:
         self.stdin.write(f"{total} {batch}\n")
@@ -269,23 +345,42 @@ def alternating_medians(measures: Sequence[Callable[[], float]], rounds: int) ->
     return [statistics.median(taken) for taken in samples]
 
 
-def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], list[str], float]:
-    """Rows of the batch table and of the concurrency table, and the server's health-check round trip (ms)."""
+def batch_row(name: str, batch: int, rates: Sequence[float], floor_ms: float) -> str:
+    """One row of the batch table: the three rates (in-process, server path without gRPC, over gRPC; items/s),
+    then what the batching path and gRPC each add.
+
+    An overhead is one path's time per item over that of the path before it, less 1: batching path adds
+    and gRPC adds multiply to the total ((1 + a)(1 + b) = 1 + total).
+    """
+    in_process, without_grpc, remote = rates
+
+    def adds(fast: float, slow: float) -> str:
+        return f"{100 * (fast / slow - 1):+.1f}%"
+
+    def per_call_ms(fast: float, slow: float) -> str:
+        return f"{1e3 * batch * (1 / slow - 1 / fast):+.2f}"
+
+    return (f"| {name} | {batch} | {in_process:.1f} | {without_grpc:.1f} | {remote:.1f} | "
+            f"{adds(in_process, without_grpc)} | {adds(without_grpc, remote)} | {adds(in_process, remote)} | "
+            f"{per_call_ms(in_process, remote)} | {per_call_ms(without_grpc, remote)} | {floor_ms:.2f} |")
+
+
+def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], list[str]]:
+    """Rows of the batch table and of the concurrency table."""
     total, rounds = scorer.items_per_run // (4 if quick else 1), 2 if quick else scorer.rounds
-    rows = []
+    rates: list[tuple[int, list[float]]] = []  # (batch, medians of the three paths)
     local = InProcessWorker(scorer.name)
-    server = ServerProcess(scorer.name, ["--max-batch-size", "32"])
+    batched_local = InProcessWorker(scorer.name, via_batcher=True)
+    server = ServerProcess(scorer.name, SERVER_ARGS)
     alone_server = ServerProcess(scorer.name, ["--max-batch-size", "1"])
     try:
-        asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the worker
+        asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the workers
         for batch in BATCH_SIZES:
-            in_process, remote = alternating_medians(
+            rates.append((batch, alternating_medians(
                 [lambda: local.throughput(total, batch),  # noqa: B023 (called within this iteration)
+                 lambda: batched_local.throughput(total, batch),  # noqa: B023
                  lambda: asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))],  # noqa: B023
-                rounds)
-            added_ms = 1e3 * batch * (1 / remote - 1 / in_process)
-            rows.append(f"| {scorer.name} | {batch} | {in_process:.1f} | {remote:.1f} | "
-                        f"{100 * (in_process / remote - 1):+.1f}% | {added_ms:+.2f} |")
+                rounds)))
         floor_ms = asyncio.run(round_trip_ms(server.endpoint))
         # The rules client merges concurrent calls into one request unless told not to (coalesce=False):
         # measured apart from the server's batching, and off for "each request alone".
@@ -296,11 +391,12 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
             measures.append(lambda: asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total)))
         alone, batched, *merged = alternating_medians(measures, rounds)
     finally:
-        for process in (local, server, alone_server):
+        for process in (local, batched_local, server, alone_server):
             process.stop()
+    rows = [batch_row(scorer.name, batch, medians, floor_ms) for batch, medians in rates]
     with_sdk = f"{merged[0]:.1f} | {merged[0] / alone:.2f}x" if merged else "- | -"
     concurrency = [f"| {scorer.name} | {total} | {alone:.1f} | {batched:.1f} | {batched / alone:.2f}x | {with_sdk} |"]
-    return rows, concurrency, floor_ms
+    return rows, concurrency
 
 
 def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
@@ -336,28 +432,38 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(SCORERS), help="comma-separated scorers")
     parser.add_argument("--quick", action="store_true", help="a quarter of the items, two rounds (a smoke run)")
     parser.add_argument("--in-process-worker", metavar="SCORER", help=argparse.SUPPRESS)
+    parser.add_argument("--via-batcher", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.in_process_worker:
-        in_process_worker(args.in_process_worker)
+        in_process_worker(args.in_process_worker, args.via_batcher)
         return
     wavs = speech()
-    batch_rows, concurrency_rows, floors = [], [], []
+    batch_rows, concurrency_rows = [], []
     for name in args.only.split(","):
         print(f"benchmarking {name} ...", flush=True)
-        rows, concurrency, floor_ms = bench_scorer(SCORERS[name], wavs, args.quick)
+        rows, concurrency = bench_scorer(SCORERS[name], wavs, args.quick)
         batch_rows += rows
         concurrency_rows += concurrency
-        floors.append(f"{name} {floor_ms:.2f} ms")
     settings = bench_process_settings(wavs, args.quick) if "intelligibility" in args.only else []
     body = "\n".join([
         "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis), the median "
-        "of alternating rounds. Items come in GRPO groups of 8 samples sharing a reference text / prompt speaker, "
-        "and a batch does shared work once, in-process and in the server alike. In-process runs in its own process "
-        "with the services' settings; gRPC calls go through the asyncio client, one after another.",
-        "", "| scorer | batch | in-process | over gRPC | gRPC overhead | gRPC time per call (ms) |",
-        "|---|---|---|---|---|---|", *batch_rows,
-        "", "Python gRPC's own cost of one call on this machine (client, loopback and server; median round trip of a "
-        "grpc.health.v1 Check on the same server, no scorer work): " + ", ".join(floors) + ".",
+        "of alternating rounds (in-process, server path without gRPC, over gRPC, in turn). Items come in GRPO "
+        "groups of 8 samples sharing a reference text / prompt speaker, and a batch does shared work once, "
+        "in-process and in the server alike. All three score the same items, each in its own process with the "
+        "services' settings. In-process: the engine's batch function called directly. Server path without gRPC: "
+        "the same engine behind the DynamicBatcher its server builds (max_batch_size 32, the server's max_wait_ms; "
+        "inline on the event loop for the rules, a model thread for the others), `await batcher.submit(items)` "
+        "one batch after another in an asyncio loop. Over gRPC: the real server called through the asyncio client, "
+        "one call after another.",
+        "", "Batching path adds: the batcher path's time per item over in-process's, less 1. gRPC adds: gRPC's over "
+        "the batcher path's (gRPC itself, the servicer's proto translation and the client); the two multiply to "
+        "the total overhead. Time added per call: gRPC's time per call less in-process's; of which gRPC: less the "
+        "batcher path's. Health check: Python gRPC's own cost of one call "
+        "on this machine (client, loopback and server; median round trip of a grpc.health.v1 Check on the same "
+        "server, no scorer work).",
+        "", "| scorer | batch | in-process | server path without gRPC | over gRPC | batching path adds | gRPC adds "
+        "| total overhead | time added per call (ms) | of which gRPC (ms) | health check (ms) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|", *batch_rows,
         "", "32 concurrent clients (asyncio tasks sharing one client object), one item per call. Each request "
         "alone: server max_batch_size 1. Server batching: max_batch_size 32, one request per call. With SDK "
         "coalescing: the rules client also merges the calls pending in one event-loop iteration into one request "
