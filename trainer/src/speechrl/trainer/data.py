@@ -14,8 +14,9 @@ On disk (DIR):
 
 Splits: train, dev, test (single sentences, disjoint); joined (2-4 consecutive training
 utterances, 6-14 s: the warm start learns to go on past a sentence end); long (test utterances
-joined into 15-28 s segments: beyond anything the warm start saw, where it repeats and drops
-sentences); long_train (the same from training utterances, RL prompts for the hallucination reward).
+joined into 15-28 s segments with pauses of long_gap_seconds between them: long-form audio beyond
+anything the warm start saw, where it invents words for the silences, loops and drops sentences);
+long_train (the same from training utterances, RL prompts for the hallucination reward).
 
 Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction) pick
 the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
@@ -196,7 +197,11 @@ class DataConfig:
     long_train: int = option(0, "Long segments joined from training utterances: split 'long_train' (0: none).")
     long_min_seconds: float = option(15.0, "Shortest long segment.")
     long_max_seconds: float = option(28.0, "Longest long segment; under the encoder's 30 s window.")
-    gap_seconds: float = option(0.3, "Silence between the joined utterances of a long segment.")
+    gap_seconds: float = option(0.3, "Silence between the utterances of a joined training segment.")
+    long_gap_seconds: float = option(3.0, "Pause between the utterances of a long segment. Long-form audio has pauses, "
+                                          "and an LLM-ASR trained on continuous speech fills them with invented words "
+                                          "(insertions: the hallucination R2 penalises); with 0.3 s it only drops "
+                                          "sentences.")
     workers: int = option(2, "espeak-ng processes at a time.")
 
     def __post_init__(self) -> None:
@@ -258,14 +263,15 @@ def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
         bar = tqdm(jobs, desc="espeak-ng", unit="utt", disable=not progress)
         rows = [replace(r, audio=str(out / r.audio), duration=job.result()) for r, job in zip(planned, bar, strict=True)]
     rows = select_max_duration(rows, config.max_seconds)
-    joins = (("train", "joined", config.joined, config.joined_min_seconds, config.joined_max_seconds),
-             ("test", "long", config.long_test, config.long_min_seconds, config.long_max_seconds),
-             ("train", "long_train", config.long_train, config.long_min_seconds, config.long_max_seconds))
-    for source, split, count, shortest, longest in joins:
+    joins = (("train", "joined", config.joined, config.joined_min_seconds, config.joined_max_seconds, config.gap_seconds),
+             ("test", "long", config.long_test, config.long_min_seconds, config.long_max_seconds,
+              config.long_gap_seconds),
+             ("train", "long_train", config.long_train, config.long_min_seconds, config.long_max_seconds,
+              config.long_gap_seconds))
+    for source, split, count, shortest, longest, gap in joins:
         if count:
             rows += build_long_segments([r for r in rows if r.split == source], out, split=split, limit=count,
-                                        min_seconds=shortest, max_seconds=longest, gap_seconds=config.gap_seconds,
-                                        seed=config.seed)
+                                        min_seconds=shortest, max_seconds=longest, gap_seconds=gap, seed=config.seed)
     return write_manifest(out / MANIFEST, rows)
 
 

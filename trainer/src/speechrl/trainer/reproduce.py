@@ -103,10 +103,13 @@ class ReproConfig:
                                       "clip holds the later ones near the sampling policy). 1: one step per batch.")
     prompt_candidates: int = option(128, "Training utterances the warm start samples G times to choose the RL "
                                          "prompts from (0: no selection, every train and long_train row is a prompt).")
-    long_candidates: int = option(16, "long_train segments among the candidates (where R2's loops happen).")
+    long_candidates: int = option(16, "long_train segments among the candidates (where the warm start invents words "
+                                      "in pauses and loops: what R2 penalises).")
     prompt_pool: int = option(64, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
-    long_pool: int = option(0, "Long segments among the prompt_pool kept (the widest-spread long candidates, the "
-                                "rest short ones), so GRPO meets the loops R2 penalises; 0: no quota, widest overall.")
+    long_pool: int = option(6, "Long segments among the prompt_pool kept (the widest-spread long candidates, the "
+                                "rest short ones): enough for GRPO to meet the insertions and loops R2 penalises, "
+                                "few enough for the time budget (a step of long prompts costs ~7 short ones); "
+                                "0: no quota, widest overall (11 of 64 in a measured run).")
     long_dev: int = option(0, "long_train segments held out of the candidates and evaluated with dev (split "
                               "dev_long) for the best-dev step, so a long-segment gain counts there too; 0: dev only.")
     seed: int = option(0, "Seed of data, warm start and rollouts.")
