@@ -206,12 +206,13 @@ async def serve_until_signalled(running: RunningServer, grace_seconds: float) ->
 def configure_runtime(config: ServerConfig) -> None:
     """Logging (text or JSON lines, with request ids) and the torch thread count, before a model loads."""
     configure_logging(config.log_format)
+    if config.threads <= 0:
+        return  # nothing to set; and a service without a torch model (the rules) never pays torch's ~3 s import
     try:
         import torch
     except ImportError:
         return
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
+    torch.set_num_threads(config.threads)
 
 
 def serve_main(config_class: type[ServerConfigT], service: str,
