@@ -29,7 +29,7 @@ from speechrl.trainer.data import (
 def small(out: Path, seed: int = 3) -> DataConfig:
     # Two voices so that each has a few consecutive test utterances to join.
     return DataConfig(out=str(out), seed=seed, train=6, dev=3, test=8, voices="en-us,en-gb+f3", long_test=2,
-                      long_min_seconds=4.0, long_max_seconds=12.0, keyword_rich_fraction=0.5)
+                      long_min_seconds=4.0, long_max_seconds=12.0, long_gap_seconds=2.0, keyword_rich_fraction=0.5)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,11 @@ def test_long_segments_join_references_and_audio(corpus: Path) -> None:
         sources = [rows[i] for i in segment.sources]
         assert len(sources) >= 2 and all(s.split == "test" and s.voice == segment.voice for s in sources)
         assert segment.text == " ".join(s.text for s in sources)
-        assert segment.duration == pytest.approx(sum(s.duration for s in sources) + 0.3 * (len(sources) - 1), abs=1e-3)
+        assert segment.duration == pytest.approx(sum(s.duration for s in sources) + 2.0 * (len(sources) - 1), abs=1e-3)
+        # The long_gap_seconds pause after the first source is silence (where the warm start invents words).
+        audio, rate = soundfile.read(segment.audio, dtype="float32")
+        first = round(sources[0].duration * rate)
+        assert not audio[first:first + 2 * rate].any()
         assert 4.0 <= segment.duration <= 12.0
         assert segment.keywords == tuple(dict.fromkeys(k for s in sources for k in s.keywords))
     # Sources are consecutive utterances of their voice, in manifest order.

@@ -213,6 +213,9 @@ class DataConfig:
             if not 0 < getattr(self, f"{kind}_min_seconds") <= getattr(self, f"{kind}_max_seconds") <= 30:
                 raise ValueError(f"{kind} segments need 0 < {kind}_min_seconds <= {kind}_max_seconds <= 30 "
                                  "(the encoder window)")
+        if min(self.gap_seconds, self.long_gap_seconds) < 0:
+            raise ValueError(f"gap_seconds and long_gap_seconds must be >= 0, got {self.gap_seconds} and "
+                             f"{self.long_gap_seconds}")
         if not self.voice_list:
             raise ValueError("voices must name at least one espeak-ng voice")
 
