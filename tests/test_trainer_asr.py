@@ -283,7 +283,8 @@ def test_embedding_cache_encodes_an_utterance_once(stack: Stack) -> None:
     first, again, evicted, sent = asyncio.run(draws())
     assert sent == [rows[0].audio, rows[1].audio, rows[2].audio, rows[1].audio], "each file once, until evicted"
     assert torch.equal(first[0], first[2]) and torch.equal(again[1], first[0]) and torch.equal(again[0], first[1])
-    assert torch.equal(evicted[0], first[1]), "re-encoding gives the same embeddings: the front-end is frozen"
+    # Re-encoded in another batch: the same embeddings up to the float noise of a different batch shape.
+    assert torch.allclose(evicted[0], first[1], rtol=1e-4, atol=1e-5), "re-encoding: the front-end is frozen"
 
 
 def test_batch_by_split_draws_each_step_from_one_split() -> None:
