@@ -54,7 +54,7 @@ from speechrl.client import (
 )
 from speechrl.services.audio import AudioInput
 from speechrl.services.batching import DynamicBatcher
-from speechrl.services.config import ServerConfig, parse_config
+from speechrl.services.config import parse_config
 from speechrl.services.errors import ItemFailure
 from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.services.ports import free_port
@@ -124,13 +124,6 @@ def _prompt_speaker(wavs: Sequence[Any], i: int) -> Any:
     return wavs[(i // GROUP) % len(wavs)]
 
 
-def _server_batcher(config: ServerConfig, service: str, process: Callable[[list[Any]], Sequence[Any]],
-                    guard: Any = None, inline: bool = False) -> DynamicBatcher[Any, Any]:
-    """`process` behind a DynamicBatcher with the settings `speechrl serve SERVICE`'s start() gives it."""
-    return DynamicBatcher(process, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                          name=service, max_queue_items=config.max_queue_items, guard=guard, inline=inline)
-
-
 def _rules_engine(wavs: list[Path]) -> Engine:
     from speechrl.services.rules.engine import RuleItem, RuleRewardEngine
     from speechrl.services.rules.server import RulesConfig
@@ -138,7 +131,7 @@ def _rules_engine(wavs: list[Path]) -> Engine:
     config = parse_config(RulesConfig, "rules", SERVER_ARGS)
     engine = RuleRewardEngine(config.max_text_chars)
     return Engine(engine.score_batch, lambda i: RuleItem(_hypothesis(i), _reference(i)),
-                  lambda: _server_batcher(config, "rules", engine.score_batch, inline=True))  # as rules/server.py
+                  lambda: DynamicBatcher.configured(engine.score_batch, config, "rules", inline=True))  # as rules/server.py
 
 
 def _speaker_engine(wavs: list[Path]) -> Engine:
@@ -151,8 +144,9 @@ def _speaker_engine(wavs: list[Path]) -> Engine:
     engine.process(list(engine.warm_up_items()))
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
     return Engine(engine.process, lambda i: ScoreItem(audio[i % len(audio)], _prompt_speaker(audio, i)),
-                  lambda: _server_batcher(config, "speaker", engine.process,
-                                          guard=make_guard(config, engine.backend, owner=f"speaker-{os.getpid()}")))
+                  lambda: DynamicBatcher.configured(
+                      engine.process, config, "speaker",
+                      guard=make_guard(config, engine.backend, owner=f"speaker-{os.getpid()}")))
 
 
 def _asr_engine(wavs: list[Path]) -> Engine:
@@ -164,9 +158,9 @@ def _asr_engine(wavs: list[Path]) -> Engine:
     engine = build_engine(config)
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
     return Engine(engine.score_batch, lambda i: IntelligibilityItem(audio[i % len(audio)], _texts(i)),
-                  lambda: _server_batcher(config, "intelligibility", engine.score_batch,
-                                          guard=make_guard(config, engine.backend,
-                                                           owner=f"intelligibility-{os.getpid()}")))
+                  lambda: DynamicBatcher.configured(
+                      engine.score_batch, config, "intelligibility",
+                      guard=make_guard(config, engine.backend, owner=f"intelligibility-{os.getpid()}")))
 
 
 SCORERS = {

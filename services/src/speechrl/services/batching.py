@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 if TYPE_CHECKING:
+    from speechrl.services.config import ServerConfig
     from speechrl.services.residency import DeviceGuard
 
 log = logging.getLogger(__name__)
@@ -113,6 +114,13 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
         self._queue: asyncio.Queue[_Pending[ItemT, ResultT]] | None = None
         self._worker: asyncio.Task | None = None
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-model")
+
+    @classmethod
+    def configured(cls, process: Callable[[list[ItemT]], Sequence[ResultT | ItemFailure]], config: ServerConfig,
+                   name: str, *, guard: DeviceGuard | None = None, inline: bool = False) -> DynamicBatcher[ItemT, ResultT]:
+        """The batcher of a server: sizes and wait from its ServerConfig (flags, SPEECHRL_* variables)."""
+        return cls(process, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, name=name,
+                   max_queue_items=config.max_queue_items, guard=guard, inline=inline)
 
     async def submit(self, items: Sequence[ItemT]) -> list[ResultT | ItemFailure]:
         """Queue items and wait for their results, in order."""

@@ -152,8 +152,7 @@ async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -
              model.output_size, engine.largest_output_bytes("float32") / MIB,
              engine.largest_output_bytes("float16") / MIB, config.max_message_mb)
     guard = make_guard(config, TorchResidency(model.modules, config.device), owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher(engine.encode_batch, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-                             name=SERVICE, max_queue_items=config.max_queue_items, guard=guard)
+    batcher = DynamicBatcher.configured(engine.encode_batch, config, SERVICE, guard=guard)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         default = "tiny-random-whisper" if config.backend == "transformers-whisper" else "tiny.en+seeded-adaptor"

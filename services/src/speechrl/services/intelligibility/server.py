@@ -87,9 +87,7 @@ async def start(config: IntelligibilityConfig) -> RunningServer:
     engine = await asyncio.to_thread(build_engine, config)
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher(engine.score_batch, max_batch_size=config.max_batch_size,
-                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
-                             guard=guard)
+    batcher = DynamicBatcher.configured(engine.score_batch, config, SERVICE, guard=guard)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         return status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)

@@ -110,9 +110,7 @@ async def start(config: RolloutConfig) -> RunningServer:
     engine = await asyncio.to_thread(build_engine, config)
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}:{os.getpid()}")
-    batcher = DynamicBatcher(engine.generate_batch, max_batch_size=config.max_batch_size,
-                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
-                             guard=guard)
+    batcher = DynamicBatcher.configured(engine.generate_batch, config, SERVICE, guard=guard)
     # Weight loads get their own thread so a long load never sits in the batch queue; the engine's
     # lock orders it with sampling.
     update_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{SERVICE}-weights")

@@ -88,9 +88,8 @@ async def start(config: SpeakerConfig) -> RunningServer:
     engine = await asyncio.to_thread(build_engine, config)  # seconds of loading; keep the loop free
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}-{os.getpid()}")
-    batcher: DynamicBatcher[SpeakerWork, SpeakerOutcome] = DynamicBatcher(
-        engine.process, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms, name=SERVICE,
-        max_queue_items=config.max_queue_items, guard=guard)
+    batcher: DynamicBatcher[SpeakerWork, SpeakerOutcome] = DynamicBatcher.configured(
+        engine.process, config, SERVICE, guard=guard)
     try:
         seconds = await warm_up(engine, batcher)
     except BaseException:

@@ -56,14 +56,11 @@ async def start(config: Token2WavConfig) -> RunningServer:
     # The flow and vocoder move onto the device under the lease; espeak has no modules and only queues.
     residency = TorchResidency(backend.modules, options.device)
     guard = make_guard(config, residency, owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher(engine.synthesize_batch, max_batch_size=config.max_batch_size,
-                             max_wait_ms=config.max_wait_ms, name=SERVICE, max_queue_items=config.max_queue_items,
-                             guard=guard)
+    batcher = DynamicBatcher.configured(engine.synthesize_batch, config, SERVICE, guard=guard)
     # Scoring has its own guard: the Token2Reward moves alone, and its batches take the device's lease
     # in turn with rendering's rather than sharing one residency state between two executor threads.
-    score_batcher = None if scorer is None else DynamicBatcher(
-        scorer.score_batch, max_batch_size=config.max_batch_size, max_wait_ms=config.max_wait_ms,
-        name=f"{SERVICE}-score", max_queue_items=config.max_queue_items,
+    score_batcher = None if scorer is None else DynamicBatcher.configured(
+        scorer.score_batch, config, f"{SERVICE}-score",
         guard=make_guard(config, TorchResidency(scorer.modules, options.device), owner=f"{SERVICE}-score-{os.getpid()}"))
 
     def describe() -> common_pb2.GetServiceStatusResponse:
