@@ -14,6 +14,7 @@ import faulthandler
 import random
 import sys
 import time
+import traceback
 
 from speechrl.services.lease import GpuLease, LeaseError, LeaseSettings, lease_redis
 
@@ -68,15 +69,32 @@ async def churn(url: str, device: str, seconds: float, out: str) -> None:
         f.writelines(lines)
 
 
+def dump_tasks_later(seconds: float) -> None:
+    """A hung worker idles in the event loop's select, so a thread dump shows nothing: print where
+    every asyncio task waits instead (on the loop, which still runs while the tasks are stuck)."""
+    def dump() -> None:
+        for task in asyncio.all_tasks():
+            print(f"--- {task!r}", file=sys.stderr)
+            for frame in task.get_stack(limit=30):
+                traceback.print_stack(frame, limit=1, file=sys.stderr)
+        sys.stderr.flush()
+    asyncio.get_running_loop().call_later(seconds, dump)
+
+
+async def main(mode: str, url: str, device: str, rest: list[str]) -> None:
+    dump_tasks_later(60)
+    if mode == "contend":
+        await contend(url, device, int(rest[0]), rest[1])
+    elif mode == "churn":
+        await churn(url, device, float(rest[0]), rest[1])
+    elif mode == "hold":
+        await hold(url, device, int(rest[0]))
+    else:
+        await wait(url, device)
+
+
 if __name__ == "__main__":
     # A worker that hangs shows where, instead of only timing out the test that waits for it.
     faulthandler.dump_traceback_later(90, exit=True)
     mode, url, device, *rest = sys.argv[1:]
-    if mode == "contend":
-        asyncio.run(contend(url, device, int(rest[0]), rest[1]))
-    elif mode == "churn":
-        asyncio.run(churn(url, device, float(rest[0]), rest[1]))
-    elif mode == "hold":
-        asyncio.run(hold(url, device, int(rest[0])))
-    else:
-        asyncio.run(wait(url, device))
+    asyncio.run(main(mode, url, device, rest))

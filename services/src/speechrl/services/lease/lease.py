@@ -274,10 +274,14 @@ class GpuLease:
         LEASE_EVENTS.labels(grant.device, "released" if released else "release_after_loss").inc()
         return released
 
-    async def _heartbeat(self, grant: Grant) -> None:
+    async def _heartbeat(self, grant: Grant, stop: asyncio.Event) -> None:
+        """Renew grant until it is lost or stop is set. hold() also cancels this task to cut a sleep
+        short, but a cancel can be swallowed on Python 3.11: redis-py wraps its socket writes in
+        asyncio.wait_for, which returns the write's result instead of raising a cancel that lands
+        as the write completes. So the loop ends on stop, not on cancellation alone."""
         interval = self.settings.heartbeat_interval_ms / 1000
         next_beat = self.clock() + interval
-        while not grant.lost.is_set():
+        while not grant.lost.is_set() and not stop.is_set():
             # Wake for the next beat, or at our own deadline when renewals are failing.
             await asyncio.sleep(max(0.0, min(next_beat, self.lost_after(grant)) - self.clock()))
             if self.clock() >= self.lost_after(grant):
@@ -285,9 +289,11 @@ class GpuLease:
                 return
             next_beat = self.clock() + interval
             try:
-                # A renewal still in flight at our deadline is too late to count.
-                budget = self.lost_after(grant) - self.clock()
-                if not await asyncio.wait_for(self.renew(grant), timeout=max(budget, 0.001)):
+                # A renewal still in flight at our deadline is too late to count (asyncio.timeout:
+                # unlike wait_for, it runs the renewal in this task and passes hold()'s cancel on).
+                async with asyncio.timeout(max(self.lost_after(grant) - self.clock(), 0.001)):
+                    renewed = await self.renew(grant)
+                if not renewed:
                     return
             except (RedisError, TimeoutError) as exc:  # keep trying until our deadline
                 log.warning("lease %s heartbeat failed: %s", grant.device, exc or type(exc).__name__)
@@ -297,14 +303,19 @@ class GpuLease:
     async def hold(self, device: str, priority: str = "normal", timeout: float | None = None) -> AsyncIterator[Grant]:
         """Acquire, heartbeat while the body runs, release on exit (also on error or cancellation)."""
         grant = await self.acquire(device, priority, timeout)
-        beat = asyncio.create_task(self._heartbeat(grant), name=f"lease-heartbeat-{device}")
+        stop = asyncio.Event()
+        beat = asyncio.create_task(self._heartbeat(grant, stop), name=f"lease-heartbeat-{device}")
         try:
             yield grant
         finally:
+            stop.set()
             beat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await beat
             try:
-                await self.release(grant)
-            except RedisError as exc:  # the TTL frees the device anyway
-                log.warning("lease %s release failed (%s); it lapses after its TTL", device, exc)
+                # Not `await beat` under suppress(CancelledError): that would also swallow a cancel
+                # of this task that arrives while the heartbeat stops.
+                await asyncio.wait([beat])
+            finally:
+                try:
+                    await self.release(grant)
+                except RedisError as exc:  # the TTL frees the device anyway
+                    log.warning("lease %s release failed (%s); it lapses after its TTL", device, exc)
