@@ -228,7 +228,9 @@ class DynamicBatcher(Generic[ItemT, ResultT]):
                 batch.append(self._queue.get_nowait())
             elif len(batch) < expected and (remaining := deadline - loop.time()) > 0:
                 try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow close()'s cancel.
+                    async with asyncio.timeout(remaining):
+                        batch.append(await self._queue.get())
                 except TimeoutError:
                     break
             elif yields < GATHER_YIELDS:  # calls gRPC already received reach the queue only when the loop runs
