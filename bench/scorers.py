@@ -19,6 +19,10 @@ started with the services' settings (stack.service_env: thread counts, jemalloc)
   (with the servicer's proto translation and the client);
 - over gRPC: the real server (`speechrl serve`) called by the asyncio client, one call after another.
 
+The breakdown table splits one batch-8 gRPC call with the server's own Prometheus metrics (its
+/metrics port): time in the call's handler, of which in the batch function, against the batch
+function's time in-process; the rest of the call is gRPC and the client.
+
 The concurrency table sends one item per request from 32 asyncio clients at once, against a server
 with max_batch_size 32 (dynamic batching) and one with max_batch_size 1 (each request alone).
 
@@ -36,12 +40,14 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(__file__))
 from common import write_section
@@ -292,9 +298,10 @@ class ServerProcess:
     """`speechrl serve NAME` in its own process, as the stack runs it."""
 
     def __init__(self, name: str, extra_args: Sequence[str] = (), env: dict[str, str] | None = None):
-        self.port = free_port()
+        self.port, self.metrics_port = free_port(), free_port()
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)
-        cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", name, "--port", str(self.port), *extra_args]
+        cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", name, "--port", str(self.port),
+               "--metrics-port", str(self.metrics_port), *extra_args]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env if env is not None else service_env(dict(os.environ)))
         deadline = time.monotonic() + 180
@@ -306,6 +313,19 @@ class ServerProcess:
     @property
     def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def timings(self) -> dict[str, float]:
+        """The server's cumulative Prometheus counts: calls answered and seconds in their handlers
+        (every method but health and status), batches and seconds in the batch function."""
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).read().decode()
+        wanted = {"speechrl_grpc_request_seconds_count": "calls", "speechrl_grpc_request_seconds_sum": "handler_s",
+                  "speechrl_batch_seconds_count": "batches", "speechrl_batch_seconds_sum": "batch_s"}
+        totals = dict.fromkeys(wanted.values(), 0.0)
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name in wanted and "Status" not in sample.labels.get("method", ""):
+                    totals[wanted[sample.name]] += sample.value
+        return totals
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -339,6 +359,34 @@ def alternating_medians(measures: Sequence[Callable[[], float]], rounds: int) ->
     return [statistics.median(taken) for taken in samples]
 
 
+@dataclass
+class CallBreakdown:
+    """Where the time of the server's calls went, from its metrics, over the measurements taken with `around`."""
+
+    server: ServerProcess
+    handler_ms: list[float]  # per call, in the server's handler (interceptor to reply)
+    batch_ms: list[float]  # per call, in the batch function
+
+    def around(self, measure: Callable[[], float]) -> Callable[[], float]:
+        """measure, with the server's time per call over its run recorded."""
+        def measured() -> float:
+            before = self.server.timings()
+            rate = measure()
+            after = self.server.timings()
+            calls = after["calls"] - before["calls"]
+            self.handler_ms.append(1e3 * (after["handler_s"] - before["handler_s"]) / calls)
+            self.batch_ms.append(1e3 * (after["batch_s"] - before["batch_s"]) / calls)
+            return rate
+        return measured
+
+    def row(self, name: str, batch: int, in_process: float, remote: float) -> str:
+        """in_process and remote: items/s of the same rounds."""
+        call, handler, batch_fn = 1e3 * batch / remote, statistics.median(self.handler_ms), statistics.median(self.batch_ms)
+        alone = 1e3 * batch / in_process
+        return (f"| {name} | {alone:.2f} | {call:.2f} | {handler:.2f} | {batch_fn:.2f} | {batch_fn - alone:+.2f} "
+                f"| {handler - batch_fn:.2f} | {call - handler:.2f} |")
+
+
 def batch_row(name: str, batch: int, rates: Sequence[float], floor_ms: float) -> str:
     """One row of the batch table: the three rates (in-process, server path without gRPC, over gRPC; items/s),
     then what the batching path and gRPC each add.
@@ -359,21 +407,23 @@ def batch_row(name: str, batch: int, rates: Sequence[float], floor_ms: float) ->
             f"{per_call_ms(in_process, remote)} | {per_call_ms(without_grpc, remote)} | {floor_ms:.2f} |")
 
 
-def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], list[str]]:
-    """Rows of the batch table and of the concurrency table."""
+def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], str, list[str]]:
+    """Rows of the batch table, the breakdown row and the rows of the concurrency table."""
     total, rounds = scorer.items_per_run // (4 if quick else 1), 2 if quick else scorer.rounds
     rates: list[tuple[int, list[float]]] = []  # (batch, medians of the three paths)
     local = InProcessWorker(scorer.name)
     batched_local = InProcessWorker(scorer.name, via_batcher=True)
     server = ServerProcess(scorer.name, SERVER_ARGS)
     alone_server = ServerProcess(scorer.name, ["--max-batch-size", "1"])
+    breakdown = CallBreakdown(server, [], [])
     try:
         asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the workers
         for batch in BATCH_SIZES:
+            remote = lambda: asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))  # noqa: B023, E731 (called within this iteration)
             rates.append((batch, alternating_medians(
-                [lambda: local.throughput(total, batch),  # noqa: B023 (called within this iteration)
+                [lambda: local.throughput(total, batch),  # noqa: B023
                  lambda: batched_local.throughput(total, batch),  # noqa: B023
-                 lambda: asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))],  # noqa: B023
+                 breakdown.around(remote) if batch == 8 else remote],
                 rounds)))
         floor_ms = asyncio.run(round_trip_ms(server.endpoint))
         # The rules client merges concurrent calls into one request unless told not to (coalesce=False):
@@ -388,9 +438,10 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
         for process in (local, batched_local, server, alone_server):
             process.stop()
     rows = [batch_row(scorer.name, batch, medians, floor_ms) for batch, medians in rates]
+    at_8 = dict(rates)[8]
     with_sdk = f"{merged[0]:.1f} | {merged[0] / alone:.2f}x" if merged else "- | -"
     concurrency = [f"| {scorer.name} | {total} | {alone:.1f} | {batched:.1f} | {batched / alone:.2f}x | {with_sdk} |"]
-    return rows, concurrency
+    return rows, breakdown.row(scorer.name, 8, at_8[0], at_8[2]), concurrency
 
 
 def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
@@ -432,11 +483,12 @@ def main() -> None:
         in_process_worker(args.in_process_worker, args.via_batcher)
         return
     wavs = speech()
-    batch_rows, concurrency_rows = [], []
+    batch_rows, breakdown_rows, concurrency_rows = [], [], []
     for name in args.only.split(","):
         print(f"benchmarking {name} ...", flush=True)
-        rows, concurrency = bench_scorer(SCORERS[name], wavs, args.quick)
+        rows, breakdown, concurrency = bench_scorer(SCORERS[name], wavs, args.quick)
         batch_rows += rows
+        breakdown_rows.append(breakdown)
         concurrency_rows += concurrency
     settings = bench_process_settings(wavs, args.quick) if "intelligibility" in args.only else []
     body = "\n".join([
@@ -458,6 +510,14 @@ def main() -> None:
         "", "| scorer | batch | in-process | server path without gRPC | over gRPC | batching path adds | gRPC adds "
         "| total overhead | time added per call (ms) | of which gRPC (ms) | health check (ms) |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *batch_rows,
+        "", "Where one gRPC call at batch 8 spends its time, in ms per call (medians of the gRPC rounds above; the "
+        "server's side from its own Prometheus metrics). Batch function in the server less in-process: the same "
+        "batch function, on the same items, slower or faster inside the server process. Servicer and batcher: the "
+        "handler's time outside the batch function (proto translation, queueing, the interceptor). gRPC and client: "
+        "the call's time outside the server's handler (the client, both gRPC stacks, loopback).",
+        "", "| scorer | in-process batch | gRPC call | server handler | of which batch function | batch function "
+        "less in-process | servicer and batcher | gRPC and client |",
+        "|---|---|---|---|---|---|---|---|", *breakdown_rows,
         "", "32 concurrent clients (asyncio tasks sharing one client object), one item per call. Each request "
         "alone: server max_batch_size 1. Server batching: max_batch_size 32, one request per call. With SDK "
         "coalescing: the rules client also merges the calls pending in one event-loop iteration into one request "
