@@ -364,27 +364,30 @@ class CallBreakdown:
     """Where the time of the server's calls went, from its metrics, over the measurements taken with `around`."""
 
     server: ServerProcess
-    handler_ms: list[float]  # per call, in the server's handler (interceptor to reply)
-    batch_ms: list[float]  # per call, in the batch function
+    batch: int
+    rounds: list[tuple[float, float, float]]  # per measurement, ms per call: the call (client side), the server's handler, the batch function
 
     def around(self, measure: Callable[[], float]) -> Callable[[], float]:
-        """measure, with the server's time per call over its run recorded."""
+        """measure (items/s of calls of `batch` items), with the server's time per call over its run recorded."""
         def measured() -> float:
             before = self.server.timings()
             rate = measure()
             after = self.server.timings()
             calls = after["calls"] - before["calls"]
-            self.handler_ms.append(1e3 * (after["handler_s"] - before["handler_s"]) / calls)
-            self.batch_ms.append(1e3 * (after["batch_s"] - before["batch_s"]) / calls)
+            self.rounds.append((1e3 * self.batch / rate, 1e3 * (after["handler_s"] - before["handler_s"]) / calls,
+                                1e3 * (after["batch_s"] - before["batch_s"]) / calls))
             return rate
         return measured
 
-    def row(self, name: str, batch: int, in_process: float, remote: float) -> str:
-        """in_process and remote: items/s of the same rounds."""
-        call, handler, batch_fn = 1e3 * batch / remote, statistics.median(self.handler_ms), statistics.median(self.batch_ms)
-        alone = 1e3 * batch / in_process
-        return (f"| {name} | {alone:.2f} | {call:.2f} | {handler:.2f} | {batch_fn:.2f} | {batch_fn - alone:+.2f} "
-                f"| {handler - batch_fn:.2f} | {call - handler:.2f} |")
+    def row(self, name: str, in_process: float) -> str:
+        """in_process: items/s of the batch function alone. Each part is the median over the rounds of
+        that part, taken within each round (medians of the totals would not add up)."""
+        def median(part: Callable[[float, float, float], float]) -> float:
+            return statistics.median(part(*r) for r in self.rounds)
+        alone = 1e3 * self.batch / in_process
+        return (f"| {name} | {alone:.2f} | {median(lambda c, h, b: c):.2f} | {median(lambda c, h, b: h):.2f} "
+                f"| {median(lambda c, h, b: b):.2f} | {median(lambda c, h, b: b) - alone:+.2f} "
+                f"| {median(lambda c, h, b: h - b):.2f} | {median(lambda c, h, b: c - h):.2f} |")
 
 
 def batch_row(name: str, batch: int, rates: Sequence[float], floor_ms: float) -> str:
@@ -415,7 +418,7 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
     batched_local = InProcessWorker(scorer.name, via_batcher=True)
     server = ServerProcess(scorer.name, SERVER_ARGS)
     alone_server = ServerProcess(scorer.name, ["--max-batch-size", "1"])
-    breakdown = CallBreakdown(server, [], [])
+    breakdown = CallBreakdown(server, 8, [])
     try:
         asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the workers
         for batch in BATCH_SIZES:
@@ -438,10 +441,9 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
         for process in (local, batched_local, server, alone_server):
             process.stop()
     rows = [batch_row(scorer.name, batch, medians, floor_ms) for batch, medians in rates]
-    at_8 = dict(rates)[8]
     with_sdk = f"{merged[0]:.1f} | {merged[0] / alone:.2f}x" if merged else "- | -"
     concurrency = [f"| {scorer.name} | {total} | {alone:.1f} | {batched:.1f} | {batched / alone:.2f}x | {with_sdk} |"]
-    return rows, breakdown.row(scorer.name, 8, at_8[0], at_8[2]), concurrency
+    return rows, breakdown.row(scorer.name, dict(rates)[8][0]), concurrency
 
 
 def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
@@ -510,8 +512,8 @@ def main() -> None:
         "", "| scorer | batch | in-process | server path without gRPC | over gRPC | batching path adds | gRPC adds "
         "| total overhead | time added per call (ms) | of which gRPC (ms) | health check (ms) |",
         "|---|---|---|---|---|---|---|---|---|---|---|", *batch_rows,
-        "", "Where one gRPC call at batch 8 spends its time, in ms per call (medians of the gRPC rounds above; the "
-        "server's side from its own Prometheus metrics). Batch function in the server less in-process: the same "
+        "", "Where one gRPC call at batch 8 spends its time, in ms per call (each part the median over the gRPC rounds "
+        "above of that part within a round; the server's side from its own Prometheus metrics). Batch function in the server less in-process: the same "
         "batch function, on the same items, slower or faster inside the server process. Servicer and batcher: the "
         "handler's time outside the batch function (proto translation, queueing, the interceptor). gRPC and client: "
         "the call's time outside the server's handler (the client, both gRPC stacks, loopback).",
