@@ -14,7 +14,6 @@ import faulthandler
 import random
 import sys
 import time
-import traceback
 
 from speechrl.services.lease import GpuLease, LeaseError, LeaseSettings, lease_redis
 
@@ -75,8 +74,12 @@ def dump_tasks_later(seconds: float) -> None:
     def dump() -> None:
         for task in asyncio.all_tasks():
             print(f"--- {task!r}", file=sys.stderr)
-            for frame in task.get_stack(limit=30):
-                traceback.print_stack(frame, limit=1, file=sys.stderr)
+            # task.get_stack() stops at the task's own coroutine; follow what each coroutine awaits.
+            awaited = task.get_coro()
+            while (frame := getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)) is not None:
+                print(f"    {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}", file=sys.stderr)
+                awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+            print(f"    waiting on {awaited!r}", file=sys.stderr)
         sys.stderr.flush()
     asyncio.get_running_loop().call_later(seconds, dump)
 
