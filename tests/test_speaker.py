@@ -38,10 +38,16 @@ def pcm(samples: np.ndarray, rate: int = RATE) -> common_pb2.Audio:
 
 
 @pytest.fixture(scope="module")
-def channel() -> Iterator[grpc.Channel]:
+def endpoint() -> Iterator[str]:
     # A 20 ms batching window so that concurrent requests visibly share batches.
     config = SpeakerConfig(port=free_port(), max_wait_ms=20, max_audio_seconds=MAX_SECONDS)
-    with serve_in_thread(lambda: start(config)) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as chan:
+    with serve_in_thread(lambda: start(config)) as running:
+        yield f"127.0.0.1:{running.port}"
+
+
+@pytest.fixture(scope="module")
+def channel(endpoint: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(endpoint) as chan:
         yield chan
 
 
@@ -168,6 +174,53 @@ def test_per_item_errors_leave_neighbours_alone(stub, clips):
         assert error.message
     # A failure is never dressed up as a score.
     assert all(r.WhichOneof("outcome") == "error" for r in results[1::2])
+
+
+# ---- a GRPO group's prompt speaker sent once: reference_audios and reference_index ----
+
+def group_samples(clips: dict[str, bytes]) -> list[bytes]:
+    """G = 8 samples of one prompt, two of them identical (as sampling can give)."""
+    return [clips[name] for name in ("same", "f3", "m3", "de", "same", "m3", "f3", "de")]
+
+
+def test_a_shared_reference_scores_exactly_as_inline_references(stub, clips):
+    samples = group_samples(clips)
+    inline = score(stub, *(Item(audio=audio(s), reference_audio=audio(clips["ref"])) for s in samples))
+    shared = stub.ScoreSpeakerSimilarity(speaker_pb2.ScoreSpeakerSimilarityRequest(
+        reference_audios=[audio(clips["ref"])], items=[Item(audio=audio(s), reference_index=0) for s in samples])).results
+    expected = [r.score.cosine for r in inline]
+    assert all(r.WhichOneof("outcome") == "score" for r in inline)
+    assert [r.score.cosine for r in shared] == expected
+
+
+def test_reference_index_out_of_range_is_invalid_argument(stub, clips):
+    request = speaker_pb2.ScoreSpeakerSimilarityRequest(
+        reference_audios=[audio(clips["ref"]), audio(clips["f3"])],
+        items=[Item(audio=audio(clips["same"]), reference_index=i) for i in (0, 1, 0, 5)])
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ScoreSpeakerSimilarity(request)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "items[3].reference_index: 5 is out of range (the request has 2 reference_audios)"
+    del request.items[3]
+    assert [r.WhichOneof("outcome") for r in stub.ScoreSpeakerSimilarity(request).results] == ["score"] * 3
+
+
+def test_a_bad_shared_reference_fails_only_the_items_using_it(stub, clips):
+    too_long = pcm(np.full(int(RATE * (MAX_SECONDS + 1)), 0.1))
+    shared = [audio(clips["ref"]), audio(b"RIFF not really a wav"), audio(b""), too_long]
+    expected_errors = {1: Code.ITEM_ERROR_CODE_INVALID_AUDIO, 2: Code.ITEM_ERROR_CODE_EMPTY_AUDIO,
+                       3: Code.ITEM_ERROR_CODE_AUDIO_TOO_LONG}
+    uses = [0, 1, 2, 3, 0, 1, 2, 3, 0]
+    results = stub.ScoreSpeakerSimilarity(speaker_pb2.ScoreSpeakerSimilarityRequest(
+        reference_audios=shared, items=[Item(audio=audio(clips["same"]), reference_index=k) for k in uses])).results
+    baseline = score(stub, Item(audio=audio(clips["same"]), reference_audio=audio(clips["ref"])))[0].score.cosine
+    for index, (k, result) in enumerate(zip(uses, results, strict=True)):
+        if k == 0:
+            assert result.score.cosine == pytest.approx(baseline, abs=1e-6), index
+            continue
+        assert result.WhichOneof("outcome") == "error", (index, result)
+        assert (result.error.code, result.error.field) == (expected_errors[k], f"items[{index}].reference_audio")
+        assert result.error.message
 
 
 def test_embed_speaker_reports_errors_per_audio(stub, clips):

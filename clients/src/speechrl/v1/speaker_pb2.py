@@ -25,35 +25,35 @@ _sym_db = _symbol_database.Default()
 from speechrl.v1 import common_pb2 as speechrl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19speechrl/v1/speaker.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"\xc0\x01\n\x15SpeakerSimilarityItem\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12-\n\x0freference_audio\x18\x02 \x01(\x0b\x32\x12.speechrl.v1.AudioH\x00\x12\x32\n\x13reference_embedding\x18\x03 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12\x14\n\nspeaker_id\x18\x04 \x01(\tH\x00\x42\x0b\n\treference\"\x90\x01\n\x1dScoreSpeakerSimilarityRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".speechrl.v1.SpeakerSimilarityItem\x12<\n\x0ereward_mapping\x18\x02 \x01(\x0e\x32$.speechrl.v1.SimilarityRewardMapping\"\x83\x01\n\x17SpeakerSimilarityResult\x12\x34\n\x05score\x18\x01 \x01(\x0b\x32#.speechrl.v1.SpeakerSimilarityScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"v\n\x16SpeakerSimilarityScore\x12\x0e\n\x06\x63osine\x18\x01 \x01(\x01\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12<\n\x0ereward_mapping\x18\x03 \x01(\x0e\x32$.speechrl.v1.SimilarityRewardMapping\"W\n\x1eScoreSpeakerSimilarityResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.speechrl.v1.SpeakerSimilarityResult\"9\n\x13\x45mbedSpeakerRequest\x12\"\n\x06\x61udios\x18\x01 \x03(\x0b\x32\x12.speechrl.v1.Audio\"r\n\x12\x45mbedSpeakerResult\x12(\n\tembedding\x18\x01 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"H\n\x14\x45mbedSpeakerResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.speechrl.v1.EmbedSpeakerResult\"P\n\x16RegisterSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\"\n\x06\x61udios\x18\x02 \x03(\x0b\x32\x12.speechrl.v1.Audio\"U\n\x17RegisterSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.speechrl.v1.Tensor*\xb8\x01\n\x17SimilarityRewardMapping\x12)\n%SIMILARITY_REWARD_MAPPING_UNSPECIFIED\x10\x00\x12$\n SIMILARITY_REWARD_MAPPING_COSINE\x10\x01\x12%\n!SIMILARITY_REWARD_MAPPING_SHIFTED\x10\x02\x12%\n!SIMILARITY_REWARD_MAPPING_CLIPPED\x10\x03\x32\xbf\x02\n\x17SpeakerSimilarityScorer\x12q\n\x16ScoreSpeakerSimilarity\x12*.speechrl.v1.ScoreSpeakerSimilarityRequest\x1a+.speechrl.v1.ScoreSpeakerSimilarityResponse\x12S\n\x0c\x45mbedSpeaker\x12 .speechrl.v1.EmbedSpeakerRequest\x1a!.speechrl.v1.EmbedSpeakerResponse\x12\\\n\x0fRegisterSpeaker\x12#.speechrl.v1.RegisterSpeakerRequest\x1a$.speechrl.v1.RegisterSpeakerResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19speechrl/v1/speaker.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"\xdb\x01\n\x15SpeakerSimilarityItem\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12-\n\x0freference_audio\x18\x02 \x01(\x0b\x32\x12.speechrl.v1.AudioH\x00\x12\x32\n\x13reference_embedding\x18\x03 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12\x14\n\nspeaker_id\x18\x04 \x01(\tH\x00\x12\x19\n\x0freference_index\x18\x05 \x01(\rH\x00\x42\x0b\n\treference\"\xbe\x01\n\x1dScoreSpeakerSimilarityRequest\x12\x31\n\x05items\x18\x01 \x03(\x0b\x32\".speechrl.v1.SpeakerSimilarityItem\x12<\n\x0ereward_mapping\x18\x02 \x01(\x0e\x32$.speechrl.v1.SimilarityRewardMapping\x12,\n\x10reference_audios\x18\x03 \x03(\x0b\x32\x12.speechrl.v1.Audio\"\x83\x01\n\x17SpeakerSimilarityResult\x12\x34\n\x05score\x18\x01 \x01(\x0b\x32#.speechrl.v1.SpeakerSimilarityScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"v\n\x16SpeakerSimilarityScore\x12\x0e\n\x06\x63osine\x18\x01 \x01(\x01\x12\x0e\n\x06reward\x18\x02 \x01(\x01\x12<\n\x0ereward_mapping\x18\x03 \x01(\x0e\x32$.speechrl.v1.SimilarityRewardMapping\"W\n\x1eScoreSpeakerSimilarityResponse\x12\x35\n\x07results\x18\x01 \x03(\x0b\x32$.speechrl.v1.SpeakerSimilarityResult\"9\n\x13\x45mbedSpeakerRequest\x12\"\n\x06\x61udios\x18\x01 \x03(\x0b\x32\x12.speechrl.v1.Audio\"r\n\x12\x45mbedSpeakerResult\x12(\n\tembedding\x18\x01 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"H\n\x14\x45mbedSpeakerResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.speechrl.v1.EmbedSpeakerResult\"P\n\x16RegisterSpeakerRequest\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12\"\n\x06\x61udios\x18\x02 \x03(\x0b\x32\x12.speechrl.v1.Audio\"U\n\x17RegisterSpeakerResponse\x12\x12\n\nspeaker_id\x18\x01 \x01(\t\x12&\n\tembedding\x18\x02 \x01(\x0b\x32\x13.speechrl.v1.Tensor*\xb8\x01\n\x17SimilarityRewardMapping\x12)\n%SIMILARITY_REWARD_MAPPING_UNSPECIFIED\x10\x00\x12$\n SIMILARITY_REWARD_MAPPING_COSINE\x10\x01\x12%\n!SIMILARITY_REWARD_MAPPING_SHIFTED\x10\x02\x12%\n!SIMILARITY_REWARD_MAPPING_CLIPPED\x10\x03\x32\xbf\x02\n\x17SpeakerSimilarityScorer\x12q\n\x16ScoreSpeakerSimilarity\x12*.speechrl.v1.ScoreSpeakerSimilarityRequest\x1a+.speechrl.v1.ScoreSpeakerSimilarityResponse\x12S\n\x0c\x45mbedSpeaker\x12 .speechrl.v1.EmbedSpeakerRequest\x1a!.speechrl.v1.EmbedSpeakerResponse\x12\\\n\x0fRegisterSpeaker\x12#.speechrl.v1.RegisterSpeakerRequest\x1a$.speechrl.v1.RegisterSpeakerResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speechrl.v1.speaker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_SIMILARITYREWARDMAPPING']._serialized_start=1172
-  _globals['_SIMILARITYREWARDMAPPING']._serialized_end=1356
+  _globals['_SIMILARITYREWARDMAPPING']._serialized_start=1245
+  _globals['_SIMILARITYREWARDMAPPING']._serialized_end=1429
   _globals['_SPEAKERSIMILARITYITEM']._serialized_start=69
-  _globals['_SPEAKERSIMILARITYITEM']._serialized_end=261
-  _globals['_SCORESPEAKERSIMILARITYREQUEST']._serialized_start=264
-  _globals['_SCORESPEAKERSIMILARITYREQUEST']._serialized_end=408
-  _globals['_SPEAKERSIMILARITYRESULT']._serialized_start=411
-  _globals['_SPEAKERSIMILARITYRESULT']._serialized_end=542
-  _globals['_SPEAKERSIMILARITYSCORE']._serialized_start=544
-  _globals['_SPEAKERSIMILARITYSCORE']._serialized_end=662
-  _globals['_SCORESPEAKERSIMILARITYRESPONSE']._serialized_start=664
-  _globals['_SCORESPEAKERSIMILARITYRESPONSE']._serialized_end=751
-  _globals['_EMBEDSPEAKERREQUEST']._serialized_start=753
-  _globals['_EMBEDSPEAKERREQUEST']._serialized_end=810
-  _globals['_EMBEDSPEAKERRESULT']._serialized_start=812
-  _globals['_EMBEDSPEAKERRESULT']._serialized_end=926
-  _globals['_EMBEDSPEAKERRESPONSE']._serialized_start=928
-  _globals['_EMBEDSPEAKERRESPONSE']._serialized_end=1000
-  _globals['_REGISTERSPEAKERREQUEST']._serialized_start=1002
-  _globals['_REGISTERSPEAKERREQUEST']._serialized_end=1082
-  _globals['_REGISTERSPEAKERRESPONSE']._serialized_start=1084
-  _globals['_REGISTERSPEAKERRESPONSE']._serialized_end=1169
-  _globals['_SPEAKERSIMILARITYSCORER']._serialized_start=1359
-  _globals['_SPEAKERSIMILARITYSCORER']._serialized_end=1678
+  _globals['_SPEAKERSIMILARITYITEM']._serialized_end=288
+  _globals['_SCORESPEAKERSIMILARITYREQUEST']._serialized_start=291
+  _globals['_SCORESPEAKERSIMILARITYREQUEST']._serialized_end=481
+  _globals['_SPEAKERSIMILARITYRESULT']._serialized_start=484
+  _globals['_SPEAKERSIMILARITYRESULT']._serialized_end=615
+  _globals['_SPEAKERSIMILARITYSCORE']._serialized_start=617
+  _globals['_SPEAKERSIMILARITYSCORE']._serialized_end=735
+  _globals['_SCORESPEAKERSIMILARITYRESPONSE']._serialized_start=737
+  _globals['_SCORESPEAKERSIMILARITYRESPONSE']._serialized_end=824
+  _globals['_EMBEDSPEAKERREQUEST']._serialized_start=826
+  _globals['_EMBEDSPEAKERREQUEST']._serialized_end=883
+  _globals['_EMBEDSPEAKERRESULT']._serialized_start=885
+  _globals['_EMBEDSPEAKERRESULT']._serialized_end=999
+  _globals['_EMBEDSPEAKERRESPONSE']._serialized_start=1001
+  _globals['_EMBEDSPEAKERRESPONSE']._serialized_end=1073
+  _globals['_REGISTERSPEAKERREQUEST']._serialized_start=1075
+  _globals['_REGISTERSPEAKERREQUEST']._serialized_end=1155
+  _globals['_REGISTERSPEAKERRESPONSE']._serialized_start=1157
+  _globals['_REGISTERSPEAKERRESPONSE']._serialized_end=1242
+  _globals['_SPEAKERSIMILARITYSCORER']._serialized_start=1432
+  _globals['_SPEAKERSIMILARITYSCORER']._serialized_end=1751
 # @@protoc_insertion_point(module_scope)

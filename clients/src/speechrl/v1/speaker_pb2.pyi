@@ -20,24 +20,28 @@ SIMILARITY_REWARD_MAPPING_SHIFTED: SimilarityRewardMapping
 SIMILARITY_REWARD_MAPPING_CLIPPED: SimilarityRewardMapping
 
 class SpeakerSimilarityItem(_message.Message):
-    __slots__ = ("audio", "reference_audio", "reference_embedding", "speaker_id")
+    __slots__ = ("audio", "reference_audio", "reference_embedding", "speaker_id", "reference_index")
     AUDIO_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_AUDIO_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
     SPEAKER_ID_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_INDEX_FIELD_NUMBER: _ClassVar[int]
     audio: _common_pb2.Audio
     reference_audio: _common_pb2.Audio
     reference_embedding: _common_pb2.Tensor
     speaker_id: str
-    def __init__(self, audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., reference_audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., reference_embedding: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., speaker_id: _Optional[str] = ...) -> None: ...
+    reference_index: int
+    def __init__(self, audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., reference_audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., reference_embedding: _Optional[_Union[_common_pb2.Tensor, _Mapping]] = ..., speaker_id: _Optional[str] = ..., reference_index: _Optional[int] = ...) -> None: ...
 
 class ScoreSpeakerSimilarityRequest(_message.Message):
-    __slots__ = ("items", "reward_mapping")
+    __slots__ = ("items", "reward_mapping", "reference_audios")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REWARD_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_AUDIOS_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[SpeakerSimilarityItem]
     reward_mapping: SimilarityRewardMapping
-    def __init__(self, items: _Optional[_Iterable[_Union[SpeakerSimilarityItem, _Mapping]]] = ..., reward_mapping: _Optional[_Union[SimilarityRewardMapping, str]] = ...) -> None: ...
+    reference_audios: _containers.RepeatedCompositeFieldContainer[_common_pb2.Audio]
+    def __init__(self, items: _Optional[_Iterable[_Union[SpeakerSimilarityItem, _Mapping]]] = ..., reward_mapping: _Optional[_Union[SimilarityRewardMapping, str]] = ..., reference_audios: _Optional[_Iterable[_Union[_common_pb2.Audio, _Mapping]]] = ...) -> None: ...
 
 class SpeakerSimilarityResult(_message.Message):
     __slots__ = ("score", "error")

@@ -41,12 +41,24 @@ def _mapping_name(value: speaker_pb2.SimilarityRewardMapping) -> str | None:
     return name
 
 
-def _score_item(item: speaker_pb2.SpeakerSimilarityItem, index: int, mapping: str | None) -> ScoreItem | ItemFailure:
-    """The engine item of one request item; a Tensor that does not decode fails that item only."""
+def _score_item(item: speaker_pb2.SpeakerSimilarityItem, index: int, mapping: str | None,
+                shared: list[AudioInput]) -> ScoreItem | ItemFailure:
+    """The engine item of one request item; a Tensor that does not decode fails that item only.
+
+    An item with reference_index gets the very AudioInput of shared[reference_index], which its
+    group's other items get too, so the engine finds the audio of the whole group in one dict entry.
+    A bad shared audio fails each item using it at items[i].reference_audio, as an inline one does:
+    the SDK and the gateway share references without their callers knowing.
+    """
     kind = item.WhichOneof("reference")
     reference: AudioInput | EmbeddingRef | SpeakerRef
     if kind == "reference_audio":
         reference = audio_from_proto(item.reference_audio)
+    elif kind == "reference_index":
+        if item.reference_index >= len(shared):
+            raise RequestInvalid(f"items[{index}].reference_index", f"{item.reference_index} is out of range "
+                                 f"(the request has {len(shared)} reference_audios)")
+        reference = shared[item.reference_index]
     elif kind == "speaker_id":
         reference = SpeakerRef(item.speaker_id)
     elif kind == "reference_embedding":
@@ -55,7 +67,8 @@ def _score_item(item: speaker_pb2.SpeakerSimilarityItem, index: int, mapping: st
         except TensorError as exc:
             return ItemFailure(ErrorCode.INVALID_TENSOR, str(exc), "reference_embedding")
     else:
-        raise RequestInvalid(f"items[{index}].reference", "set one of reference_audio, reference_embedding, speaker_id")
+        raise RequestInvalid(f"items[{index}].reference",
+                             "set one of reference_audio, reference_index, reference_embedding, speaker_id")
     return ScoreItem(audio_from_proto(item.audio), reference, mapping)
 
 
@@ -73,7 +86,8 @@ class SpeakerSimilarityServicer(speaker_pb2_grpc.SpeakerSimilarityScorerServicer
                                      context: grpc.aio.ServicerContext) -> speaker_pb2.ScoreSpeakerSimilarityResponse:
         check_count(request.items, "items", self.max_request_items)
         mapping = _mapping_name(request.reward_mapping)
-        items = [_score_item(item, i, mapping) for i, item in enumerate(request.items)]
+        shared = [audio_from_proto(a) for a in request.reference_audios]  # one object per shared audio
+        items = [_score_item(item, i, mapping, shared) for i, item in enumerate(request.items)]
         work: list[SpeakerWork] = [item for item in items if isinstance(item, ScoreItem)]
         done = iter(await self.batcher.submit(work))
         response = speaker_pb2.ScoreSpeakerSimilarityResponse()
