@@ -24,7 +24,8 @@ from speechrl.client import (
     to_audio,
 )
 from speechrl.client._channel import channel_options, parse_endpoints
-from speechrl.client.scorers import _prompt, _speaker_item
+from speechrl.client.scorers import _prompt
+from speechrl.client.speaker_request import speaker_item
 from speechrl.services.rules.server import RulesConfig, start
 from speechrl.v1 import common_pb2, rule_rewards_pb2, rule_rewards_pb2_grpc
 from tests.conftest import free_port, serve_in_thread
@@ -271,11 +272,11 @@ def test_audio_from_path_bytes_and_arrays(tmp_path: Any) -> None:
 
 def test_speaker_references_and_prompts_become_the_right_messages() -> None:
     audio = (np.zeros(160, np.float32), 16000)
-    assert _speaker_item(audio, SpeakerId("alice")).speaker_id == "alice"
-    embedded = _speaker_item(audio, np.ones(4, np.float64))
+    assert speaker_item(audio, SpeakerId("alice")).speaker_id == "alice"
+    embedded = speaker_item(audio, np.ones(4, np.float64))
     assert embedded.WhichOneof("reference") == "reference_embedding"
     assert list(embedded.reference_embedding.shape) == [4] and embedded.reference_embedding.dtype == common_pb2.DTYPE_FLOAT32
-    assert _speaker_item(audio, b"RIFF").reference_audio.encoded == b"RIFF"
+    assert speaker_item(audio, b"RIFF").reference_audio.encoded == b"RIFF"
 
     assert _prompt("hi", None).text == "hi"
     assert list(_prompt([1, 2, 3], None).token_ids.ids) == [1, 2, 3]

@@ -296,7 +296,9 @@ async def test_speaker_routes_match_the_grpc_scorer(speaker: str, speech: Speech
             {"audio_base64": b64(same), "speaker_id": "alice"},
             {"audio_base64": b64(other), "reference_audio": {"audio_base64": b64(reference)}},
             {"audio_base64": b64(same), "reference_embedding": registered.json()["embedding"]},
-            {"audio_base64": b64(same), "speaker_id": "nobody"}]})
+            {"audio_base64": b64(same), "speaker_id": "nobody"},
+            # The same reference as item 1 again: the client sends it once (reference_audios).
+            {"audio_base64": b64(same), "reference_audio": {"audio_base64": b64(reference)}}]})
         uploaded = await http.post("/v1/speaker/score-upload", data={"speaker_id": "alice"},
                                    files={"file": ("s.wav", same, "audio/wav")})
         embedded = await http.post("/v1/speaker/embed", json={"audios": [{"audio_base64": b64(same)}]})
@@ -308,12 +310,13 @@ async def test_speaker_routes_match_the_grpc_scorer(speaker: str, speech: Speech
         [embedding] = await direct.embed([same])
     assert registered.status_code == 200 and registered.json()["speaker_id"] == "alice"
     assert scored.status_code == 200
-    same_voice, other_voice, by_embedding, unknown = scored.json()["results"]
+    same_voice, other_voice, by_embedding, unknown, by_shared_audio = scored.json()["results"]
     assert same_voice["score"]["cosine"] == pytest.approx(expected[0].unwrap().cosine, abs=1e-6)
     assert other_voice["score"]["cosine"] == pytest.approx(expected[1].unwrap().cosine, abs=1e-6)
     assert by_embedding["score"]["cosine"] == pytest.approx(same_voice["score"]["cosine"], abs=1e-5)
     assert same_voice["score"]["cosine"] > other_voice["score"]["cosine"]
     assert unknown["error"]["code"] == "UNKNOWN_SPEAKER" and unknown["score"] is None
+    assert by_shared_audio["score"]["cosine"] == pytest.approx(same_voice["score"]["cosine"], abs=1e-6)
     assert uploaded.json()["results"][0]["score"]["cosine"] == pytest.approx(same_voice["score"]["cosine"], abs=1e-6)
     np.testing.assert_allclose(embedded.json()["results"][0]["embedding"], embedding.unwrap(), atol=1e-6)
     assert (both.status_code, both.json()["field"]) == (400, "reference_file")

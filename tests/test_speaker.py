@@ -11,7 +11,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from speechrl.client import SpeakerClient, SpeakerId
 from speechrl.client.codec import numpy_to_tensor, tensor_to_numpy
+from speechrl.client.speaker_request import score_request, speaker_item
 from speechrl.services.audio import AudioInput
 from speechrl.services.config import from_namespace
 from speechrl.services.speaker.engine import ScoreItem, SimilarityScore, SpeakerRegistry
@@ -183,14 +185,40 @@ def group_samples(clips: dict[str, bytes]) -> list[bytes]:
     return [clips[name] for name in ("same", "f3", "m3", "de", "same", "m3", "f3", "de")]
 
 
-def test_a_shared_reference_scores_exactly_as_inline_references(stub, clips):
+def test_a_shared_reference_scores_exactly_as_inline_references(endpoint, stub, clips):
     samples = group_samples(clips)
     inline = score(stub, *(Item(audio=audio(s), reference_audio=audio(clips["ref"])) for s in samples))
     shared = stub.ScoreSpeakerSimilarity(speaker_pb2.ScoreSpeakerSimilarityRequest(
         reference_audios=[audio(clips["ref"])], items=[Item(audio=audio(s), reference_index=0) for s in samples])).results
+    with SpeakerClient(endpoint, timeout_s=60) as client:
+        by_sdk = client.score(samples, clips["ref"])  # one reference for all: the SDK shares it
     expected = [r.score.cosine for r in inline]
     assert all(r.WhichOneof("outcome") == "score" for r in inline)
     assert [r.score.cosine for r in shared] == expected
+    assert [r.score.cosine for r in by_sdk] == expected
+
+
+def test_the_sdk_sends_a_shared_reference_once(clips, tmp_path):
+    samples = group_samples(clips)
+    path = tmp_path / "prompt.wav"
+    path.write_bytes(clips["ref"])
+    inline = speaker_pb2.ScoreSpeakerSimilarityRequest(items=[speaker_item(s, clips["ref"]) for s in samples])
+    # The same object, equal paths, equal bytes, equal messages (as the gateway builds from JSON): one audio each.
+    for references in ([clips["ref"]] * 8, [str(path) for _ in samples], [path] * 4 + [str(path)] * 4,
+                       [bytes(bytearray(clips["ref"])) for _ in samples], [audio(clips["ref"]) for _ in samples]):
+        request = score_request(samples, references, None)
+        assert [a.encoded for a in request.reference_audios] == [clips["ref"]]
+        assert [item.reference_index for item in request.items] == [0] * 8
+        assert [item.audio.encoded for item in request.items] == samples
+        assert request.ByteSize() < inline.ByteSize() - 7 * len(clips["ref"]) + 100  # 7 copies of the reference fewer
+    # Several groups in one call: one audio per prompt speaker; a reference used once stays inline.
+    mixed = score_request(samples[:5], [clips["ref"], clips["f3"], clips["ref"], clips["f3"], clips["m3"]], None)
+    assert [a.encoded for a in mixed.reference_audios] == [clips["ref"], clips["f3"]]
+    assert [item.WhichOneof("reference") for item in mixed.items] == ["reference_index"] * 4 + ["reference_audio"]
+    assert [item.reference_index for item in mixed.items[:4]] == [0, 1, 0, 1]
+    # Names and embeddings are never shared audio.
+    names = score_request(samples[:2], [SpeakerId("alice"), np.ones(256, np.float32)], None)
+    assert not names.reference_audios and [i.WhichOneof("reference") for i in names.items] == ["speaker_id", "reference_embedding"]
 
 
 def test_reference_index_out_of_range_is_invalid_argument(stub, clips):

@@ -69,8 +69,8 @@ from speechrl.client.scorers import (
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
     AsyncToken2WavClient,
-    SpeakerId,
 )
+from speechrl.client.speaker_request import SpeakerId
 from speechrl.client.sync import (
     AudioEncoderClient,
     IntelligibilityClient,

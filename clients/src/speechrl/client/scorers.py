@@ -58,6 +58,7 @@ from speechrl.client.models import (
     token_score_result,
 )
 from speechrl.client.ports import DEFAULT_PORTS
+from speechrl.client.speaker_request import SpeakerReference, is_one_reference, score_request
 from speechrl.v1 import (
     common_pb2,
     common_pb2_grpc,
@@ -78,19 +79,6 @@ from speechrl.v1 import (
 # Default ports of the local stack; the same numbers as speechrl.services.ports, repeated here
 # because the light client must not depend on the services distribution.
 
-
-@dataclass(frozen=True)
-class SpeakerId:
-    """A reference voice given by the name it was registered under (RegisterSpeaker).
-
-    A plain str would be read as a file path, so names are wrapped.
-    """
-
-    name: str
-
-
-# A reference voice: audio of the speaker, an embedding from EmbedSpeaker (1-D ndarray), or a name.
-SpeakerReference = AudioLike | np.ndarray | SpeakerId
 
 # A prompt: text, token ids, or [T, D] embeddings (e.g. from the audio encoder), or a ready message.
 PromptLike = str | Sequence[int] | np.ndarray | rollout_pb2.Prompt
@@ -195,24 +183,6 @@ class AsyncIntelligibilityClient(AsyncClient):
         return [intelligibility_result(r) for r in reply.results]
 
 
-def _is_one_reference(value: object) -> bool:
-    """True for one reference voice, False for a sequence of them (an (array, rate) pair is one)."""
-    if isinstance(value, (SpeakerId, np.ndarray, common_pb2.Audio, str, bytes)):
-        return True
-    return isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], np.ndarray) and isinstance(value[1], int)
-
-
-def _speaker_item(audio: AudioLike, reference: SpeakerReference) -> speaker_pb2.SpeakerSimilarityItem:
-    item = speaker_pb2.SpeakerSimilarityItem(audio=to_audio(audio))
-    if isinstance(reference, SpeakerId):
-        item.speaker_id = reference.name
-    elif isinstance(reference, np.ndarray):
-        item.reference_embedding.CopyFrom(numpy_to_tensor(np.asarray(reference, dtype=np.float32)))
-    else:
-        item.reference_audio.CopyFrom(to_audio(reference))
-    return item
-
-
 class AsyncSpeakerClient(AsyncClient):
     """Client of the speaker-similarity scorer: score, embed, register."""
 
@@ -226,14 +196,13 @@ class AsyncSpeakerClient(AsyncClient):
         Args:
             audios: the speech whose voice is judged, one per item.
             references: one reference for all items or one per item: audio, an embedding from
-                `embed` (1-D ndarray), or `SpeakerId(name)` of a registered speaker.
+                `embed` (1-D ndarray), or `SpeakerId(name)` of a registered speaker. A reference
+                audio that several items share (the same object, path or bytes) is sent once.
             reward_mapping: "cosine", "shifted" or "clipped"; None is the server's default.
         """
-        refs = ([references] * len(audios) if _is_one_reference(references)
+        refs = ([references] * len(audios) if is_one_reference(references)
                 else _per_item(references, len(audios), "references"))
-        request = speaker_pb2.ScoreSpeakerSimilarityRequest(
-            items=[_speaker_item(a, r) for a, r in zip(audios, refs, strict=True)],
-            reward_mapping=enum_value(speaker_pb2.SimilarityRewardMapping, reward_mapping, "SIMILARITY_REWARD_MAPPING_"))
+        request = score_request(audios, refs, reward_mapping)
         reply = await self.connection.unary(speaker_pb2_grpc.SpeakerSimilarityScorerStub,
                                             "ScoreSpeakerSimilarity", request, timeout_s)
         _check_count(reply.results, len(audios), "ScoreSpeakerSimilarity")
