@@ -42,6 +42,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ from speechrl.client import (
     AsyncSpeakerClient,
 )
 from speechrl.services.audio import AudioInput
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, model_thread
 from speechrl.services.config import parse_config
 from speechrl.services.errors import ItemFailure
 from speechrl.services.espeak import EspeakSynthesizer
@@ -86,7 +87,8 @@ class Engine:
 
     process: Callable[[list[Any]], Sequence[Any]]  # the batch function: one result or ItemFailure per item
     item: Callable[[int], Any]  # the benchmark's i-th item as the engine takes it (what the gRPC path sends)
-    batcher: Callable[[], DynamicBatcher[Any, Any]]  # `process` behind a DynamicBatcher as the server's start() sets it
+    # `process` behind a DynamicBatcher as the server's start() sets it, on the model thread the engine was built on
+    batcher: Callable[[ThreadPoolExecutor], DynamicBatcher[Any, Any]]
 
     def items(self, start: int, n: int) -> list[Any]:
         """Items start .. start + n - 1."""
@@ -138,7 +140,8 @@ def _rules_engine(wavs: list[Path]) -> Engine:
     config = parse_config(RulesConfig, "rules", SERVER_ARGS)
     engine = RuleRewardEngine(config.max_text_chars)
     return Engine(engine.score_batch, lambda i: RuleItem(_hypothesis(i), _reference(i)),
-                  lambda: DynamicBatcher.configured(engine.score_batch, config, "rules", inline=True))  # as rules/server.py
+                  lambda thread: DynamicBatcher.configured(engine.score_batch, config, "rules", inline=True,
+                                                           executor=thread))  # as rules/server.py
 
 
 def _speaker_engine(wavs: list[Path]) -> Engine:
@@ -151,8 +154,8 @@ def _speaker_engine(wavs: list[Path]) -> Engine:
     engine.process(list(engine.warm_up_items()))
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
     return Engine(engine.process, lambda i: ScoreItem(audio[i % len(audio)], _prompt_speaker(audio, i)),
-                  lambda: DynamicBatcher.configured(
-                      engine.process, config, "speaker",
+                  lambda thread: DynamicBatcher.configured(
+                      engine.process, config, "speaker", executor=thread,
                       guard=make_guard(config, engine.backend, owner=f"speaker-{os.getpid()}")))
 
 
@@ -165,8 +168,8 @@ def _asr_engine(wavs: list[Path]) -> Engine:
     engine = build_engine(config)
     audio = [AudioInput(encoded=w.read_bytes()) for w in wavs]
     return Engine(engine.score_batch, lambda i: IntelligibilityItem(audio[i % len(audio)], _texts(i)),
-                  lambda: DynamicBatcher.configured(
-                      engine.score_batch, config, "intelligibility",
+                  lambda thread: DynamicBatcher.configured(
+                      engine.score_batch, config, "intelligibility", executor=thread,
                       guard=make_guard(config, engine.backend, owner=f"intelligibility-{os.getpid()}")))
 
 
@@ -217,8 +220,12 @@ def in_process_worker(name: str, via_batcher: bool) -> None:
     lines on stdin with items/s on stdout: of the engine's batch function called directly, or with
     --via-batcher of `await batcher.submit(items)` on the server's DynamicBatcher in one asyncio loop."""
     scorer, wavs = SCORERS[name], speech()
-    engine = scorer.build_engine(wavs)
-    batcher, loop = (engine.batcher(), asyncio.new_event_loop()) if via_batcher else (None, None)
+    if via_batcher:  # built and run on one model thread, as the server does (batching.model_thread)
+        thread = model_thread(name)
+        engine = thread.submit(scorer.build_engine, wavs).result()
+        batcher, loop = engine.batcher(thread), asyncio.new_event_loop()
+    else:
+        engine, batcher, loop = scorer.build_engine(wavs), None, None
 
     def score(start: int, n: int) -> Sequence[Any]:
         if batcher is None or loop is None:

@@ -30,7 +30,6 @@ windows on the caller's side, where it is known whether the LLM was trained on c
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import shutil
@@ -39,7 +38,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, load_on_model_thread, model_thread
 from speechrl.services.config import ServerConfig, option
 from speechrl.services.encoder.engine import MIB, EncoderEngine
 from speechrl.services.encoder.model import DTYPES, AudioEncoderModel, load_audio_encoder
@@ -144,7 +143,11 @@ def load_model(config: EncoderConfig) -> AudioEncoderModel:
 
 async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -> RunningServer:
     """Load the model (unless given), build the engine and start serving; returns the running server."""
-    model = model if model is not None else await asyncio.to_thread(load_model, config)
+    if model is None:
+        thread, loaded = await load_on_model_thread(SERVICE, load_model, config)  # seconds of loading
+    else:
+        thread, loaded = model_thread(SERVICE), model
+    model = loaded
     engine = EncoderEngine(model, max_audio_seconds=config.max_audio_seconds,
                            max_message_bytes=config.max_message_mb * MIB)
     log.info("largest item (%g s): %d frames x %d = %.2f MiB in float32, %.2f MiB in float16/bfloat16; "
@@ -152,7 +155,7 @@ async def start(config: EncoderConfig, model: AudioEncoderModel | None = None) -
              model.output_size, engine.largest_output_bytes("float32") / MIB,
              engine.largest_output_bytes("float16") / MIB, config.max_message_mb)
     guard = make_guard(config, TorchResidency(model.modules, config.device), owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher.configured(engine.encode_batch, config, SERVICE, guard=guard)
+    batcher = DynamicBatcher.configured(engine.encode_batch, config, SERVICE, guard=guard, executor=thread)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         default = "tiny-random-whisper" if config.backend == "transformers-whisper" else "tiny.en+seeded-adaptor"

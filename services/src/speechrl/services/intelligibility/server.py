@@ -7,13 +7,12 @@ wheel, int8. GPU box: `--backend transformers --model-path /models/whisper-large
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from speechrl.rewards import WER_MAPPINGS
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, load_on_model_thread
 from speechrl.services.config import ServerConfig, option
 from speechrl.services.intelligibility.backends import BACKENDS, BackendOptions, load_backend
 from speechrl.services.intelligibility.engine import IntelligibilityEngine
@@ -83,11 +82,10 @@ def build_engine(config: IntelligibilityConfig) -> IntelligibilityEngine:
 
 async def start(config: IntelligibilityConfig) -> RunningServer:
     """Load and warm the model, then start serving; returns the running server."""
-    # Loading takes seconds; a thread keeps the event loop free meanwhile.
-    engine = await asyncio.to_thread(build_engine, config)
+    thread, engine = await load_on_model_thread(SERVICE, build_engine, config)  # seconds of loading
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher.configured(engine.score_batch, config, SERVICE, guard=guard)
+    batcher = DynamicBatcher.configured(engine.score_batch, config, SERVICE, guard=guard, executor=thread)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         return status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)

@@ -8,7 +8,6 @@ the scorers add `--lease-device cuda:0 --residency sleep` so vLLM sleeps between
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 from collections.abc import Sequence
@@ -16,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, load_on_model_thread
 from speechrl.services.config import ServerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.residency import make_guard
@@ -106,11 +105,11 @@ def build_engine(config: RolloutConfig) -> RolloutEngine:
 
 async def start(config: RolloutConfig) -> RunningServer:
     """Load the policy, then start serving; returns the running server."""
-    # Loading takes seconds (vLLM on CPU: tens of seconds); a thread keeps the event loop free.
-    engine = await asyncio.to_thread(build_engine, config)
+    # Loading takes seconds (vLLM on CPU: tens of seconds), on the thread that will run the batches.
+    thread, engine = await load_on_model_thread(SERVICE, build_engine, config)
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}:{os.getpid()}")
-    batcher = DynamicBatcher.configured(engine.generate_batch, config, SERVICE, guard=guard)
+    batcher = DynamicBatcher.configured(engine.generate_batch, config, SERVICE, guard=guard, executor=thread)
     # Weight loads get their own thread so a long load never sits in the batch queue; the engine's
     # lock orders it with sampling.
     update_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{SERVICE}-weights")

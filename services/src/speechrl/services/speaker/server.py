@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import time
@@ -10,7 +9,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from speechrl.rewards import SIMILARITY_MAPPINGS
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, load_on_model_thread
 from speechrl.services.config import ServerConfig, option
 from speechrl.services.errors import ItemFailure
 from speechrl.services.ports import DEFAULT_PORTS
@@ -85,11 +84,11 @@ async def start(config: SpeakerConfig) -> RunningServer:
     Warm-up runs through the batcher before the port opens, so the first request pays neither
     model load nor first-forward costs, and it already holds the GPU lease like any batch.
     """
-    engine = await asyncio.to_thread(build_engine, config)  # seconds of loading; keep the loop free
+    thread, engine = await load_on_model_thread(SERVICE, build_engine, config)  # seconds of loading
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}-{os.getpid()}")
     batcher: DynamicBatcher[SpeakerWork, SpeakerOutcome] = DynamicBatcher.configured(
-        engine.process, config, SERVICE, guard=guard)
+        engine.process, config, SERVICE, guard=guard, executor=thread)
     try:
         seconds = await warm_up(engine, batcher)
     except BaseException:

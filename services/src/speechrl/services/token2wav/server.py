@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from speechrl.services.batching import DynamicBatcher
+from speechrl.services.batching import DynamicBatcher, load_on_model_thread
 from speechrl.services.config import ServerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.services.residency import TorchResidency, make_guard
@@ -48,20 +47,23 @@ async def start(config: Token2WavConfig) -> RunningServer:
     """Load the backend and start serving; returns the running server."""
     options = BackendOptions(model_dir=config.model_dir, device=config.lease_device or config.device,
                              default_voice=config.default_voice, default_rate_wpm=config.default_rate_wpm)
-    backend = await asyncio.to_thread(load_backend, config.backend, options)
+    # Each model is loaded on the thread of the batcher that runs it (batching.model_thread).
+    thread, backend = await load_on_model_thread(SERVICE, load_backend, config.backend, options)
     engine = Token2WavEngine(backend, config.max_tokens)
-    scorer = None
+    scorer, score_thread = None, None
     if config.token2reward:
-        scorer = TokenScorer(await asyncio.to_thread(token2reward.load, config.token2reward))
+        score_thread, model = await load_on_model_thread(f"{SERVICE}-score", token2reward.load, config.token2reward)
+        scorer = TokenScorer(model)
     # The flow and vocoder move onto the device under the lease; espeak has no modules and only queues.
     residency = TorchResidency(backend.modules, options.device)
     guard = make_guard(config, residency, owner=f"{SERVICE}-{os.getpid()}")
-    batcher = DynamicBatcher.configured(engine.synthesize_batch, config, SERVICE, guard=guard)
+    batcher = DynamicBatcher.configured(engine.synthesize_batch, config, SERVICE, guard=guard, executor=thread)
     # Scoring has its own guard: the Token2Reward moves alone, and its batches take the device's lease
     # in turn with rendering's rather than sharing one residency state between two executor threads.
     score_batcher = None if scorer is None else DynamicBatcher.configured(
         scorer.score_batch, config, f"{SERVICE}-score",
-        guard=make_guard(config, TorchResidency(scorer.modules, options.device), owner=f"{SERVICE}-score-{os.getpid()}"))
+        guard=make_guard(config, TorchResidency(scorer.modules, options.device), owner=f"{SERVICE}-score-{os.getpid()}"),
+        executor=score_thread)
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         return status_response(SERVICE_NAME, config.backend, config.model_dir or "espeak-ng", config, batcher)
