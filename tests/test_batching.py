@@ -9,7 +9,7 @@ import time
 import pytest
 from prometheus_client import REGISTRY
 
-from speechrl.services.batching import DeadlineExpired, DynamicBatcher, QueueFull
+from speechrl.services.batching import DeadlineExpired, DynamicBatcher, QueueFull, load_on_model_thread
 from speechrl.services.errors import ErrorCode, ItemFailure
 
 
@@ -64,6 +64,30 @@ async def test_the_model_runs_off_the_event_loop_thread() -> None:
     await batcher.submit([1, 2, 3])
     batcher.close()
     assert threads and threading.current_thread().name not in threads
+
+
+async def test_a_model_is_loaded_on_the_thread_that_runs_its_batches() -> None:
+    # A second thread running torch ops would leave a second OpenMP team (batching's docstring).
+    thread, loaded_on = await load_on_model_thread("t-load", threading.get_ident)
+    batcher = DynamicBatcher(lambda xs: [threading.get_ident() for _ in xs], max_batch_size=4, max_wait_ms=1,
+                             name="t-load", executor=thread)
+    ran_on = await batcher.submit([1, 2, 3, 4, 5])
+    batcher.close()
+    assert loaded_on != threading.get_ident()
+    assert set(ran_on) == {loaded_on}
+
+
+async def test_a_failed_load_shuts_its_thread_down() -> None:
+    loaders: list[threading.Thread] = []
+
+    def broken() -> None:
+        loaders.append(threading.current_thread())
+        raise OSError("no such model file")
+
+    with pytest.raises(OSError, match="no such model file"):
+        await load_on_model_thread("t-broken", broken)
+    loaders[0].join(timeout=5)
+    assert not loaders[0].is_alive()
 
 
 async def test_queue_limit_sheds_load() -> None:
