@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,22 +109,18 @@ async def start(config: RolloutConfig) -> RunningServer:
     backend = engine.backend
     guard = make_guard(config, backend, owner=f"{SERVICE}:{os.getpid()}")
     batcher = DynamicBatcher.configured(engine.generate_batch, config, SERVICE, guard=guard, executor=thread)
-    # Weight loads get their own thread so a long load never sits in the batch queue; the engine's
-    # lock orders it with sampling.
-    update_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{SERVICE}-weights")
+    # Weight loads run on the model thread too, submitted straight to it (not through the batch
+    # queue): they wait for the batch in progress only. A thread of their own would leave a second
+    # OpenMP team behind (batching.model_thread) and slow every later batch.
 
     def describe() -> common_pb2.GetServiceStatusResponse:
         status = status_response(SERVICE_NAME, backend.name, backend.model, config, batcher)
         status.policy_version = engine.version
         return status
 
-    def stop() -> None:
-        batcher.close()
-        update_executor.shutdown(wait=False, cancel_futures=True)
-
-    servicer = RolloutServicer(engine, batcher, guard, update_executor, config.max_request_items)
+    servicer = RolloutServicer(engine, batcher, guard, thread, config.max_request_items)
     spec = ServiceSpec(SERVICE_NAME, servicer, rollout_pb2_grpc.add_RolloutGeneratorServicer_to_server)
-    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=stop)
+    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=batcher.close)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
