@@ -68,16 +68,16 @@ class RolloutServicer(rollout_pb2_grpc.RolloutGeneratorServicer):
     """gRPC face of the rollout engine.
 
     Generate goes through the DynamicBatcher (prompts of concurrent requests share model steps);
-    UpdateWeights runs under the same DeviceGuard (GPU lease, weights on the device) in its own
-    thread, and the engine's lock keeps it from overlapping a batch.
+    UpdateWeights runs under the same DeviceGuard (GPU lease, weights on the device) on the batcher's
+    model thread, submitted to it directly (it waits for the batch in progress, not for queued items).
     """
 
     def __init__(self, engine: RolloutEngine, batcher: DynamicBatcher[GenerateItem, list[SampleResult]],
-                 guard: DeviceGuard, update_executor: Executor, max_request_items: int):
+                 guard: DeviceGuard, model_thread: Executor, max_request_items: int):
         self.engine = engine
         self.batcher = batcher
         self.guard = guard
-        self.update_executor = update_executor
+        self.model_thread = model_thread  # the batcher's: one OpenMP team (batching.model_thread)
         self.max_request_items = max_request_items
 
     @grpc_method
@@ -111,5 +111,5 @@ class RolloutServicer(rollout_pb2_grpc.RolloutGeneratorServicer):
         def load(_: list[None]) -> list[int]:
             return [self.engine.update_weights(request.version, request.path, weights_format)]
 
-        [version] = await self.guard.run(self.update_executor, load, [None])
+        [version] = await self.guard.run(self.model_thread, load, [None])
         return rollout_pb2.UpdateWeightsResponse(version=version)
