@@ -152,6 +152,28 @@ def test_several_optimizer_steps_and_iterations_go_off_policy() -> None:
     assert metrics["ratio_mean"] != 1.0 and metrics["clip_fraction"] > 0  # pi_old was captured before step 1
 
 
+def test_learning_rate_warms_up_per_optimizer_step_and_resumes_where_it_was() -> None:
+    """warmup_steps: the k-th optimizer step runs at k / warmup_steps of the rate, counted from the
+    optimizer's own state, so a run resumed from its optimizer.pt carries on where it stopped."""
+    config = settings(mini_batch_size=2, gradient_accumulation_steps=2, warmup_steps=4, learning_rate=1e-2,
+                      kl_beta=0.0)  # 2 optimizer steps per update
+    model = tiny_model()
+    optimizer = make_optimizer(model, config)
+    assert grpo_update(model, None, optimizer, rollout(), config)["learning_rate"] == pytest.approx(2 / 4 * 1e-2)
+    resumed = make_optimizer(model, config)
+    resumed.load_state_dict(optimizer.state_dict())
+    assert grpo_update(model, None, resumed, rollout(), config)["learning_rate"] == pytest.approx(1e-2)
+    # the first step itself is smaller: AdamW's first step moves each weight by ~lr whatever its gradient
+    moved = {}
+    for warmup in (0, 4):
+        model = tiny_model()
+        start = trainable_snapshot(model)
+        one_step = settings(warmup_steps=warmup, learning_rate=1e-2, kl_beta=0.0)
+        grpo_update(model, None, make_optimizer(model, one_step), rollout(), one_step)
+        moved[warmup] = max((p - start[name]).abs().max().item() for name, p in trainable_snapshot(model).items())
+    assert moved[4] == pytest.approx(moved[0] / 4, rel=0.05)
+
+
 def test_unscored_samples_are_left_out_and_bf16_autocast_runs() -> None:
     model, config = tiny_model(), settings(bf16=True, kl_beta=0.0)
     rewards = [1.0, None, 0.0, 0.0, None, None, None, None]

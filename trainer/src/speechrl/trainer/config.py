@@ -76,6 +76,10 @@ class GRPOConfig:
     # -- the optimisation
     learning_rate: float = option(1e-5, "AdamW learning rate (the paper: 1e-5; LoRA usually wants ~1e-4).")
     weight_decay: float = option(0.0, "AdamW weight decay.")
+    warmup_steps: int = option(0, "Optimizer steps over which the learning rate rises linearly to learning_rate "
+                                  "(OpenRLHF's lr_warmup_ratio, verl's lr_warmup_steps). AdamW's first steps move "
+                                  "every weight by the full rate whatever its gradient's size; on a noisy RL "
+                                  "gradient that is a random jump. 0: the full rate from the first step.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this before each optimizer step; "
                                        "0 turns clipping off (the norm is still logged).")
     num_iterations: int = option(1, "mu: passes over one rollout batch. 1 is on-policy (ratio = 1 at the first "

@@ -169,6 +169,18 @@ def make_optimizer(model: nn.Module, config: GRPOConfig) -> torch.optim.Optimize
                              weight_decay=config.weight_decay)
 
 
+def warm_up_learning_rate(optimizer: torch.optim.Optimizer, config: GRPOConfig) -> None:
+    """Set the rate of the coming optimizer step under config.warmup_steps' linear warm-up. The steps taken
+    are read from AdamW's own state, so a resumed run (optimizer.pt) and every FSDP rank continue alike."""
+    if config.warmup_steps <= 0:
+        return
+    first: dict[str, Any] = next((optimizer.state[p] for group in optimizer.param_groups for p in group["params"]
+                  if p in optimizer.state), {})
+    taken = int(first["step"]) if "step" in first else 0
+    for group in optimizer.param_groups:
+        group["lr"] = config.learning_rate * min(1.0, (taken + 1) / config.warmup_steps)
+
+
 def supervised_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor, *, max_grad_norm: float = 1.0,
                     schedule: torch.optim.lr_scheduler.LRScheduler | None = None) -> float:
     """One update on a supervised loss (warm starts, Token2Reward): backward, clip, step; returns the loss."""

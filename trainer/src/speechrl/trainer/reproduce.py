@@ -93,6 +93,7 @@ class ReproConfig:
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
     learning_rate: float = option(5e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
+    warmup_steps: int = option(0, "Optimizer steps of linear learning-rate warm-up at the start of each GRPO run.")
     temperature: float = option(1.0, "Rollout sampling temperature (1: the policy's own distribution, so samples "
                                      "find the words greedy decoding misses).")
     kl_beta: float = option(0.05, "KL coefficient (the paper: 0.1).")
@@ -166,6 +167,7 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
+              "warmup_steps": config.warmup_steps,
               "kl_beta": config.kl_beta, "temperature": config.temperature, "reward_weights": dict(weights),
               # micro-batches of 2 groups, summed into updates_per_step optimizer steps
               "mini_batch_size": config.group_size * 2,

@@ -27,7 +27,13 @@ from torch.distributed.tensor import DTensor
 from speechrl.trainer.advantages import group_advantages, reward_statistics
 from speechrl.trainer.config import GRPOConfig
 from speechrl.trainer.losses import LOGIT_LOSSES, LOSSES, LossInputs, TokenReward, normalizer
-from speechrl.trainer.policy import CompletionScores, Reference, completion_forward, trainable_parameters
+from speechrl.trainer.policy import (
+    CompletionScores,
+    Reference,
+    completion_forward,
+    trainable_parameters,
+    warm_up_learning_rate,
+)
 
 
 @dataclass(frozen=True)
@@ -228,6 +234,7 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
             max_norm = config.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # [] a DTensor when FSDP shards the params
             grad_norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).detach())
+            warm_up_learning_rate(optimizer, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             step_losses.append(step_loss)
@@ -241,6 +248,7 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
         "advantage_mean": kept.mean().item() if kept.numel() else 0.0,  # per scored sample
         "advantage_std": kept.std().item() if kept.numel() > 1 else 0.0,
         "optimizer_steps": float(len(step_losses)),
+        "learning_rate": float(optimizer.param_groups[0]["lr"]),  # the last step's, under any warm-up
         "tokens": float(mask.sum().item()),  # counted completion tokens per pass
         **reward_statistics(batch.rewards, batch.group_size),
     }
