@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile
 
@@ -63,6 +64,41 @@ def test_same_seed_same_corpus(corpus: Path, tmp_path: Path) -> None:
     other = build_asr_dataset(DataConfig(out=str(tmp_path / "other"), seed=4, train=6, dev=3, test=8, long_test=0),
                               progress=False)
     assert {r.text for r in read_manifest(other)} != {r.text for r in read_manifest(corpus)}
+
+
+def test_recorded_splits_put_silence_around_the_tight_utterances(corpus: Path, tmp_path: Path) -> None:
+    """dev_recorded / test_recorded: the tight dev and test utterances with 0.2..edge_silence_seconds of
+    silence on each side (where a warm start trained on tight audio invents words); rl_pool: its own
+    sentences, recorded the same way; train stays tight. Off by default."""
+    assert {r.split for r in read_manifest(corpus)} == {"train", "dev", "test", "joined", "long"}
+    rows = read_manifest(build_asr_dataset(DataConfig(out=str(tmp_path), seed=3, train=2, dev=2, test=2, rl_pool=2,
+                                                      voices="en-us", joined=0, long_test=0, edge_silence_seconds=1.0),
+                                           progress=False))
+    by_split: dict[str, list[Row]] = {}
+    for r in rows:
+        by_split.setdefault(r.split, []).append(r)
+    assert {split: len(part) for split, part in by_split.items()} == {
+        "train": 2, "dev": 2, "test": 2, "rl_pool": 2, "dev_recorded": 2, "test_recorded": 2}
+    tight_texts = {r.text for split in ("train", "dev", "test") for r in by_split[split]}
+    assert not {r.text for r in by_split["rl_pool"]} & tight_texts, "RL prompts are not warm-start sentences"
+
+    def silence_around(audio: np.ndarray, speech: np.ndarray | None) -> tuple[float, float]:
+        before = int(np.flatnonzero(audio)[0]) - (0 if speech is None else int(np.flatnonzero(speech)[0]))
+        length = len(audio) - before - (0 if speech is None else len(speech))
+        if speech is not None:
+            assert np.array_equal(audio[before:before + len(speech)], speech), "the tight samples, unchanged"
+        return before / 16_000, length / 16_000
+
+    for tight, recorded in [*zip(by_split["dev"], by_split["dev_recorded"], strict=True),
+                            *zip(by_split["test"], by_split["test_recorded"], strict=True)]:
+        assert (recorded.text, recorded.id) == (tight.text, tight.id.replace(tight.split, recorded.split))
+        before, after = silence_around(soundfile.read(recorded.audio, dtype="float32")[0],
+                                       soundfile.read(tight.audio, dtype="float32")[0])
+        assert 0.2 <= before <= 1.0 and 0.2 <= after <= 1.0
+        assert recorded.duration == pytest.approx(tight.duration + before + after, abs=1e-3)
+    for pooled in by_split["rl_pool"]:
+        audio = soundfile.read(pooled.audio, dtype="float32")[0]
+        assert not audio[:int(0.2 * 16_000)].any() and not audio[-int(0.2 * 16_000):].any()
 
 
 def test_long_segments_join_references_and_audio(corpus: Path) -> None:

@@ -12,7 +12,11 @@ On disk (DIR):
                        keywords, split, sources (the utterances a long segment joins)
     wav/<id>.wav       16 kHz mono 16-bit PCM (the encoder's rate, so every reader sees the same samples)
 
-Splits: train, dev, test (single sentences, disjoint); joined (2-4 consecutive training
+Splits: train, dev, test (single sentences, disjoint, cut tight as espeak-ng speaks them);
+dev_recorded, test_recorded (the same dev and test utterances as a recording would hold them,
+with 0.2..edge_silence_seconds of silence before and after: the slack a VAD segment keeps; an
+LLM-ASR warm-started on tight audio invents words in that silence); rl_pool (utterances kept for
+RL prompts, never trained on by the warm start, recorded like dev_recorded); joined (2-4 consecutive training
 utterances, 6-14 s: the warm start learns to go on past a sentence end); long (test utterances
 joined into 15-28 s segments with pauses of long_gap_seconds between them: long-form audio beyond
 anything the warm start saw, where it invents words for the silences, loops and drops sentences);
@@ -186,6 +190,12 @@ class DataConfig:
     voices: str = option(VOICES, "Comma-separated espeak-ng voices (voice+variant); each utterance draws one.")
     min_rate: int = option(140, "Slowest speaking rate, words per minute.")
     max_rate: int = option(190, "Fastest speaking rate, words per minute.")
+    rl_pool: int = option(0, "Utterances kept for RL prompts (split rl_pool; sentences disjoint from the other "
+                             "splits), as the paper draws its RL data from a pool of its own.")
+    edge_silence_seconds: float = option(0.0, "With > 0: dev and test are also written as recorded (dev_recorded, "
+                                              "test_recorded), and rl_pool is: each utterance gets 0.2..this many "
+                                              "seconds of silence before and after it. train stays tight, as a "
+                                              "forced-aligned SFT corpus is. 0: no recorded splits, rl_pool tight.")
     keyword_rich_fraction: float = option(0.2, "Share of sentences from the keyword-rich templates (2-3 rare words).")
     max_seconds: float = option(20.0, "Length cap of an utterance (the paper keeps RL audio under 20 s).")
     joined: int = option(300, "Multi-sentence training segments (joined_min..max seconds) from training utterances: "
@@ -205,8 +215,10 @@ class DataConfig:
     workers: int = option(2, "espeak-ng processes at a time.")
 
     def __post_init__(self) -> None:
-        if min(self.train, self.dev, self.test) < 0 or self.train + self.dev + self.test == 0:
-            raise ValueError("train, dev and test must be >= 0 and not all 0")
+        if min(self.train, self.dev, self.test, self.rl_pool) < 0 or self.train + self.dev + self.test == 0:
+            raise ValueError("train, dev, test and rl_pool must be >= 0, and train, dev and test not all 0")
+        if not 0 <= self.edge_silence_seconds <= 5:
+            raise ValueError(f"edge_silence_seconds must be in [0, 5] (0: none), got {self.edge_silence_seconds}")
         if not 80 <= self.min_rate <= self.max_rate <= 450:
             raise ValueError(f"rates must satisfy 80 <= min_rate <= max_rate <= 450, got {self.min_rate}-{self.max_rate}")
         for kind in ("long", "joined"):
@@ -239,7 +251,8 @@ def _speak(synth: EspeakSynthesizer, text: str, voice: str, rate: int, out: Path
 
 def _plan(config: DataConfig) -> list[Row]:
     """The utterances to speak (duration still 0): sentences, splits, voices and rates from the seed."""
-    sizes = {"train": config.train, "dev": config.dev, "test": config.test}
+    sizes = {"train": config.train, "dev": config.dev, "test": config.test, "rl_pool": config.rl_pool}  # rl_pool
+    # last: a seed's train, dev and test sentences, voices and rates do not depend on it
     sentences = generate_sentences(sum(sizes.values()), config.seed, config.keyword_rich_fraction)
     rng = random.Random(config.seed + 1)
     voices = config.voice_list
@@ -266,6 +279,8 @@ def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
         bar = tqdm(jobs, desc="espeak-ng", unit="utt", disable=not progress)
         rows = [replace(r, audio=str(out / r.audio), duration=job.result()) for r, job in zip(planned, bar, strict=True)]
     rows = select_max_duration(rows, config.max_seconds)
+    if config.edge_silence_seconds:
+        rows = add_recorded_splits(rows, out, config.edge_silence_seconds, config.seed)
     joins = (("train", "joined", config.joined, config.joined_min_seconds, config.joined_max_seconds, config.gap_seconds),
              ("test", "long", config.long_test, config.long_min_seconds, config.long_max_seconds,
               config.long_gap_seconds),
@@ -276,6 +291,40 @@ def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
             rows += build_long_segments([r for r in rows if r.split == source], out, split=split, limit=count,
                                         min_seconds=shortest, max_seconds=longest, gap_seconds=gap, seed=config.seed)
     return write_manifest(out / MANIFEST, rows)
+
+
+RECORDED_SPLITS = {"dev": "dev_recorded", "test": "test_recorded"}  # tight split -> its recorded copy
+
+
+def add_recorded_splits(rows: Sequence[Row], out: Path, max_silence_seconds: float, seed: int) -> list[Row]:
+    """rows with dev and test copied as recorded (RECORDED_SPLITS) and rl_pool replaced by its recorded form.
+
+    A recorded utterance is the tight one with 0.2..max_silence_seconds of silence before and after
+    (each drawn from the seed), written to wav/<split>-<n>.wav. Silence is digital zeros, as the pauses
+    of the long segments are.
+    """
+    rng = random.Random(seed + 2)
+    result: list[Row] = []
+    recorded: list[Row] = []
+    for row in rows:
+        split = RECORDED_SPLITS.get(row.split, row.split if row.split == "rl_pool" else None)
+        if split is None:
+            result.append(row)
+            continue
+        samples, _ = soundfile.read(row.audio, dtype="float32")
+        before, after = (np.zeros(round(rng.uniform(0.2, max_silence_seconds) * SAMPLE_RATE), np.float32)
+                         for _ in range(2))
+        audio = np.concatenate([before, samples, after])  # [N]
+        name = row.id.replace(row.split, split, 1)
+        path = out / "wav" / f"{name}.wav"
+        _write_wav(path, audio)
+        copy = replace(row, id=name, audio=str(path), split=split, duration=audio.shape[0] / SAMPLE_RATE)
+        if row.split == "rl_pool":
+            result.append(copy)
+        else:
+            result.append(row)
+            recorded.append(copy)
+    return result + recorded
 
 
 # -- long segments -----------------------------------------------------------------------------
@@ -436,7 +485,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = read_manifest(manifest)
     for split in dict.fromkeys(r.split for r in rows):
         part = [r for r in rows if r.split == split]
-        print(f"{split:>10}: {len(part):5d} rows, {sum(r.duration for r in part) / 60:6.1f} min, "
+        print(f"{split:>13}: {len(part):5d} rows, {sum(r.duration for r in part) / 60:6.1f} min, "
               f"{max(r.duration for r in part):5.1f} s longest")
     print(f"manifest: {manifest}")
 
