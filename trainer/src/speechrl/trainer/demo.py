@@ -24,6 +24,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     parser.add_argument("--steps", type=int, default=20, help="GRPO steps (default: 20)")
     args = parser.parse_args(argv)
-    run(ReproConfig(out=args.out, variants="R1+R2", train=500, joined=120, test=40, long_test=8, long_train=16,
+    run(ReproConfig(out=args.out, variants="R1+R2", train=500, joined=120, test=40, long_test=8, long_train=16, rl_pool=64,
                     warmstart_epochs=4, hidden_size=192, num_layers=3, steps=args.steps, prompt_candidates=48,
                     long_candidates=8, prompt_pool=32))

@@ -5,20 +5,25 @@
     python -m speechrl.trainer.reproduce --out runs/x --prepared runs/asr-repro --variants R1 --steps 60
                                    # a GRPO experiment on an earlier run's corpus and warm start
 
-1. An English corpus spoken by espeak-ng (data.py): train/dev/test plus long test segments.
+1. An English corpus spoken by espeak-ng (data.py): train/dev/test plus long test segments. The
+   warm start's training utterances are cut tight; dev, test and the RL pool also come as recorded,
+   with up to edge_silence_seconds of silence before and after (data.add_recorded_splits), where a
+   model trained on tight audio invents words: the hallucination the paper's rewards target.
 2. A supervised warm start of a small LLM-ASR (warmstart.py): tiny.en's encoder + a small Qwen2,
    stopped early so RL has room.
 3. The local stack (rules, encoder with the policy's front-end, rollout with the policy).
-4. Greedy evaluation of the warm start on the test split and the long segments (hallucination-prone).
-5. RL prompts: the warm start samples G transcripts of candidate training utterances and long
-   segments; the prompts whose samples' rewards differ most are kept (data.select_informative_groups):
-   a prompt the warm start always gets right, or always wrong the same way, gives GRPO no gradient.
+4. Greedy evaluation of the warm start on test (as recorded and tight) and the long segments.
+5. RL prompts: the warm start samples G transcripts of candidate utterances of the RL pool (never
+   trained on, recorded) and long training segments; the prompts whose samples' rewards differ
+   most are kept (data.select_informative_groups): a prompt the warm start always gets right, or
+   always wrong the same way, gives GRPO no gradient.
    Options (off by default): a quota of long prompts (--long-pool), long segments held out (--long-dev).
 6. One GRPO run per reward set on those prompts, each from the same warm start: R1 (1 - WER), R1+R2
    (+ hallucination penalty), R1+R2+R3 (+ keyword precision/recall); then its greedy evaluation:
-   WER, insertions per utterance, hallucination rate. Written with the wall time of every stage to
-   results.md / results.json, and a plot (results.png). The test columns use the GRPO step with the
-   lowest dev WER (with --long-dev: on dev + the held-out long segments, which also sees R2's loops).
+   WER and insertions per utterance on test as recorded and cut tight, and on the long segments with
+   their hallucination rate. Written with the wall time of every stage to results.md / results.json,
+   and a plot (results.png). The test columns use the GRPO step with the lowest dev WER (dev as
+   recorded; with --long-dev also the held-out long segments, which sees R2's loops).
 
 The frozen front-end's embeddings are computed once per utterance by the encoder service and
 shared by every stage (asr_job.EmbeddingCache): prompts are drawn many times and the test split is
@@ -66,7 +71,7 @@ VARIANTS: dict[str, dict[str, float]] = {
 }
 STACK = ("rules", "encoder", "rollout")
 STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
-PROMPT_SPLITS = {"train": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
+PROMPT_SPLITS = {"train": "rl", "rl_pool": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
 
 
 @dataclass
@@ -81,15 +86,20 @@ class ReproConfig:
     joined: int = option(150, "Training segments of 2-4 joined utterances (6-14 s), so the warm start reads on "
                               "past a sentence end; on longer inputs it then tends to repeat (what R2 targets).")
     dev: int = option(40, "Dev utterances, all evaluated every eval_every GRPO steps to pick the reported step "
-                          "(greedy, ~1 s per 40).")
+                          "(greedy, ~1 s per 40; as recorded when edge_silence_seconds > 0).")
     test: int = option(150, "Test utterances (the reported WER).")
     long_test: int = option(24, "Long test segments (15-28 s) for the hallucination columns.")
+    rl_pool: int = option(160, "Utterances kept for RL prompts (data split rl_pool, recorded like test_recorded), "
+                               "never in the warm start's training; the prompt candidates are drawn from them.")
+    edge_silence_seconds: float = option(2.0, "dev, test and rl_pool as recorded: 0.2..this many seconds of silence "
+                                              "before and after each utterance (data.add_recorded_splits); the warm "
+                                              "start, trained on tight audio, invents words there. 0: all tight.")
     long_train: int = option(30, "Long training segments (15-28 s), candidates for the RL prompts (loops happen there).")
     warmstart_epochs: int = option(2, "Epochs of the supervised warm start: short on purpose (the time budget), RL has "
                                       "room.")
     hidden_size: int = option(256, "LM hidden size.")
     num_layers: int = option(4, "LM layers.")
-    steps: int = option(40, "GRPO steps per variant.")
+    steps: int = option(30, "GRPO steps per variant.")
     group_size: int = option(8, "GRPO group size G (the paper: 12).")
     batch_size: int = option(8, "Prompts per GRPO step (the paper: 32).")
     learning_rate: float = option(5e-5, "GRPO learning rate (the paper: 1e-5 for a much larger model).")
@@ -128,6 +138,7 @@ def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
         with stage_timer(stages, "corpus"):
             build_asr_dataset(DataConfig(out=str(manifest.parent), seed=config.seed, train=config.train, dev=config.dev,
                                          joined=config.joined, test=config.test, long_test=config.long_test,
+                                         rl_pool=config.rl_pool, edge_silence_seconds=config.edge_silence_seconds,
                                          long_train=config.long_train))
     if not (policy / "asr_layout.json").exists():
         print(f"[2/6] warm start ({config.warmstart_epochs} epochs) into {policy}", flush=True)
@@ -182,7 +193,7 @@ async def evaluate_splits(job: AsrJobConfig, policy: Path, manifest: Path,
     rows = read_manifest(manifest)
     results: dict[str, float] = {}
     async with Services.connect(job) as services:
-        for split in ("test", "long"):
+        for split in ("test_recorded", "test", "long"):
             part = [r for r in rows if r.split == split]
             if part:
                 scores = await evaluate(services, part, layout.max_new_tokens, layout.instruction_ids, cache)
@@ -212,6 +223,11 @@ async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache
     return groups
 
 
+def dev_split(rows: Sequence[Row]) -> str:
+    """The split that picks the reported step: dev as recorded where the corpus has it, like the test column."""
+    return "dev_recorded" if any(r.split == "dev_recorded" for r in rows) else "dev"
+
+
 def keep_prompts(candidates: Sequence[Row], groups: Sequence[Sequence[float | None]], pool: int,
                  long_pool: int = 0) -> list[Row]:
     """The pool candidates whose sampled rewards spread the widest (data.select_informative_groups);
@@ -234,7 +250,7 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
     kept, long ones kept)."""
     rows = read_manifest(manifest)
     rng = random.Random(config.seed)
-    train = [r for r in rows if r.split == "train"]
+    train = [r for r in rows if r.split == "rl_pool"] or [r for r in rows if r.split == "train"]  # short candidates
     long = [r for r in rows if r.split == "long_train"]
     long_dev: list[Row] = []
     if config.long_dev:  # held out first: never a prompt
@@ -248,7 +264,7 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
     kept = keep_prompts(candidates, groups, config.prompt_pool, config.long_pool)
     path = Path(config.out) / "prompts.jsonl"
     write_manifest(path, [replace(r, split=PROMPT_SPLITS[r.split]) for r in kept]
-                   + [r for r in rows if r.split == "dev"] + [replace(r, split="dev_long") for r in long_dev])
+                   + [r for r in rows if r.split == dev_split(rows)] + [replace(r, split="dev_long") for r in long_dev])
     counts = {"candidates": len(candidates), "informative": len(informative), "kept": len(kept),
               "long kept": sum(r.split == "long_train" for r in kept), "long dev": len(long_dev)}
     return path, counts
@@ -316,7 +332,7 @@ def run(config: ReproConfig) -> dict[str, Any]:
             with stage_timer(stages, "prompt selection"):
                 prompts, selection = select_prompts(config, baseline_job, policy, manifest, cache)
             train_split = ",".join(PROMPT_SPLITS.values())
-            eval_split = "dev,dev_long" if config.long_dev else "dev"
+            eval_split = dev_split(read_manifest(manifest)) + (",dev_long" if config.long_dev else "")
             print(f"  {selection}", flush=True)
         print(f"[6/6] GRPO runs: {config.variants}", flush=True)
         for name in config.variants.split(","):
@@ -337,7 +353,8 @@ def run(config: ReproConfig) -> dict[str, Any]:
     return results
 
 
-COLUMNS = (("test/wer", "test WER"), ("test/insertions", "test insertions/utt"),
+COLUMNS = (("test_recorded/wer", "test WER, recorded"), ("test_recorded/insertions", "test insertions/utt, recorded"),
+           ("test/wer", "test WER, tight"), ("test/insertions", "test insertions/utt, tight"),
            ("long/wer", "long WER"), ("long/insertions", "long insertions/utt"),
            ("long/hallucination_rate", "long hallucination rate"))
 
@@ -369,7 +386,8 @@ def plot_table(table: dict[str, dict[str, float]], path: Path) -> None:
 
     names = list(table)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (key, label) in zip(axes, (COLUMNS[0], COLUMNS[2], COLUMNS[3]), strict=True):
+    plotted = [column for column in COLUMNS if column[0] in ("test_recorded/wer", "test/wer", "long/insertions")]
+    for ax, (key, label) in zip(axes, plotted, strict=True):
         ax.bar(range(len(names)), [table[n].get(key, 0.0) for n in names], color="tab:blue")
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
         ax.set_title(label)
