@@ -176,6 +176,16 @@ def test_prompt_pool_keeps_a_quota_of_long_segments() -> None:
     assert [r.id for r in kept] == ["r4", "r5", "r0", "r1"]  # only 2 long ones informative, the rest short
 
 
+def test_reproduction_picks_its_step_on_dev_as_recorded_where_the_corpus_has_it() -> None:
+    from dataclasses import replace
+
+    from speechrl.trainer.reproduce import dev_split
+
+    tight = [replace(row(0, "a"), split="dev"), replace(row(1, "b"), split="test")]
+    assert dev_split(tight) == "dev"
+    assert dev_split([*tight, replace(row(2, "a"), split="dev_recorded")]) == "dev_recorded"
+
+
 def test_keyword_length_and_random_selectors() -> None:
     rows = [row(0, "a", 3.0, ("insulin",)), row(1, "b", 25.0, ("insulin", "router")), row(2, "c", 19.9),
             row(3, "d", 4.0, ("latency", "router", "voltage"))]
