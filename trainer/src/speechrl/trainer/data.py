@@ -304,13 +304,8 @@ def add_recorded_splits(rows: Sequence[Row], out: Path, max_silence_seconds: flo
     of the long segments are.
     """
     rng = random.Random(seed + 2)
-    result: list[Row] = []
-    recorded: list[Row] = []
-    for row in rows:
-        split = RECORDED_SPLITS.get(row.split, row.split if row.split == "rl_pool" else None)
-        if split is None:
-            result.append(row)
-            continue
+
+    def recorded(row: Row, split: str) -> Row:
         samples, _ = soundfile.read(row.audio, dtype="float32")
         before, after = (np.zeros(round(rng.uniform(0.2, max_silence_seconds) * SAMPLE_RATE), np.float32)
                          for _ in range(2))
@@ -318,13 +313,13 @@ def add_recorded_splits(rows: Sequence[Row], out: Path, max_silence_seconds: flo
         name = row.id.replace(row.split, split, 1)
         path = out / "wav" / f"{name}.wav"
         _write_wav(path, audio)
-        copy = replace(row, id=name, audio=str(path), split=split, duration=audio.shape[0] / SAMPLE_RATE)
-        if row.split == "rl_pool":
-            result.append(copy)
-        else:
-            result.append(row)
-            recorded.append(copy)
-    return result + recorded
+        return replace(row, id=name, audio=str(path), split=split, duration=audio.shape[0] / SAMPLE_RATE)
+
+    # In manifest order, so the silences drawn from the seed do not depend on how the rows are regrouped.
+    made = {i: recorded(row, RECORDED_SPLITS.get(row.split, row.split)) for i, row in enumerate(rows)
+            if row.split in RECORDED_SPLITS or row.split == "rl_pool"}
+    kept = [made[i] if row.split == "rl_pool" else row for i, row in enumerate(rows)]
+    return kept + [made[i] for i, row in enumerate(rows) if row.split in RECORDED_SPLITS]
 
 
 # -- long segments -----------------------------------------------------------------------------

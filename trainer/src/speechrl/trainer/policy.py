@@ -174,9 +174,8 @@ def warm_up_learning_rate(optimizer: torch.optim.Optimizer, config: GRPOConfig) 
     are read from AdamW's own state, so a resumed run (optimizer.pt) and every FSDP rank continue alike."""
     if config.warmup_steps <= 0:
         return
-    first: dict[str, Any] = next((optimizer.state[p] for group in optimizer.param_groups for p in group["params"]
-                  if p in optimizer.state), {})
-    taken = int(first["step"]) if "step" in first else 0
+    states = [optimizer.state[p] for group in optimizer.param_groups for p in group["params"] if p in optimizer.state]
+    taken = int(states[0]["step"]) if states and "step" in states[0] else 0
     for group in optimizer.param_groups:
         group["lr"] = config.learning_rate * min(1.0, (taken + 1) / config.warmup_steps)
 

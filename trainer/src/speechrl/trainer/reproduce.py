@@ -250,21 +250,22 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
     kept, long ones kept)."""
     rows = read_manifest(manifest)
     rng = random.Random(config.seed)
-    train = [r for r in rows if r.split == "rl_pool"] or [r for r in rows if r.split == "train"]  # short candidates
+    short = [r for r in rows if r.split == "rl_pool"] or [r for r in rows if r.split == "train"]
     long = [r for r in rows if r.split == "long_train"]
     long_dev: list[Row] = []
     if config.long_dev:  # held out first: never a prompt
         rng.shuffle(long)
         long_dev, long = long[:config.long_dev], long[config.long_dev:]
-    candidates = rng.sample(train, min(config.prompt_candidates, len(train)))
+    candidates = rng.sample(short, min(config.prompt_candidates, len(short)))
     candidates += (long[:config.long_candidates] if long_dev
                    else rng.sample(long, min(config.long_candidates, len(long))))
     groups = asyncio.run(sample_rewards(job, policy, candidates, cache))
     informative = select_informative_groups(candidates, groups)
     kept = keep_prompts(candidates, groups, config.prompt_pool, config.long_pool)
+    dev = dev_split(rows)
     path = Path(config.out) / "prompts.jsonl"
     write_manifest(path, [replace(r, split=PROMPT_SPLITS[r.split]) for r in kept]
-                   + [r for r in rows if r.split == dev_split(rows)] + [replace(r, split="dev_long") for r in long_dev])
+                   + [r for r in rows if r.split == dev] + [replace(r, split="dev_long") for r in long_dev])
     counts = {"candidates": len(candidates), "informative": len(informative), "kept": len(kept),
               "long kept": sum(r.split == "long_train" for r in kept), "long dev": len(long_dev)}
     return path, counts
