@@ -18,6 +18,9 @@ started with the services' settings (stack.service_env: thread counts, jemalloc)
   an asyncio loop. It differs from in-process by the server's batching path, and from gRPC by gRPC
   (with the servicer's proto translation and the client);
 - over gRPC: the real server (`speechrl serve`) called by the asyncio client, one call after another.
+  The client sends the WAV bytes held in memory, as the in-process items hold them, and runs with
+  the services' process settings (jemalloc), as the stack's own clients (trainer, gateway) do: the
+  script re-runs itself with them.
 
 The breakdown table splits one batch-8 gRPC call with the server's own Prometheus metrics (its
 /metrics port): time in the call's handler, of which in the batch function, against the batch
@@ -41,7 +44,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -79,6 +82,8 @@ BREAKDOWN_BATCH = 8  # the batch size whose gRPC calls the breakdown table split
 # Flags of the server compared with in-process (max_batch_size 32 is ServerConfig's default). The
 # batcher-only worker parses the same flags, and the same SPEECHRL_<SERVICE>_* variables, into its config.
 SERVER_ARGS = ("--max-batch-size", "32")
+# The variables of the process-settings table: each variant sets its own.
+PROCESS_SETTINGS = ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "LD_PRELOAD", "MALLOC_CONF")
 
 
 @dataclass
@@ -102,9 +107,9 @@ class Scorer:
     name: str
     items_per_run: int
     build_engine: Callable[[list[Path]], Engine]
-    call_batch: Callable[[Any, list[Path], int, int], Any]
+    call_batch: Callable[[Any, list[bytes], int, int], Any]
     async_client: type
-    call_async: Callable[[Any, list[Path], int], Any]
+    call_async: Callable[[Any, list[bytes], int], Any]
     rounds: int = 5  # alternating rounds per comparison (the reported numbers are their medians)
     coalesces: bool = False  # the client merges concurrent calls (AsyncRuleRewardsClient's coalesce option)
 
@@ -275,18 +280,42 @@ class InProcessWorker:
         self.proc.wait(30)
 
 
-async def remote_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], total: int, batch: int) -> float:
+class KeptClients:
+    """An event loop and the SDK clients the benchmark calls through, kept open between measurements as a
+    trainer keeps its channels: a new connection starts with small HTTP/2 windows and cold buffers."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._clients: dict[tuple[str, str, bool | None], Any] = {}
+
+    def client(self, scorer: Scorer, endpoint: str, coalesce: bool | None = None) -> Any:
+        """The scorer's asyncio client of endpoint; coalesce: the rules client's option (None: its default)."""
+        key = (scorer.name, endpoint, coalesce)
+        if key not in self._clients:
+            options = {} if coalesce is None else {"coalesce": coalesce}
+            self._clients[key] = scorer.async_client(endpoint, timeout_s=600, **options)
+        return self._clients[key]
+
+    def run(self, work: Coroutine[Any, Any, float]) -> float:
+        return self.loop.run_until_complete(work)
+
+    def close(self) -> None:
+        for client in self._clients.values():
+            self.loop.run_until_complete(client.close())
+        self.loop.close()
+
+
+async def remote_throughput(scorer: Scorer, client: Any, audio: list[bytes], total: int, batch: int) -> float:
     """throughput() of one client sending `batch` items per call, each call after the last reply.
 
     The asyncio client: the SDK's core. Its sync wrapper adds a hand-off to its loop thread per call,
     which is the wrapper's cost, not gRPC's.
     """
-    async with scorer.async_client(endpoint, timeout_s=600) as client:
-        await scorer.call_batch(client, wavs, 0, batch)
-        start = time.perf_counter()
-        for offset in range(0, total, batch):
-            await scorer.call_batch(client, wavs, offset, min(batch, total - offset))
-        return total / (time.perf_counter() - start)
+    await scorer.call_batch(client, audio, 0, batch)
+    start = time.perf_counter()
+    for offset in range(0, total, batch):
+        await scorer.call_batch(client, audio, offset, min(batch, total - offset))
+    return total / (time.perf_counter() - start)
 
 
 async def round_trip_ms(endpoint: str, calls: int = 500) -> float:
@@ -340,22 +369,20 @@ class ServerProcess:
         self.proc.wait(30)
 
 
-async def concurrent_throughput(scorer: Scorer, endpoint: str, wavs: list[Path], total: int, clients: int = 32,
-                                **client_options: Any) -> float:
-    """Items per second when `clients` tasks share one client and each sends single-item calls until `total`
-    are done."""
-    async with scorer.async_client(endpoint, timeout_s=600, **client_options) as client:
-        await scorer.call_async(client, wavs, 0)
-        counter = iter(range(total))
+async def concurrent_throughput(scorer: Scorer, client: Any, audio: list[bytes], total: int, tasks: int = 32) -> float:
+    """Items per second when `tasks` asyncio tasks share one client and each sends single-item calls until
+    `total` are done."""
+    await scorer.call_async(client, audio, 0)
+    counter = iter(range(total))
 
-        async def worker() -> None:
-            for i in counter:
-                results = await scorer.call_async(client, wavs, i)
-                results[0].unwrap()
+    async def worker() -> None:
+        for i in counter:
+            results = await scorer.call_async(client, audio, i)
+            results[0].unwrap()
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        return total / (time.perf_counter() - start)
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(tasks)))
+    return total / (time.perf_counter() - start)
 
 
 def alternating_medians(measures: Sequence[Callable[[], float]], rounds: int) -> list[float]:
@@ -419,7 +446,7 @@ def batch_row(name: str, batch: int, rates: Sequence[float], floor_ms: float) ->
             f"{per_call_ms(in_process, remote)} | {per_call_ms(without_grpc, remote)} | {floor_ms:.2f} |")
 
 
-def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[str], str, list[str]]:
+def bench_scorer(scorer: Scorer, audio: list[bytes], quick: bool) -> tuple[list[str], str, list[str]]:
     """Rows of the batch table, the breakdown row and the rows of the concurrency table."""
     total, rounds = scorer.items_per_run // (4 if quick else 1), 2 if quick else scorer.rounds
     rates: list[tuple[int, list[float]]] = []  # (batch, medians of the three paths)
@@ -428,10 +455,12 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
     server = ServerProcess(scorer.name, SERVER_ARGS)
     alone_server = ServerProcess(scorer.name, ["--max-batch-size", "1"])
     breakdown = CallBreakdown(server, BREAKDOWN_BATCH)
+    kept = KeptClients()
+    client = kept.client(scorer, server.endpoint)
     try:
-        asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8))  # the server warm, as the workers
+        kept.run(remote_throughput(scorer, client, audio, total, 8))  # the server warm, as the workers
         for batch in BATCH_SIZES:
-            remote = lambda: asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, batch))  # noqa: B023, E731 (called within this iteration)
+            remote = lambda: kept.run(remote_throughput(scorer, client, audio, total, batch))  # noqa: B023, E731 (called within this iteration)
             rates.append((batch, alternating_medians(
                 [lambda: local.throughput(total, batch),  # noqa: B023
                  lambda: batched_local.throughput(total, batch),  # noqa: B023
@@ -440,13 +469,14 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
         floor_ms = asyncio.run(round_trip_ms(server.endpoint))
         # The rules client merges concurrent calls into one request unless told not to (coalesce=False):
         # measured apart from the server's batching, and off for "each request alone".
-        single = {"coalesce": False} if scorer.coalesces else {}
-        measures = [lambda: asyncio.run(concurrent_throughput(scorer, alone_server.endpoint, wavs, total, **single)),
-                    lambda: asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total, **single))]
+        single = False if scorer.coalesces else None
+        measures = [lambda: kept.run(concurrent_throughput(scorer, kept.client(scorer, alone_server.endpoint, single), audio, total)),
+                    lambda: kept.run(concurrent_throughput(scorer, kept.client(scorer, server.endpoint, single), audio, total))]
         if scorer.coalesces:
-            measures.append(lambda: asyncio.run(concurrent_throughput(scorer, server.endpoint, wavs, total)))
+            measures.append(lambda: kept.run(concurrent_throughput(scorer, kept.client(scorer, server.endpoint, True), audio, total)))
         alone, batched, *merged = alternating_medians(measures, rounds)
     finally:
+        kept.close()
         for process in (local, batched_local, server, alone_server):
             process.stop()
     rows = [batch_row(scorer.name, batch, medians, floor_ms) for batch, medians in rates]
@@ -455,10 +485,9 @@ def bench_scorer(scorer: Scorer, wavs: list[Path], quick: bool) -> tuple[list[st
     return rows, breakdown.row(scorer.name, dict(rates)[BREAKDOWN_BATCH][0]), concurrency
 
 
-def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
+def bench_process_settings(audio: list[bytes], quick: bool) -> list[str]:
     """ASR scorer over gRPC at batch 8 under each thread/allocator setting."""
-    base = {k: v for k, v in os.environ.items()
-            if k not in ("OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "OMP_NUM_THREADS", "LD_PRELOAD", "MALLOC_CONF")}
+    base = {k: v for k, v in os.environ.items() if k not in PROCESS_SETTINGS}
     variants = {
         "library defaults (OpenBLAS threads = cores, glibc malloc)": dict(base),
         "OPENBLAS_NUM_THREADS=1, glibc malloc": {**base, "OPENBLAS_NUM_THREADS": "1"},
@@ -472,15 +501,27 @@ def bench_process_settings(wavs: list[Path], quick: bool) -> list[str]:
     total, rounds = (16, 1) if quick else (32, scorer.rounds)
     servers = {label: ServerProcess("intelligibility", ["--max-batch-size", "8"], env=env)
                for label, env in variants.items()}
+    kept = KeptClients()
     samples: dict[str, list[float]] = {label: [] for label in variants}
     try:
         for _ in range(rounds):  # the settings in turn within each round, as alternating_medians
             for label, server in servers.items():
-                samples[label].append(asyncio.run(remote_throughput(scorer, server.endpoint, wavs, total, 8)))
+                client = kept.client(scorer, server.endpoint)
+                samples[label].append(kept.run(remote_throughput(scorer, client, audio, total, 8)))
     finally:
+        kept.close()
         for server in servers.values():
             server.stop()
     return [f"| {label} | {statistics.median(rates):.2f} |" for label, rates in samples.items()]
+
+
+def as_a_stack_client() -> None:
+    """Re-run this script with the services' process settings unless it has them: its gRPC clients then
+    run as the stack's own clients (the trainer, the gateway) do, with jemalloc. Under glibc's default
+    malloc, each 1 MB request is built in freshly mapped pages (page faults on every copy)."""
+    env = service_env(dict(os.environ))
+    if env != dict(os.environ):
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def main() -> None:
@@ -493,15 +534,18 @@ def main() -> None:
     if args.in_process_worker:
         in_process_worker(args.in_process_worker, args.via_batcher)
         return
-    wavs = speech()
+    as_a_stack_client()
+    # The clients send the WAV bytes held in memory, as the in-process items hold them: reading the
+    # files on every call would charge disk reads to gRPC.
+    audio = [path.read_bytes() for path in speech()]
     batch_rows, breakdown_rows, concurrency_rows = [], [], []
     for name in args.only.split(","):
         print(f"benchmarking {name} ...", flush=True)
-        rows, breakdown, concurrency = bench_scorer(SCORERS[name], wavs, args.quick)
+        rows, breakdown, concurrency = bench_scorer(SCORERS[name], audio, args.quick)
         batch_rows += rows
         breakdown_rows.append(breakdown)
         concurrency_rows += concurrency
-    settings = bench_process_settings(wavs, args.quick) if "intelligibility" in args.only else []
+    settings = bench_process_settings(audio, args.quick) if "intelligibility" in args.only else []
     body = "\n".join([
         "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis), the median "
         "of alternating rounds (in-process, server path without gRPC, over gRPC, in turn). Items come in GRPO "
