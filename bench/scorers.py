@@ -5,8 +5,9 @@ settings.
     python bench/scorers.py [--only rules,speaker,intelligibility] [--quick]
 
 Utterances are espeak-ng speech (about 3 s each). Items come in GRPO groups of 8 samples of one
-prompt: rule hypotheses are different transcripts of the group's reference, speaker items compare
-different utterances with the group's prompt speaker.
+prompt: rule hypotheses are different transcripts of the group's reference (each one new text, as
+rollouts are, while references recur), speaker items compare different utterances with the group's
+prompt speaker.
 
 The batch table measures each scorer three ways, on the same items, each in a process of its own
 started with the services' settings (stack.service_env: thread counts, jemalloc):
@@ -37,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import os
 import statistics
 import subprocess
@@ -119,19 +121,32 @@ def _texts(i: int) -> str:
 
 
 # Items come as GRPO sends them: groups of GROUP samples of one prompt. Rules: each sample a
-# different plausible transcript (one word dropped) of the group's reference. Speaker: each sample
+# different plausible transcript of the group's reference, one word misheard as a word never made
+# before, so that no hypothesis repeats over the run (rollouts are new text, references recur; the
+# scorers remember normalised texts, which would otherwise time a cache). Speaker: each sample
 # a different utterance, all compared with the group's prompt speaker.
 GROUP = 8
+_WORDS_MADE = itertools.count()
 
 
 def _reference(i: int) -> str:
     return _texts(i // GROUP)
 
 
+def _new_word() -> str:
+    """A letters-only word this process has not made before (normalisation leaves it whole)."""
+    n, letters = next(_WORDS_MADE), ""
+    while True:
+        n, digit = divmod(n, 26)
+        letters += chr(ord("a") + digit)
+        if n == 0:
+            return "zq" + letters
+
+
 def _hypothesis(i: int) -> str:
     words = _reference(i).split()
-    drop = i % GROUP % len(words)
-    return " ".join(words[:drop] + words[drop + 1:])
+    misheard = i % GROUP % len(words)
+    return " ".join([*words[:misheard], _new_word(), *words[misheard + 1:]])
 
 
 def _prompt_speaker(wavs: Sequence[Any], i: int) -> Any:
