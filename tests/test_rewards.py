@@ -131,6 +131,8 @@ def test_helpers() -> None:
     assert dominant_script("hello") == "LATIN"
     assert dominant_script("こんにちは世界") == "CJK"
     assert dominant_script("hi") is None
+    assert dominant_script("a1 b2 !") is None, "digits and symbols are not letters"
+    assert dominant_script("Привет, мир") == "CYRILLIC"
     assert normalize_text("") == ""
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import jiwer
 
 from speechrl.rewards.text import is_character_language, normalize_text
-from speechrl.rewards.wer import Counts, error_rates
+from speechrl.rewards.wer import Counts, WordAlignment, align_words
 
 
 @dataclass(frozen=True)
@@ -113,16 +113,15 @@ def excess_repeats(hyp_words: Sequence[str], ref_words: Sequence[str], n: int) -
     return sum(count - ref[g] for g, count in hyp.items() if count >= 2 and count > ref[g])
 
 
-def longest_insertion_run(reference: str, hypothesis: str) -> int:
-    """Length of the longest run of inserted words in jiwer's alignment."""
-    if not hypothesis:
-        return 0
-    output = jiwer.process_words(reference, hypothesis)
-    return max((c.hyp_end_idx - c.hyp_start_idx for c in output.alignments[0] if c.type == "insert"), default=0)
+def longest_insertion_run(chunks: Sequence[jiwer.AlignmentChunk]) -> int:
+    """Length of the longest run of inserted words in a jiwer alignment."""
+    return max((c.hyp_end_idx - c.hyp_start_idx for c in chunks if c.type == "insert"), default=0)
 
 
 def dominant_script(text: str) -> str | None:
     """The Unicode script most of text's letters belong to (Han and kana count as one), or None."""
+    if text.isascii():  # ASCII letters are all Latin; spares a Unicode name lookup per character
+        return "LATIN" if sum(ch.isalpha() for ch in text) >= 3 else None
     scripts: Counter[str] = Counter()
     for ch in text:
         if ch.isalpha():
@@ -133,14 +132,15 @@ def dominant_script(text: str) -> str | None:
     return scripts.most_common(1)[0][0]
 
 
-def hallucination_reasons(hyp: str, ref: str, raw_hyp: str, raw_ref: str, config: RuleRewardConfig) -> list[str]:
-    """Names of the hallucination rules that fire for normalised hyp against normalised ref."""
-    hyp_words, ref_words = hyp.split(), ref.split()
+def hallucination_reasons(words: WordAlignment, raw_hyp: str, raw_ref: str, config: RuleRewardConfig) -> list[str]:
+    """Names of the hallucination rules that fire for a hypothesis, given its word alignment to the
+    reference (normalised texts) and both raw texts (for the script)."""
+    hyp_words, ref_words = words.normalized_hypothesis.split(), words.normalized_reference.split()
     reasons = []
     if looped_words(hyp_words, config) > looped_words(ref_words, config) or \
             excess_repeats(hyp_words, ref_words, config.phrase_words) > 0:
         reasons.append("repeated_ngram")
-    if longest_insertion_run(ref, hyp) >= config.insertion_burst:
+    if longest_insertion_run(words.chunks) >= config.insertion_burst:
         reasons.append("insertion_burst")
     if len(hyp_words) > config.length_ratio * len(ref_words) + config.length_slack:
         reasons.append("too_long")
@@ -177,16 +177,15 @@ def rule_rewards(hypothesis: str, reference: str, keywords: Sequence[str] = (), 
     (0.8, 0.0, 1.0)
     """
     config = config or RuleRewardConfig()
-    rates = error_rates(hypothesis, reference, language)
-    hyp, ref = rates.normalized_hypothesis, rates.normalized_reference
-    accuracy = min(1.0, max(0.0, 1.0 - rates.wer))
-    reasons = hallucination_reasons(hyp, ref, hypothesis, reference, config)
+    words = align_words(hypothesis, reference, language)
+    accuracy = min(1.0, max(0.0, 1.0 - words.wer))
+    reasons = hallucination_reasons(words, hypothesis, reference, config)
     hallucination = -1.0 if reasons else 0.0
-    precision, recall = keyword_scores(hyp, ref, keywords, language)
+    precision, recall = keyword_scores(words.normalized_hypothesis, words.normalized_reference, keywords, language)
     keyword = (precision + recall) / 2.0
     total = (config.accuracy_weight * accuracy + config.hallucination_weight * hallucination
              + config.keyword_weight * keyword)
-    return RuleRewardResult(wer=rates.wer, word_counts=rates.word_counts, accuracy_reward=accuracy,
+    return RuleRewardResult(wer=words.wer, word_counts=words.counts, accuracy_reward=accuracy,
                             hallucination_reward=hallucination, hallucination_reasons=reasons,
                             keyword_precision=precision, keyword_recall=recall, keyword_reward=keyword,
                             total=total)

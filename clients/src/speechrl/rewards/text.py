@@ -9,16 +9,21 @@ normaliser (lower case, punctuation and diacritics-safe symbol removal).
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Iterator
 
 from whisper_normalizer.basic import BasicTextNormalizer
 from whisper_normalizer.english import EnglishTextNormalizer
 
 # Languages scored per character: written without spaces between words.
 CHARACTER_LANGUAGES = frozenset({"zh", "yue", "ja", "ko", "th", "lo", "my", "km"})
+
+# Whisper's English normaliser costs ~0.3 ms a sentence (dozens of regex passes), more than the WER
+# itself, and RL scores each reference many times: G samples per group, once per epoch, and once
+# per request when a trainer sends one sample per call. So normalised texts are remembered, process
+# wide, in an LRU of NORMALIZED_CACHE_SIZE entries; texts longer than CACHED_TEXT_CHARS (long-form
+# transcripts, rarely repeated) are not, which bounds the cache at a few tens of MB.
+NORMALIZED_CACHE_SIZE = 8192
+CACHED_TEXT_CHARS = 2000
 
 
 def is_character_language(language: str) -> bool:
@@ -36,29 +41,6 @@ def _basic() -> BasicTextNormalizer:
     return BasicTextNormalizer()
 
 
-# Whisper's English normaliser costs ~0.35 ms a sentence (dozens of regex passes), more than the
-# WER itself, and a GRPO batch scores each reference G times (often the same hypothesis too).
-# Inside `shared_normalization()` results are remembered, so a batch normalises each text once;
-# the memo lives as long as the batch, so memory stays bounded without a global cache.
-_MEMO: contextvars.ContextVar[dict[tuple[str, str], str] | None] = contextvars.ContextVar("normalization_memo",
-                                                                                         default=None)
-
-
-@contextlib.contextmanager
-def shared_normalization() -> Iterator[None]:
-    """Within the block, normalize_text computes each (text, language) once.
-
-    >>> with shared_normalization():
-    ...     normalize_text("Twenty-five!") == normalize_text("Twenty-five!")
-    True
-    """
-    token = _MEMO.set({})
-    try:
-        yield
-    finally:
-        _MEMO.reset(token)
-
-
 def normalize_text(text: str, language: str = "en") -> str:
     """Normalise text for scoring; character languages come back as space-separated characters.
 
@@ -67,13 +49,9 @@ def normalize_text(text: str, language: str = "en") -> str:
     >>> normalize_text("你好，世界", "zh")
     '你 好 世 界'
     """
-    memo = _MEMO.get()
-    if memo is None:
-        return _normalize(text, language)
-    key = (text, language)
-    if key not in memo:
-        memo[key] = _normalize(text, language)
-    return memo[key]
+    if len(text) <= CACHED_TEXT_CHARS:
+        return _normalize_remembered(text, language)
+    return _normalize(text, language)
 
 
 def _normalize(text: str, language: str) -> str:
@@ -85,3 +63,6 @@ def _normalize(text: str, language: str) -> str:
     if is_character_language(lang):
         return " ".join(ch for ch in normalized if not ch.isspace())
     return " ".join(normalized.split())
+
+
+_normalize_remembered = functools.lru_cache(maxsize=NORMALIZED_CACHE_SIZE)(_normalize)

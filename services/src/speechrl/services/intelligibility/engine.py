@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from speechrl.rewards import ErrorRates, error_rates, normalize_text, wer_reward
-from speechrl.rewards.text import shared_normalization
 from speechrl.rewards.wer import EmptyReference
 from speechrl.services.audio import AudioInput, decode_audio
 from speechrl.services.errors import ErrorCode, ItemFailure
@@ -64,22 +63,21 @@ class IntelligibilityEngine:
     def score_batch(self, items: list[IntelligibilityItem]) -> list[IntelligibilityResult | ItemFailure]:
         """Score every item; a bad item gets an ItemFailure and the others are unaffected.
 
-        Each reference is normalised once per batch, for the emptiness check and the WER alike.
+        The reference's normalisation, done for the emptiness check, is remembered for the WER (text.py).
         """
         outcomes: list[IntelligibilityResult | ItemFailure | None] = [None] * len(items)
         ready: list[tuple[int, np.ndarray]] = []
-        with shared_normalization():
-            for index, item in enumerate(items):
-                prepared = self._prepare(item)
-                if isinstance(prepared, ItemFailure):
-                    outcomes[index] = prepared
-                else:
-                    ready.append((index, prepared))
-            if ready:
-                transcripts = self.backend.transcribe([audio for _, audio in ready],
-                                                      [items[index].language for index, _ in ready])
-                for (index, audio), transcript in zip(ready, transcripts, strict=True):
-                    outcomes[index] = self._score(items[index], transcript, audio.shape[0] / self.backend.sample_rate)
+        for index, item in enumerate(items):
+            prepared = self._prepare(item)
+            if isinstance(prepared, ItemFailure):
+                outcomes[index] = prepared
+            else:
+                ready.append((index, prepared))
+        if ready:
+            transcripts = self.backend.transcribe([audio for _, audio in ready],
+                                                  [items[index].language for index, _ in ready])
+            for (index, audio), transcript in zip(ready, transcripts, strict=True):
+                outcomes[index] = self._score(items[index], transcript, audio.shape[0] / self.backend.sample_rate)
         return [outcome for outcome in outcomes if outcome is not None]
 
     def _prepare(self, item: IntelligibilityItem) -> np.ndarray | ItemFailure:

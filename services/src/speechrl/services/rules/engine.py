@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from speechrl.rewards import RuleRewardConfig, RuleRewardResult, rule_rewards
-from speechrl.rewards.text import shared_normalization
 from speechrl.rewards.wer import EmptyReference
 from speechrl.services.errors import ErrorCode, ItemFailure
 
@@ -30,14 +29,13 @@ class RuleRewardEngine:
     def score_batch(self, items: list[RuleItem]) -> list[RuleRewardResult | ItemFailure]:
         """Score every item; a bad item gets an ItemFailure and the others are unaffected.
 
-        Work shared within a batch is done once: identical items (a group's repeated samples) are
-        scored once, and each distinct text (a group's reference) is normalised once.
+        Identical items (a group's repeated samples) are scored once; each text's normalisation is
+        remembered process wide (speechrl.rewards.text), so a group's reference is normalised once.
         """
         scored: dict[RuleItem, RuleRewardResult | ItemFailure] = {}
-        with shared_normalization():
-            for item in items:
-                if item not in scored:
-                    scored[item] = self._score(item)
+        for item in items:
+            if item not in scored:
+                scored[item] = self._score(item)
         return [scored[item] for item in items]
 
     def _score(self, item: RuleItem) -> RuleRewardResult | ItemFailure:
