@@ -564,8 +564,9 @@ def main() -> None:
     body = "\n".join([
         "Throughput in items per second (an item is one utterance, one voice pair, or one hypothesis), the median "
         "of alternating rounds (in-process, server path without gRPC, over gRPC, in turn). Items come in GRPO "
-        "groups of 8 samples sharing a reference text / prompt speaker, and a batch does shared work once, "
-        "in-process and in the server alike. All three score the same items, each in its own process with the "
+        "groups of 8 samples sharing a reference text / prompt speaker; every rule hypothesis is new text, and "
+        "normalised texts are remembered across calls (a group's reference is normalised once), and a batch does "
+        "other shared work once (a group's prompt speaker), in-process and in the server alike. All three score the same items, each in its own process with the "
         "services' settings. In-process: the engine's batch function called directly. Server path without gRPC: "
         "the same engine behind the DynamicBatcher its server builds (max_batch_size 32, the server's max_wait_ms; "
         "inline on the event loop for the rules, a model thread for the others), `await batcher.submit(items)` "
