@@ -69,9 +69,13 @@ def assert_most_weights_moved(initial: Path, out: Path, checkpoint_name: str) ->
 class Recorder:
     def __init__(self) -> None:
         self.steps: list[tuple[int, dict[str, Any]]] = []
+        self.resumed_from: int | None = None
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         self.steps.append((step, metrics))
+
+    def resumed(self, step: int) -> None:
+        self.resumed_from = step
 
     def cancelled(self) -> bool:
         return False
@@ -89,7 +93,7 @@ def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: Redis
     out = tmp_path / "run"
     first = Recorder()
     summary = run_job("asr-grpo", job(stack, out, 2, redis_server.url), first)
-    assert [s for s, _ in first.steps] == [1, 2]
+    assert [s for s, _ in first.steps] == [1, 2] and first.resumed_from == 0
     for _, metrics in first.steps:
         for key in ("reward_mean", "reward/accuracy", "reward/hallucination", "wer", "insertions", "kl",
                     "clip_fraction", "time/encode", "time/rollout", "time/score", "time/update", "time/sync"):
@@ -105,6 +109,7 @@ def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: Redis
     second = Recorder()
     run_job("asr-grpo", job(stack, out, 3, redis_server.url), second)
     assert [s for s, _ in second.steps] == [3], "the resumed run continues after its checkpoint"
+    assert second.resumed_from == 2
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert Path(summary["plot"]).exists() and (out / "tensorboard").is_dir()

@@ -33,6 +33,9 @@ class BarProgress:
         self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items()})
         self.bar.update(1)
 
+    def resumed(self, step: int) -> None:
+        pass  # the bar starts at the first step reported
+
     def cancelled(self) -> bool:
         return False
 

@@ -32,6 +32,10 @@ class Progress(Protocol):
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None: ...
 
+    def resumed(self, step: int) -> None:
+        """The run goes on from step (its checkpoint; 0: the start): reports of later steps, made by an
+        attempt that was interrupted before its next checkpoint, are void."""
+
     def cancelled(self) -> bool: ...
 
 
@@ -53,6 +57,9 @@ class LineProgress:
                  if key in metrics and metrics[key] == metrics[key]]
         seconds = sum(v for k, v in metrics.items() if k.startswith("time/"))
         print(f"  {self.label} step {step}/{total}: {' '.join(parts)} ({seconds:.1f} s)", flush=True)
+
+    def resumed(self, step: int) -> None:
+        pass  # printed lines stay printed
 
     def cancelled(self) -> bool:
         return False
@@ -189,6 +196,7 @@ async def train_loop(out: Path, state: TrainState, steps: int, progress: Progres
     save_policy(folder) writes the policy's weights into a checkpoint folder.
     """
     log = MetricsLog(out, state.step)
+    progress.resumed(state.step)
     try:
         while state.step < steps and not progress.cancelled():
             metrics, version = await step(state.step, version)

@@ -219,14 +219,17 @@ class JobStore:
         rows = [json.loads(r) for r in raw]
         return [r for r in rows if r["step"] > since_step]
 
-    def trim_metrics(self, job_id: str, last_step: int) -> None:
-        """Drop metric records past last_step (a resumed job repeats those steps)."""
-        durable = self._journalled(job_id, trim_after=last_step)
-        kept = [json.dumps(r) for r in self.metrics(job_id) if r["step"] <= last_step]
+    def rewind(self, job_id: str, step: int) -> None:
+        """Set the job back to step, the checkpoint it resumes from: its metric records past step are
+        dropped (the resumed job runs those steps again) and its step counter is step."""
+        now = time.time()
+        durable = self._journalled(job_id, lambda record: record.update(step=step, updated=now), trim_after=step)
+        kept = [json.dumps(r) for r in self.metrics(job_id) if r["step"] <= step]
         pipe = self.client.pipeline()
         pipe.delete(f"{self._key(job_id)}:metrics")
         if kept:
             pipe.rpush(f"{self._key(job_id)}:metrics", *kept)
+        pipe.hset(self._key(job_id), mapping={"step": str(step), "updated": str(now)})
         self._write(job_id, pipe, durable)
 
     def cancel_requested(self, job_id: str) -> bool:

@@ -69,6 +69,9 @@ class StoreProgress:
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         self.store.record_step(self.job_id, step, metrics)
 
+    def resumed(self, step: int) -> None:
+        self.store.rewind(self.job_id, step)
+
     def cancelled(self) -> bool:
         return self.store.cancel_requested(self.job_id)  # a Redis outage does not stop the job
 
@@ -103,7 +106,6 @@ class Worker:
         if job.status != "queued":
             return
         self.store.update(job_id, status="running", error="")
-        self.store.trim_metrics(job_id, job.step)  # steps past the last checkpoint run again
         try:
             kind, config = parse_job({"kind": job.kind, **job.config})
             run_job(kind, config, StoreProgress(self.store, job_id))
