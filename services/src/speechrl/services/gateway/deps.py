@@ -66,11 +66,11 @@ class Scorers:
         await asyncio.gather(*(client.close() for client in self.configured().values()))
 
 
-def get_config(request: Request) -> GatewayConfig:
+async def get_config(request: Request) -> GatewayConfig:
     return request.app.state.config  # type: ignore[no-any-return]
 
 
-def get_scorers(request: Request) -> Scorers:
+async def get_scorers(request: Request) -> Scorers:
     return request.app.state.scorers  # type: ignore[no-any-return]
 
 
@@ -78,19 +78,19 @@ ConfigDep = Annotated[GatewayConfig, Depends(get_config)]
 ScorersDep = Annotated[Scorers, Depends(get_scorers)]
 
 
-def _intelligibility(scorers: ScorersDep) -> AsyncIntelligibilityClient:
+async def _intelligibility(scorers: ScorersDep) -> AsyncIntelligibilityClient:
     if scorers.intelligibility is None:
         raise ScorerOff("intelligibility")
     return scorers.intelligibility
 
 
-def _speaker(scorers: ScorersDep) -> AsyncSpeakerClient:
+async def _speaker(scorers: ScorersDep) -> AsyncSpeakerClient:
     if scorers.speaker is None:
         raise ScorerOff("speaker")
     return scorers.speaker
 
 
-def _rules(scorers: ScorersDep) -> AsyncRuleRewardsClient:
+async def _rules(scorers: ScorersDep) -> AsyncRuleRewardsClient:
     if scorers.rules is None:
         raise ScorerOff("rules")
     return scorers.rules
