@@ -117,7 +117,7 @@ class Worker:
                               + "".join(traceback.format_exc(limit=5)))
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
