@@ -152,8 +152,8 @@ class HttpConnections:
         writer.write(self.request)
         head = await reader.readuntil(b"\r\n\r\n")
         status_line, *header_lines = head.decode("latin-1").split("\r\n")
-        headers = dict(line.split(": ", 1) for line in header_lines if ": " in line)
-        length = {k.lower(): v for k, v in headers.items()}.get("content-length")
+        headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in header_lines if ": " in line)}
+        length = headers.get("content-length")
         if length is None:
             raise RuntimeError(f"reply without Content-Length: {status_line}")
         await reader.readexactly(int(length))
