@@ -142,12 +142,13 @@ def image_env(target: str) -> dict[str, str]:
 
 def config_class(service: str) -> type:
     """The Config dataclass of `speechrl serve SERVICE` (its fields are the SPEECHRL_<SERVICE>_* names)."""
-    from speechrl.services.cli import SERVICE_MODULES
+    from speechrl.services.cli import service_modules
 
-    module = importlib.import_module(SERVICE_MODULES[service])
+    module = importlib.import_module(service_modules()[service])
     found = [v for k, v in vars(module).items() if isinstance(v, type) and dataclasses.is_dataclass(v)
-             and k.endswith("Config") and k != "ServerConfig"]
-    assert len(found) == 1, f"{SERVICE_MODULES[service]} should define one <Service>Config, found {found}"
+             and k.endswith("Config")]
+    found = [c for c in found if not any(o is not c and issubclass(o, c) for o in found)]  # not the shared bases
+    assert len(found) == 1, f"{service_modules()[service]} should define one <Service>Config, found {found}"
     return found[0]
 
 

@@ -21,10 +21,10 @@ import torch
 import torch.distributed as dist
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from speechrl.trainer import distributed
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.policy import apply_lora, make_optimizer, make_reference
-from speechrl.trainer.step import RolloutBatch, grpo_update
+from speechrl.trainer.core import distributed
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.policy import apply_lora, make_optimizer, make_reference
+from speechrl.trainer.core.step import RolloutBatch, grpo_update
 
 VOCAB, HIDDEN, PROMPTS, GROUP = 100, 64, 4, 2
 

@@ -8,22 +8,19 @@ import numpy as np
 import pytest
 import soundfile
 
-from speechrl.trainer.data import (
+from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
+from speechrl.trainer.recipes.asr_data import (
     KEYWORDS,
-    MANIFEST,
     DataConfig,
-    Row,
     build_asr_dataset,
     build_long_segments,
     generate_sentences,
     hypothesis_disagreement,
-    read_manifest,
     select_hard_cases,
     select_informative_groups,
     select_keyword_rich,
     select_max_duration,
     select_random,
-    write_manifest,
 )
 
 
@@ -166,7 +163,7 @@ def test_informative_groups_keep_the_widest_reward_spread() -> None:
 def test_prompt_pool_keeps_a_quota_of_long_segments() -> None:
     from dataclasses import replace
 
-    from speechrl.trainer.reproduce import keep_prompts
+    from speechrl.trainer.recipes.reproduce import keep_prompts
 
     short = [row(i, str(i), 3.0) for i in range(4)]
     long = [replace(row(i, str(i), 20.0), split="long_train") for i in range(4, 7)]
@@ -179,7 +176,7 @@ def test_prompt_pool_keeps_a_quota_of_long_segments() -> None:
 def test_reproduction_picks_its_step_on_dev_as_recorded_where_the_corpus_has_it() -> None:
     from dataclasses import replace
 
-    from speechrl.trainer.reproduce import dev_split
+    from speechrl.trainer.recipes.reproduce import dev_split
 
     tight = [replace(row(0, "a"), split="dev"), replace(row(1, "b"), split="test")]
     assert dev_split(tight) == "dev"

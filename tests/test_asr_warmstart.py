@@ -10,7 +10,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from speechrl.services.encoder.ct2 import build_ct2_frontend
-from speechrl.trainer.asr_policy import (
+from speechrl.trainer.jobs.datasets import read_manifest
+from speechrl.trainer.models.asr_policy import (
     FRONTEND_DIR,
     IGNORE_INDEX,
     INSTRUCTION_TOKEN,
@@ -22,8 +23,8 @@ from speechrl.trainer.asr_policy import (
     greedy_decode,
     load_frontend,
 )
-from speechrl.trainer.data import DataConfig, build_asr_dataset, read_manifest
-from speechrl.trainer.warmstart import (
+from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset
+from speechrl.trainer.recipes.warmstart import (
     METRICS_FILE,
     WarmStartConfig,
     embed_rows,

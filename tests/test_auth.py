@@ -30,8 +30,8 @@ from speechrl.services.rules.server import start as start_rules
 from speechrl.services.server import RunningServer
 from speechrl.services.speaker.server import SpeakerConfig
 from speechrl.services.speaker.server import start as start_speaker
-from speechrl.trainer.service import TrainerConfig
-from speechrl.trainer.service import create_app as create_trainer_app
+from speechrl.trainer.jobs.service import TrainerConfig
+from speechrl.trainer.jobs.service import create_app as create_trainer_app
 from speechrl.v1 import (
     encoder_pb2,
     encoder_pb2_grpc,

@@ -25,7 +25,7 @@ import grpc
 import pytest
 
 from speechrl.services import stack
-from speechrl.services.cli import SERVICE_MODULES
+from speechrl.services.cli import service_modules
 from speechrl.services.healthcheck import grpc_status, http_status
 from speechrl.services.ports import DEFAULT_PORTS, free_port
 from tests.conftest import RedisServer
@@ -44,7 +44,7 @@ from tests.deployment_render import (
     without_merge_tags,
 )
 
-SERVICES = tuple(SERVICE_MODULES)  # every `speechrl serve` service is deployed
+SERVICES = tuple(service_modules())  # every `speechrl serve` service is deployed
 GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer")  # reserve the GPU (gpu variants)
 # Services whose Config takes the lease per batch; the trainer's jobs name theirs (a job's lease_device).
 LEASED_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav")

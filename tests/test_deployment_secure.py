@@ -15,12 +15,12 @@ import pytest
 import yaml
 
 from speechrl.services import stack
-from speechrl.services.cli import SERVICE_MODULES
+from speechrl.services.cli import service_modules
 from speechrl.services.healthcheck import TlsSettings, tls_from_env
 from speechrl.services.ports import DEFAULT_PORTS
 from tests.deployment_render import K8S_VERSION, ROOT, container_env, find, kustomize, run, service_config, tool
 
-GRPC_SERVICES = tuple(n for n in SERVICE_MODULES if n not in stack.HTTP_READY_PATHS)
+GRPC_SERVICES = tuple(n for n in service_modules() if n not in stack.HTTP_READY_PATHS)
 TOKENS, TLS = "/etc/speechrl/tokens", "/etc/speechrl/tls"
 
 
@@ -52,7 +52,7 @@ def test_secure_overlay_validates_strictly(docs: list[dict[str, Any]], tmp_path:
 
 
 def test_every_service_checks_tokens_and_serves_mutual_tls(docs: list[dict[str, Any]]) -> None:
-    for name in SERVICE_MODULES:
+    for name in service_modules():
         (container,) = find(docs, "Deployment", name)[0]["spec"]["template"]["spec"]["containers"]
         env = container_env(docs, container)
         config = service_config(name, env)  # every SPEECHRL_* name is a field (or an SDK setting)

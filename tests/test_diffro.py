@@ -6,16 +6,19 @@ import pytest
 import torch
 from torch import Tensor
 
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.diffro import diffro_rows, gumbel_softmax, token_kl
-from speechrl.trainer.losses import LOSSES, LossInputs, TokenReward, grpo_loss
-from speechrl.trainer.token2reward import IMPOSSIBLE, Token2Reward, Token2RewardConfig, diffro_reward
+from speechrl.services.config import from_mapping
+from speechrl.services.token2wav.token2reward import IMPOSSIBLE, Token2Reward, Token2RewardConfig
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.diffro import diffro_rows, gumbel_softmax, token_kl
+from speechrl.trainer.core.losses import LossInputs, TokenReward, grpo_loss
+from speechrl.trainer.core.objectives import LOSSES
+from speechrl.trainer.models.token2reward import diffro_reward
 
 B, T, V = 4, 5, 7
 
 
 def _config(**overrides: object) -> GRPOConfig:
-    return GRPOConfig.from_dict({"batch_size": 1, "group_size": B, "mini_batch_size": B, **overrides})
+    return from_mapping(GRPOConfig, {"batch_size": 1, "group_size": B, "mini_batch_size": B, **overrides})
 
 
 def _inputs(logits: Tensor, reward: object, *, advantages: Tensor | None = None, mask: Tensor | None = None,

@@ -22,8 +22,8 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import tests.test_trainer_asr as asr_tests
 from speechrl.client import RolloutClient
 from speechrl.services.ports import free_port
-from speechrl.trainer.advantages import group_advantages
-from speechrl.trainer.distributed import check_shardable, shard_batch, shard_model, shard_rows
+from speechrl.trainer.core.advantages import group_advantages
+from speechrl.trainer.core.distributed import check_shardable, shard_batch, shard_model, shard_rows
 from tests.conftest import RedisServer
 from tests.distributed_worker import DRIVER, SCENARIOS, build, make_batch, run_single, settings
 
@@ -124,13 +124,13 @@ def test_tied_embeddings_are_refused() -> None:
 
 @pytest.mark.slow
 def test_speechrl_train_under_torchrun(stack: asr_tests.Stack, tmp_path: Path, redis_server: RedisServer) -> None:
-    """`torchrun --nproc-per-node 2 -m speechrl.trainer.cli train job.yaml` through the real services:
+    """`torchrun --nproc-per-node 2 -m speechrl.trainer.jobs.cli train job.yaml` through the real services:
     rank 0 alone shows the bar and writes files, each rank takes its own device's lease."""
     out = tmp_path / "run"
     config = asdict(asr_tests.job(stack, out, 2, redis_server.url))  # lease_device cpu:0: rank r takes cpu:r
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({"kind": "asr-grpo", **config}))
     logs = tmp_path / "logs"
-    command = torchrun("--redirects", "3", "--log-dir", str(logs), "-m", "speechrl.trainer.cli", "train", "job.yaml")
+    command = torchrun("--redirects", "3", "--log-dir", str(logs), "-m", "speechrl.trainer.jobs.cli", "train", "job.yaml")
     done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     rank_logs = {rank: {stream: next(logs.rglob(f"attempt_0/{rank}/{stream}.log")).read_text()
                         for stream in ("stdout", "stderr")} for rank in (0, 1)}

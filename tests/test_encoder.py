@@ -18,7 +18,7 @@ from transformers import WhisperForConditionalGeneration
 
 from speechrl.client.codec import tensor_to_numpy
 from speechrl.services.audio import AudioInput, decode_audio
-from speechrl.services.cli import SERVICE_MODULES
+from speechrl.services.cli import service_modules
 from speechrl.services.config import parse_config
 from speechrl.services.encoder.engine import MIB, EncoderEngine
 from speechrl.services.encoder.model import ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, AudioEncoderModel, load_audio_encoder
@@ -203,7 +203,7 @@ def test_health_status_and_cli(channel: grpc.Channel, folder: Path) -> None:
         health_pb2.HealthCheckResponse.SERVING
     status = common_pb2_grpc.ServiceStatusStub(channel).GetServiceStatus(common_pb2.GetServiceStatusRequest())
     assert status.backend == "transformers-whisper" and status.residency == "resident" and not status.lease.device
-    assert SERVICE_MODULES["encoder"] == "speechrl.services.encoder.server"
+    assert service_modules()["encoder"] == "speechrl.services.encoder.server"
     config = parse_config(EncoderConfig, "encoder", ["--model-path", str(folder), "--model-dtype", "bfloat16"])
     assert config.model_dtype == "bfloat16" and config.max_audio_seconds == 30.0
     with pytest.raises(ValueError, match="model_dtype"):

@@ -9,17 +9,18 @@ import math
 import pytest
 import torch
 
-from speechrl.trainer.advantages import group_advantages, reward_statistics, weighted_rewards
-from speechrl.trainer.config import GRPOConfig, add_arguments, from_args
-from speechrl.trainer.losses import (
+from speechrl.services.config import add_arguments, from_mapping, from_namespace
+from speechrl.trainer.core.advantages import group_advantages, reward_statistics, weighted_rewards
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.losses import (
     KL_ESTIMATORS,
-    LOSSES,
     LossInputs,
     grpo_loss,
     normalizer,
     token_entropy,
     token_logprobs,
 )
+from speechrl.trainer.core.objectives import LOSSES
 
 log = math.log
 
@@ -274,13 +275,13 @@ def test_config_invariants_say_what_to_change(overrides: dict, message: str) -> 
 
 
 def test_config_from_a_mapping_and_flags() -> None:
-    with pytest.raises(ValueError, match="unknown GRPO settings \\['beta'\\]"):
-        GRPOConfig.from_dict({"beta": 0.1})
+    with pytest.raises(ValueError, match="beta: not a field of GRPOConfig; known: .*kl_beta"):
+        from_mapping(GRPOConfig, {"beta": 0.1})
     parser = argparse.ArgumentParser()
-    add_arguments(parser)
+    add_arguments(parser, GRPOConfig)
     args = parser.parse_args(["--lora", "--lora-target-modules", "q_proj", "v_proj", "--clip-epsilon-high", "0.28",
                               "--reward-weights", "wer=1", "hallucination=0.5"])
-    settings = from_args(args, {"batch_size": 4, "lora_r": 8})
+    settings = from_namespace(GRPOConfig, "grpo", args, environ={}, base={"batch_size": 4, "lora_r": 8})
     assert settings.lora and settings.lora_r == 8 and settings.batch_size == 4
     assert settings.lora_target_modules == ("q_proj", "v_proj")
     assert settings.clip_high == 0.28 and settings.bf16 is None

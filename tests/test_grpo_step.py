@@ -10,9 +10,9 @@ import pytest
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.policy import apply_lora, completion_logprobs, make_optimizer, make_reference
-from speechrl.trainer.step import RolloutBatch, batch_logprobs, grpo_update
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.policy import apply_lora, completion_logprobs, make_optimizer, make_reference
+from speechrl.trainer.core.step import RolloutBatch, batch_logprobs, grpo_update
 
 VOCAB = 100
 
@@ -195,7 +195,7 @@ def test_reference_copy_is_frozen_and_independent() -> None:
 def test_grpo_plus_diffro_runs_the_reference_once_per_micro_batch() -> None:
     """DiffRO's KL needs the reference's full logits on every micro-batch; the GRPO KL's logprobs come
     from that same forward, not from a second pass over the batch."""
-    from speechrl.trainer.losses import TokenReward
+    from speechrl.trainer.core.losses import TokenReward
 
     model = tiny_model()
     reference = make_reference(model)

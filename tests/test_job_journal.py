@@ -8,8 +8,8 @@ from pathlib import Path
 
 import redis
 
-from speechrl.trainer.jobs import JobStore
-from speechrl.trainer.journal import JobJournal
+from speechrl.trainer.jobs.journal import JobJournal
+from speechrl.trainer.jobs.store import JobStore
 from tests.conftest import RedisServer
 
 
@@ -54,9 +54,9 @@ def test_a_job_resumed_from_its_checkpoint_records_each_step_once(redis_server: 
 
     import torch
 
-    from speechrl.trainer.checkpoint import TrainState, latest_checkpoint
-    from speechrl.trainer.jobkit import train_loop
-    from speechrl.trainer.service import StoreProgress
+    from speechrl.trainer.jobs.checkpoint import TrainState, latest_checkpoint
+    from speechrl.trainer.jobs.driver import train_loop
+    from speechrl.trainer.jobs.service import StoreProgress
 
     store = JobStore(redis.Redis.from_url(redis_server.url), journal=JobJournal(tmp_path / "journal"))
     out = tmp_path / "out"

@@ -10,8 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from speechrl.trainer import token2reward
-from speechrl.trainer.token2reward import Token2Reward, Token2RewardConfig, encode_text, pad, train
+from speechrl.services.token2wav import token2reward
+from speechrl.services.token2wav.token2reward import Token2Reward, Token2RewardConfig, encode_text, pad
+from speechrl.trainer.models.token2reward import diffro_reward
+from speechrl.trainer.recipes import token2reward as token2reward_training
+from speechrl.trainer.recipes.token2reward import train
 
 # A made-up "phoneme" code: every word is a fixed token sequence a little shorter than its spelling.
 WORDS = {"the": [1, 2], "cat": [3, 4, 5], "sat": [6, 4, 5], "on": [7, 8], "mat": [9, 4, 5], "dog": [10, 11, 12],
@@ -79,18 +82,18 @@ def test_diffro_reward_reads_the_speech_range_of_a_policy_vocabulary() -> None:
     # Right-padded here but left-padded in the policy's batch: the reward aligns either.
     left = torch.stack([one_hot[0], torch.roll(one_hot[1], shifts=int((~mask[1]).sum()), dims=0)])
     left_mask = torch.stack([mask[0], torch.roll(mask[1], shifts=int((~mask[1]).sum()), dims=0)])
-    reward = token2reward.diffro_reward(model, ["the cat", "dog"], (offset, offset + 16), (1,))
+    reward = diffro_reward(model, ["the cat", "dog"], (offset, offset + 16), (1,))
     assert reward.speech_range == (100, 116) and reward.stop_ids == (1,)
     assert torch.allclose(reward.score(left, left_mask, torch.tensor([0, 1])),
                           model.log_prob_text(tokens, mask, ["the cat", "dog"]), atol=1e-4)
     with pytest.raises(ValueError, match="embeds 16"):
-        token2reward.diffro_reward(model, ["x"], (offset, offset + 15))
+        diffro_reward(model, ["x"], (offset, offset + 15))
 
 
 def test_cli_trains_and_saves(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "pairs.jsonl"
     data.write_text("\n".join(json.dumps({"tokens": _tokens(s), "text": s}) for s in SENTENCES))
-    token2reward.main(["--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--d-model", "32",
+    token2reward_training.main(["--data", str(data), "--out", str(tmp_path / "out"), "--steps", "3", "--d-model", "32",
                        "--layers", "1"])
     assert "saved" in capsys.readouterr().out
     assert token2reward.load(tmp_path / "out").config.num_tokens == 15

@@ -97,15 +97,16 @@ def test_score_tokens_served_with_a_trained_token2reward(tmp_path: object) -> No
     import torch
 
     from speechrl.client import ServiceError, Token2WavClient
+    from speechrl.services.token2wav import token2reward
     from speechrl.services.token2wav.server import Token2WavConfig, start
-    from speechrl.trainer import token2reward
+    from speechrl.trainer.recipes.token2reward import train
     from tests.conftest import free_port, serve_in_thread
     from tests.test_token2reward import SENTENCES, _tokens
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # this tiny model trains ~10x faster so on a loaded 2-core machine
     try:
-        model = token2reward.train([(_tokens(s), s) for s in SENTENCES], token2reward.Token2RewardConfig(
+        model = train([(_tokens(s), s) for s in SENTENCES], token2reward.Token2RewardConfig(
             num_tokens=16, d_model=48, layers=1, heads=2, upsample=2, dropout=0.0), steps=120, batch_size=6,
             learning_rate=1e-2)
     finally:

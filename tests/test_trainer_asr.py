@@ -7,7 +7,7 @@ import json
 import math
 from collections.abc import Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +22,11 @@ from speechrl.services.rollout.server import RolloutConfig
 from speechrl.services.rollout.server import start as start_rollout
 from speechrl.services.rules.server import RulesConfig
 from speechrl.services.rules.server import start as start_rules
-from speechrl.trainer.asr_job import AsrJobConfig
-from speechrl.trainer.checkpoint import latest_checkpoint
-from speechrl.trainer.data import DataConfig, build_asr_dataset
-from speechrl.trainer.runner import run_job
-from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
+from speechrl.trainer.jobs.asr import AsrJobConfig
+from speechrl.trainer.jobs.checkpoint import latest_checkpoint
+from speechrl.trainer.jobs.registry import run_job
+from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset
+from speechrl.trainer.recipes.warmstart import WarmStartConfig, run_warmstart
 from tests.conftest import RedisServer, free_port, serve_in_thread
 
 
@@ -138,7 +138,7 @@ def job_payload(stack: Stack, out: Path, steps: int, redis_url: str) -> dict[str
 def test_job_api_submit_watch_and_refuse_bad_jobs(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:
     from fastapi.testclient import TestClient
 
-    from speechrl.trainer.service import TrainerConfig, create_app
+    from speechrl.trainer.jobs.service import TrainerConfig, create_app
 
     app = create_app(TrainerConfig(redis_url=redis_server.url, poll_seconds=0.2))
     with TestClient(app) as http:
@@ -166,7 +166,7 @@ def test_a_redis_restart_without_persistence_loses_no_job(stack: Stack, tmp_path
     import httpx
     from fastapi.testclient import TestClient
 
-    from speechrl.trainer.service import TrainerConfig, create_app
+    from speechrl.trainer.jobs.service import TrainerConfig, create_app
 
     def listed(http: TestClient) -> list[str] | None:
         try:
@@ -240,7 +240,7 @@ def _ready(url: str) -> bool:
 def test_lora_run_syncs_adapters_and_resumes(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:
     out = tmp_path / "lora"
     config = job(stack, out, 2, redis_server.url)
-    config.grpo.update({"lora": True, "lora_r": 4, "lora_alpha": 8, "learning_rate": 1e-2})
+    config = replace(config, grpo=replace(config.grpo, lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2))
     with RolloutClient(stack.rollout) as rollout:
         before = rollout.get_service_status().policy_version
     recorder = Recorder()
@@ -261,8 +261,8 @@ def test_embedding_cache_encodes_an_utterance_once(stack: Stack) -> None:
     import asyncio
 
     from speechrl.client import AsyncAudioEncoderClient
-    from speechrl.trainer.asr_job import EmbeddingCache
-    from speechrl.trainer.data import read_manifest
+    from speechrl.trainer.jobs.asr import EmbeddingCache
+    from speechrl.trainer.jobs.datasets import read_manifest
 
     class CountingEncoder:
         def __init__(self, client: AsyncAudioEncoderClient) -> None:
@@ -295,8 +295,8 @@ def test_embedding_cache_encodes_an_utterance_once(stack: Stack) -> None:
 def test_batch_by_split_draws_each_step_from_one_split() -> None:
     import random
 
-    from speechrl.trainer.asr_job import draw_prompts
-    from speechrl.trainer.data import Row
+    from speechrl.trainer.jobs.asr import draw_prompts
+    from speechrl.trainer.jobs.datasets import Row
 
     rows = [Row(id=f"{split}-{i}", audio=f"/x/{split}-{i}.wav", text="a", voice="en-us", rate=160, duration=3.0,
                 split=split) for split, n in (("rl", 12), ("rl_long", 4)) for i in range(n)]

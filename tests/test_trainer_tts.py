@@ -22,13 +22,15 @@ from speechrl.services.rollout.server import RolloutConfig
 from speechrl.services.rollout.server import start as start_rollout
 from speechrl.services.speaker.server import SpeakerConfig
 from speechrl.services.speaker.server import start as start_speaker
+from speechrl.services.token2wav import token2reward
 from speechrl.services.token2wav.server import Token2WavConfig
 from speechrl.services.token2wav.server import start as start_token2wav
 from speechrl.services.token2wav.tokens import VOCABULARY
-from speechrl.trainer import token2reward
-from speechrl.trainer.runner import JobConfigError, parse_job, run_job
-from speechrl.trainer.tts_job import TtsJobConfig
-from speechrl.trainer.tts_warmstart import TtsWarmStartConfig, read_corpus, run_tts_warmstart
+from speechrl.trainer.jobs.datasets import read_corpus
+from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
+from speechrl.trainer.jobs.tts import TtsJobConfig
+from speechrl.trainer.recipes.token2reward import train as train_token2reward
+from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
 from tests.conftest import RedisServer, free_port, serve_in_thread
 from tests.test_trainer_asr import Recorder, assert_most_weights_moved
 
@@ -49,7 +51,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     summary = run_tts_warmstart(TtsWarmStartConfig(out=str(root / "warm"), train=6, dev=2, test=0, hidden_size=64,
                                                    num_layers=1, steps=15, batch_size=6, threads=1))
     pairs = [(r["tokens"], r["text"]) for r in read_corpus(summary["corpus"], "train")]
-    reward_model = token2reward.train(pairs, token2reward.Token2RewardConfig(num_tokens=len(VOCABULARY), d_model=32,
+    reward_model = train_token2reward(pairs, token2reward.Token2RewardConfig(num_tokens=len(VOCABULARY), d_model=32,
                                                                              layers=1, heads=2), steps=5, batch_size=6)
     token2reward.save(reward_model, root / "t2r")
     starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=summary["policy"], threads=1)),
@@ -62,12 +64,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(Path(summary["policy"]), Path(summary["corpus"]), root / "t2r", endpoints)
 
 
-def job(stack: Stack, out: Path, redis_url: str, **grpo: Any) -> TtsJobConfig:
-    return TtsJobConfig(policy=str(stack.policy), data=str(stack.corpus), token2reward=str(stack.reward_model),
-                        voices="en-us,en-gb+f3", steps=2, checkpoint_every=1, out_dir=str(out), lease_device="cpu:0",
-                        redis_url=redis_url, **stack.endpoints,
-                        grpo={"group_size": 2, "batch_size": 2, "mini_batch_size": 4, "learning_rate": 1e-2,
-                              "max_completion_length": 48, "kl_beta": 0.05, "diffro_beta": 0.05, **grpo})
+def job(stack: Stack, out: Path, redis_url: str, kind: str, **grpo: Any) -> TtsJobConfig:
+    """A two-step job of kind, read as a job file is (the kind sets grpo.loss)."""
+    _, config = parse_job(dict(
+        kind=kind, policy=str(stack.policy), data=str(stack.corpus), token2reward=str(stack.reward_model),
+        voices="en-us,en-gb+f3", steps=2, checkpoint_every=1, out_dir=str(out), lease_device="cpu:0",
+        redis_url=redis_url, **stack.endpoints,
+        grpo={"group_size": 2, "batch_size": 2, "mini_batch_size": 4, "learning_rate": 1e-2,
+              "max_completion_length": 48, "kl_beta": 0.05, "diffro_beta": 0.05, **grpo}))
+    assert isinstance(config, TtsJobConfig)
+    return config
 
 
 @pytest.mark.parametrize(("kind", "grpo", "extra"), [
@@ -82,7 +88,7 @@ def test_two_steps_through_the_services(stack: Stack, tmp_path: Path, redis_serv
     with RolloutClient(stack.endpoints["rollout"]) as rollout:
         before = rollout.get_service_status().policy_version
     recorder = Recorder()
-    run_job(kind, job(stack, out, redis_server.url, **grpo), recorder)
+    run_job(kind, job(stack, out, redis_server.url, kind, **grpo), recorder)
     assert [s for s, _ in recorder.steps] == [1, 2]
     for _, metrics in recorder.steps:
         for key in (*(f"reward/{c}" for c in COMPONENTS), "reward_mean", "wer", "sim", "loss", "grad_norm", *extra,

@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 
 from speechrl.client import parse_endpoints
-from speechrl.services.config import option
+from speechrl.services.config import ListenerConfig, option
 from speechrl.services.ports import DEFAULT_PORTS
 
 SERVICE = "gateway"
@@ -15,10 +15,9 @@ BACKENDS = (*SCORERS, "token2wav")  # every service the gateway calls
 
 
 @dataclass
-class GatewayConfig:
+class GatewayConfig(ListenerConfig):
     """Settings of the REST gateway. Every scorer is a comma-separated list of host:port replicas."""
 
-    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
     port: int = option(DEFAULT_PORTS["gateway"], "HTTP port.")
     intelligibility: str = option(f"127.0.0.1:{DEFAULT_PORTS['intelligibility']}",
                                   "Intelligibility scorer endpoints, e.g. 'a:50051,b:50051'; empty turns its routes off.")
@@ -36,12 +35,6 @@ class GatewayConfig:
     scorer_tls_root_cert: str = option("", "PEM CA file of the scorers' TLS certificates; set, scorer calls use TLS.")
     scorer_tls_client_cert: str = option("", "PEM certificate the gateway presents to scorers that require mutual TLS.")
     scorer_tls_client_key: str = option("", "PEM private key of scorer_tls_client_cert.")
-    auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `Authorization: Bearer`; with "
-                                  "auth_token_file empty too, no token is needed. /healthz, /readyz, /metrics and "
-                                  "the docs stay open.")
-    auth_token_file: str = option("", "File of accepted bearer tokens, one per line (a mounted Secret); re-read when "
-                                      "it changes. Missing or empty: no token is accepted.")
-    log_format: str = option("text", "Log lines as text or json (one object per line, with the request id).")
     health_timeout_s: float = option(1.0, "How long /readyz waits for each scorer's health answer.")
     log_level: str = option("info", "uvicorn log level: critical, error, warning, info, debug.")
     grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
@@ -58,6 +51,7 @@ class GatewayConfig:
                                            "speech tokens, needs a token2wav backend).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be > 0, got {self.request_timeout_s}")
         if self.max_attempts < 1:
@@ -68,8 +62,6 @@ class GatewayConfig:
             raise ValueError(f"adapter_failure_reward must be a finite number (JSON has no NaN), got {self.adapter_failure_reward}")
         if self.adapter_scorer_errors not in ("reward", "http"):
             raise ValueError(f"adapter_scorer_errors must be reward or http, got {self.adapter_scorer_errors!r}")
-        if self.log_format not in ("text", "json"):
-            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if bool(self.scorer_tls_client_cert) != bool(self.scorer_tls_client_key):
             raise ValueError("mutual TLS to the scorers needs both scorer_tls_client_cert and scorer_tls_client_key")
         if self.openrlhf_scorer not in ("rules", "token2wav_asr"):

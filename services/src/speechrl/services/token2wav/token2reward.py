@@ -8,9 +8,9 @@ more characters than a phoneme-like token sequence has tokens), and a CTC head o
 
     log P(text | tokens) = -CTC(log_softmax(head(encoder(upsample(embed(tokens))))), text)
 
-DiffRO's reward R (differentiable in the token distribution; speechrl.trainer.diffro) and the
+DiffRO's reward R (differentiable in the token distribution; speechrl.trainer.core.diffro) and the
 token2wav service's ScoreTokens (hard ids: a cheap reward without rendering audio). Training is
-the trainer's (speechrl.trainer.token2reward); the model lives here so the service can load it.
+the trainer's (speechrl.trainer.recipes.token2reward); the model lives here so the service can load it.
 
 >>> model = Token2Reward(Token2RewardConfig(num_tokens=8, d_model=16, layers=1, heads=2)).eval()
 >>> hard = model.log_prob_text(torch.tensor([[1, 2, 3]]), torch.ones(1, 3, dtype=torch.bool), ["ab"])
@@ -143,7 +143,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Token2Reward:
     file = file / CHECKPOINT if file.is_dir() else file
     if not file.exists():
         raise FileNotFoundError(f"no Token2Reward checkpoint at {file}; train one with "
-                                f"`python -m speechrl.trainer.token2reward --data pairs.jsonl --out DIR`")
+                                f"`python -m speechrl.trainer.recipes.token2reward --data pairs.jsonl --out DIR`")
     saved = torch.load(file, map_location=device, weights_only=True)
     model = Token2Reward(Token2RewardConfig(**saved["config"]))
     model.load_state_dict(saved["state_dict"])

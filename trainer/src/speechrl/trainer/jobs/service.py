@@ -15,7 +15,6 @@ update owns the trainer's device); run one trainer per device pool.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import threading
 import traceback
@@ -31,32 +30,25 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import ListenerConfig, option, parse_config
 from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
-from speechrl.trainer.jobs import Job, JobNotFound, JobStore
-from speechrl.trainer.journal import JobJournal, journal_folder
-from speechrl.trainer.runner import JobConfigError, parse_job, run_job
+from speechrl.trainer.jobs.journal import JobJournal, journal_folder
+from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
+from speechrl.trainer.jobs.store import Job, JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class TrainerConfig:
+class TrainerConfig(ListenerConfig):
     """Settings of the trainer service."""
 
-    host: str = option("127.0.0.1", "Address to listen on; 0.0.0.0 in containers.")
     port: int = option(DEFAULT_PORTS["trainer"], "HTTP port of the job API.")
     redis_url: str = option("redis://127.0.0.1:6379/0", "Redis holding the jobs (persist it: appendonly yes).")
     journal_dir: str = option("runs/jobs", "Folder of the trainer's own copy of its jobs (one sub-folder per Redis), "
                                            "re-published when Redis lost its data; empty: no journal.")
     poll_seconds: float = option(1.0, "How long the worker waits on the queue before checking for shutdown.")
-    auth_tokens: str = option("", "Comma-separated bearer tokens accepted in `Authorization: Bearer`; with "
-                                  "auth_token_file empty too, no token is needed. /healthz, /readyz and the docs "
-                                  "stay open.")
-    auth_token_file: str = option("", "File of accepted bearer tokens, one per line (a mounted Secret); re-read when "
-                                      "it changes. Missing or empty: no token is accepted.")
-    log_format: str = option("text", "Log lines as text or json (one object per line, with the request id).")
 
 
 class StoreProgress:
@@ -204,10 +196,7 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
 def main(argv: Sequence[str] | None = None) -> None:
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="speechrl serve trainer", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, TrainerConfig)
-    config = from_namespace(TrainerConfig, "trainer", parser.parse_args(argv))
+    config = parse_config(TrainerConfig, "trainer", argv, description=__doc__)
     configure_logging(config.log_format)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="info",
                 access_log=False)  # speechrl.access logs each request with its request id instead

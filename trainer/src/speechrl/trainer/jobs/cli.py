@@ -2,7 +2,7 @@
 
 The same job file can be submitted to the trainer service (POST /v1/jobs); both run the same code.
 Running it again with the same out_dir resumes from the newest checkpoint. Data-parallel updates:
-`torchrun --nproc-per-node 2 -m speechrl.trainer.cli train job.yaml` (rank 0 shows the bar and
+`torchrun --nproc-per-node 2 -m speechrl.trainer.jobs.cli train job.yaml` (rank 0 shows the bar and
 writes every file).
 """
 
@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from speechrl.trainer.runner import JobConfigError, load_job_file, run_job
+from speechrl.trainer.jobs.registry import JobConfigError, load_job_file, run_job
 
 
 class BarProgress:

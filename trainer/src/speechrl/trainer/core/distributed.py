@@ -1,8 +1,8 @@
 """The GRPO policy update data-parallel over torch.distributed ranks, with FSDP2, launched by torchrun.
 
-    torchrun --nproc-per-node 2 -m speechrl.trainer.cli train job.yaml           # 2 GPUs (or 2 CPU processes)
+    torchrun --nproc-per-node 2 -m speechrl.trainer.jobs.cli train job.yaml           # 2 GPUs (or 2 CPU processes)
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
-        -m speechrl.trainer.cli train job.yaml                                    # 2 nodes of 8
+        -m speechrl.trainer.jobs.cli train job.yaml                                    # 2 nodes of 8
 
 Who does what. Rank 0 runs the job (asr_job.run): all service I/O (encode, rollout, score, weight
 sync), metrics, checkpoints. It builds each step's RolloutBatch and broadcasts it, so every rank
@@ -55,10 +55,10 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
-from speechrl.trainer.advantages import group_advantages, reward_statistics
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.policy import Reference, make_optimizer
-from speechrl.trainer.step import RolloutBatch, grpo_update
+from speechrl.trainer.core.advantages import group_advantages, reward_statistics
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.policy import Reference, make_optimizer
+from speechrl.trainer.core.step import RolloutBatch, grpo_update
 
 # Ranks > 0 wait on the control group while rank 0 does a step's service I/O (rollout, scoring,
 # evaluation: minutes), which a collective's usual timeout (NCCL's watchdog: 10 min) calls a hang.

@@ -1,10 +1,10 @@
-"""Training of Token2Reward (DiffRO's token-input ASR reward model; the model is
-speechrl.services.token2wav.token2reward, which the token2wav service also serves) and its use as
-DiffRO's differentiable reward.
+"""Training of Token2Reward, DiffRO's token-input ASR reward model. The model is
+speechrl.services.token2wav.token2reward (the token2wav service serves it too); its use as DiffRO's
+differentiable reward is speechrl.trainer.models.token2reward.
 
 Train it on (tokens, text) pairs, one JSON object a line, {"tokens": [ids in 0..K-1], "text": "..."}:
 
-    python -m speechrl.trainer.token2reward --data pairs.jsonl --out runs/token2reward --steps 300
+    python -m speechrl.trainer.recipes.token2reward --data pairs.jsonl --out runs/token2reward --steps 300
 """
 
 from __future__ import annotations
@@ -16,44 +16,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-from torch import Tensor
 
-from speechrl.services.token2wav.token2reward import (
-    ALPHABET,
-    CHECKPOINT,
-    IMPOSSIBLE,
-    Token2Reward,
-    Token2RewardConfig,
-    ctc_frames_needed,
-    encode_text,
-    left_align,
-    load,
-    pad,
-    save,
-)
-from speechrl.trainer.losses import TokenReward
-from speechrl.trainer.policy import supervised_step
-
-__all__ = ["ALPHABET", "CHECKPOINT", "IMPOSSIBLE", "Token2Reward", "Token2RewardConfig", "ctc_frames_needed",
-           "diffro_reward", "encode_text", "load", "pad", "read_pairs", "save", "train"]
-
-
-def diffro_reward(model: Token2Reward, texts: Sequence[str], speech_range: tuple[int, int],
-                  stop_ids: Sequence[int] = ()) -> TokenReward:
-    """DiffRO's reward from model for a policy whose speech ids are speech_range = [begin, begin + K).
-
-    texts are the batch's target texts, one per sample (the score's rows index them);
-    stop_ids are the other ids its rollout samples (EOS), which the KL covers and R never reads.
-    """
-    begin, end = speech_range
-    if end - begin != model.config.num_tokens:
-        raise ValueError(f"speech_range [{begin}, {end}) has {end - begin} ids; this Token2Reward embeds "
-                         f"{model.config.num_tokens}")
-
-    def score(soft: Tensor, mask: Tensor, rows: Tensor) -> Tensor:
-        return model.log_prob_text(left_align(soft, mask), left_align(mask, mask), [texts[int(r)] for r in rows])
-
-    return TokenReward(score=score, speech_range=(begin, end), stop_ids=tuple(stop_ids))
+from speechrl.services.token2wav.token2reward import Token2Reward, Token2RewardConfig, pad, save
+from speechrl.trainer.core.policy import supervised_step
 
 
 def train(pairs: Sequence[tuple[Sequence[int], str]], config: Token2RewardConfig, *, steps: int = 300,

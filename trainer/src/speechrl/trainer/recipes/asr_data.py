@@ -25,18 +25,17 @@ long_train (the same from training utterances, RL prompts for the hallucination 
 Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction) pick
 the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
 
-    python -m speechrl.trainer.data --out runs/asr-data --train 1200 --dev 150 --test 150
+    python -m speechrl.trainer.recipes.asr_data --out runs/asr-data --train 1200 --dev 150 --test 150
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,8 +46,8 @@ from tqdm import tqdm
 from speechrl.rewards import error_rates, normalize_text
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.espeak import EspeakSynthesizer
+from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
 
-MANIFEST = "manifest.jsonl"
 SAMPLE_RATE = 16_000
 VOICES = "en-us,en-gb,en-gb-scotland,en-us+f3,en-us+m7,en-gb-x-rp+f2,en-029,en-us-nyc+m3"
 
@@ -86,55 +85,6 @@ KEYWORD_TEMPLATES = (
     "please order {number} units of {kw} and {kw2} for the {place}",
     "the {kw} in the {place} needs new {kw2} before {time}",
 )
-
-
-@dataclass(frozen=True)
-class Row:
-    """One manifest line: an utterance, or a long segment joining several (sources)."""
-
-    id: str
-    audio: str  # a WAV file: relative to the manifest's folder on disk, absolute once read
-    text: str  # the reference transcript (lower case, no punctuation)
-    voice: str  # espeak-ng voice, e.g. en-us+f3; a long segment joins one voice's utterances
-    rate: int  # words per minute (a long segment: the mean of its sources)
-    duration: float  # seconds
-    keywords: tuple[str, ...] = ()  # the rare domain words in text, for the keyword reward (R3)
-    split: str = "train"  # train, dev, test, or a long split
-    sources: tuple[str, ...] = ()  # ids of the utterances a long segment joins
-
-    def to_json(self, root: Path) -> str:
-        values = asdict(self)
-        audio = Path(self.audio)
-        values["audio"] = str(audio.relative_to(root)) if audio.is_absolute() and audio.is_relative_to(root) else self.audio
-        values["keywords"], values["sources"] = list(self.keywords), list(self.sources)
-        return json.dumps(values)
-
-    @classmethod
-    def from_json(cls, line: str, root: Path) -> Row:
-        values = json.loads(line)
-        values["audio"] = str(root / values["audio"])
-        values["keywords"], values["sources"] = tuple(values.get("keywords", ())), tuple(values.get("sources", ()))
-        return cls(**values)
-
-
-def write_manifest(path: str | Path, rows: Sequence[Row]) -> Path:
-    """Write rows as JSONL; audio paths under the manifest's folder are stored relative to it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    root = path.parent.resolve()
-    path.write_text("".join(row.to_json(root) + "\n" for row in rows))
-    return path
-
-
-def read_manifest(path: str | Path, split: str | None = None) -> list[Row]:
-    """Rows of a manifest (file, or the folder holding manifest.jsonl), audio paths absolute; only the
-    named split(s) when given ("train" or "train,long_train")."""
-    path = Path(path)
-    path = path / MANIFEST if path.is_dir() else path
-    root = path.parent.resolve()
-    rows = [Row.from_json(line, root) for line in path.read_text().splitlines() if line.strip()]
-    wanted = None if split is None else {s.strip() for s in split.split(",")}
-    return [r for r in rows if wanted is None or r.split in wanted]
 
 
 # -- sentences ---------------------------------------------------------------------------------
@@ -180,7 +130,7 @@ def _render(template: str, rng: random.Random) -> tuple[str, tuple[str, ...]]:
 
 @dataclass
 class DataConfig:
-    """An espeak-ng ASR corpus; every field is a flag of `python -m speechrl.trainer.data`."""
+    """An espeak-ng ASR corpus; every field is a flag of `python -m speechrl.trainer.recipes.asr_data`."""
 
     out: str = option("runs/asr-data", "Folder to write manifest.jsonl and wav/ into.")
     seed: int = option(0, "Seed of sentences, voices and rates: the same seed gives the same corpus.")
@@ -472,8 +422,8 @@ def select_keyword_rich(rows: Sequence[Row], min_keywords: int = 2) -> list[Row]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m speechrl.trainer.data --out DIR [flags]`: build the corpus and print its splits."""
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.data", description=__doc__.split("\n")[0])
+    """`python -m speechrl.trainer.recipes.asr_data --out DIR [flags]`: build the corpus and print its splits."""
+    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.asr_data", description=__doc__.split("\n")[0])
     add_arguments(parser, DataConfig)
     config = from_namespace(DataConfig, "data", parser.parse_args(argv))
     manifest = build_asr_dataset(config)

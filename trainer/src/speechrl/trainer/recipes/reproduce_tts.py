@@ -1,6 +1,6 @@
 """DiffRO's table (arXiv 2507.05911) at small scale, on this CPU, real audio and real scorers end to end.
 
-    python -m speechrl.trainer.reproduce_tts --out runs/tts-repro        # < 20 min on 2 cores
+    python -m speechrl.trainer.recipes.reproduce_tts --out runs/tts-repro        # < 20 min on 2 cores
 
 1. Corpus + warm start (tts_warmstart.py): data.py's sentences, espeak-ng's phonemes as speech
    tokens, a small Qwen2 TTS policy trained on them with substituted / dropped targets, stopped early.
@@ -34,12 +34,15 @@ import torch
 from speechrl.services import stack
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.ports import free_port
-from speechrl.trainer import token2reward
-from speechrl.trainer.jobkit import LineProgress, mean_of, stage_timer, write_results
-from speechrl.trainer.tts_job import Prompt, TtsJobConfig, TtsServices, evaluate, render, score, voice_references
-from speechrl.trainer.tts_job import run as run_tts_job
-from speechrl.trainer.tts_policy import TtsLayout
-from speechrl.trainer.tts_warmstart import TtsWarmStartConfig, read_corpus, run_tts_warmstart
+from speechrl.services.token2wav import token2reward
+from speechrl.trainer.jobs.datasets import read_corpus
+from speechrl.trainer.jobs.progress import LineProgress, mean_of
+from speechrl.trainer.jobs.registry import parse_job, run_job
+from speechrl.trainer.jobs.tts import Prompt, TtsJobConfig, TtsServices, evaluate, render, score, voice_references
+from speechrl.trainer.models.tts_policy import TtsLayout
+from speechrl.trainer.recipes.reporting import stage_timer, write_results
+from speechrl.trainer.recipes.token2reward import train as train_token2reward
+from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
 
 STACK = ("intelligibility", "speaker", "rollout", "token2wav")
 # system -> (job kind, GRPOConfig overrides); the audio rewards act only where GRPO does.
@@ -100,7 +103,7 @@ def train_reward_model(config: TtsReproConfig, corpus: Path, out: Path) -> Path:
         if step % 50 == 0 or step == config.token2reward_steps - 1:
             print(f"  token2reward step {step + 1}/{config.token2reward_steps} ctc {loss:.3f}", flush=True)
 
-    model = token2reward.train(pairs, model_config, steps=config.token2reward_steps, seed=config.seed, log=log)
+    model = train_token2reward(pairs, model_config, steps=config.token2reward_steps, seed=config.seed, log=log)
     token2reward.save(model, out)
     return out
 
@@ -131,17 +134,20 @@ def prepare(config: TtsReproConfig, out: Path, stages: dict[str, Any]) -> tuple[
 
 
 def job_config(config: TtsReproConfig, warm: dict[str, Any], reward_model: Path, out_dir: Path,
-               grpo: dict[str, Any]) -> TtsJobConfig:
+               grpo: dict[str, Any], kind: str = "tts-grpo") -> TtsJobConfig:
+    """The job of one system (kind sets the loss); the baseline's only serves the evaluation's settings."""
     ports = {name: os.environ[f"SPEECHRL_{name.upper()}_PORT"] for name in STACK}
-    return TtsJobConfig(
-        policy=warm["policy"], data=warm["corpus"], token2reward=str(reward_model), voices=config.voices,
+    _, job = parse_job(dict(
+        kind=kind, policy=warm["policy"], data=warm["corpus"], token2reward=str(reward_model), voices=config.voices,
         steps=config.steps, checkpoint_every=config.steps, out_dir=str(out_dir), seed=config.seed,
         redis_url=stack.redis_url(), **{name: f"127.0.0.1:{port}" for name, port in ports.items()},
         grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
               "mini_batch_size": config.group_size * config.batch_size, "kl_beta": config.kl_beta,
               "diffro_beta": config.diffro_beta, "diffro_lambda": config.diffro_lambda,
               "temperature": config.temperature, "max_completion_length": 160, "seed": config.seed,
-              "reward_weights": {"intelligibility": 1.0, "speaker": 0.5, "duration": 0.2}, **grpo})
+              "reward_weights": {"intelligibility": 1.0, "speaker": 0.5, "duration": 0.2}, **grpo}))
+    assert isinstance(job, TtsJobConfig)
+    return job
 
 
 async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt], temperature: float) -> dict[str, float]:
@@ -185,9 +191,9 @@ def run(config: TtsReproConfig) -> dict[str, Any]:
         print(f"[5/5] RL runs: {config.systems}", flush=True)
         for name in config.systems.split(","):
             kind, grpo = SYSTEMS[name]
-            job = job_config(config, warm, reward_model, out / name.replace(" ", "_").replace("+", "_"), grpo)
+            job = job_config(config, warm, reward_model, out / name.replace(" ", "_").replace("+", "_"), grpo, kind)
             with stage_timer(stages, name):
-                asyncio.run(run_tts_job(job, LineProgress(name, PROGRESS_KEYS), kind=kind))
+                run_job(kind, job, LineProgress(name, PROGRESS_KEYS))
             with stage_timer(stages, f"eval {name}"):
                 table[name] = asyncio.run(evaluate_system(job, test, config.eval_temperature))
             print(f"  {name}: {table[name]}", flush=True)

@@ -6,7 +6,7 @@ The small version of reproduce.py: speak a corpus with espeak-ng, warm-start a s
 start the services (rules, encoder, rollout), pick the RL prompts whose sampled transcripts the warm
 start is unsure of, run GRPO with R1+R2 for a few steps, evaluate the warm start and the trained
 policy on test and long segments, and write results.md, results.png and the run's training.png. About 5 minutes on 2 cores (the corpus and warm start are reused on
-a second run). `python -m speechrl.trainer.reproduce` runs the full table.
+a second run). `python -m speechrl.trainer.recipes.reproduce` runs the full table.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from speechrl.trainer.reproduce import ReproConfig, run
+from speechrl.trainer.recipes.reproduce import ReproConfig, run
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,8 +1,8 @@
 """A small LLM-TTS policy, CosyVoice2-style: text tokens in, speech tokens from a reserved id range out.
 
-The vocabulary is one id space (the layout): four specials, the words of the corpus (data.py's
-controlled vocabulary: a word-level tokenizer keeps a tiny model's job a lookup per word rather
-than spelling), then the K speech tokens (espeak-ng phonemes, token2wav/tokens.py) at
+The vocabulary is one id space (the layout): four specials, the words the policy was built with
+(stored with the checkpoint in tts_layout.json; the warm-start recipe takes its corpus's words: a
+word-level tokenizer keeps a tiny model's job a lookup per word rather than spelling), then the K speech tokens (espeak-ng phonemes, token2wav/tokens.py) at
 [speech_offset, speech_offset + K):
 
     prompt      = w_1 ... w_n <speech>          the text, then "speak now"
@@ -38,22 +38,9 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
-from speechrl.trainer import data
-
 SPECIALS = ("<pad>", "<eos>", "<speech>", "<unk>")
 PAD_ID, EOS_ID, SPEECH_ID, UNK_ID = range(len(SPECIALS))
 LAYOUT_FILE = "tts_layout.json"
-
-
-def corpus_words() -> tuple[str, ...]:
-    """Every word data.py's sentence templates can produce, sorted (the policy's text vocabulary)."""
-    words: set[str] = set()
-    for template in (*data.TEMPLATES, *data.KEYWORD_TEMPLATES):
-        words.update(w for w in template.split() if not w.startswith("{"))
-    for group in (data.NAMES, data.NUMBERS, data.PLACES, data.OBJECTS, data.OBJECTS.values(), data.ADJECTIVES,
-                  data.ACTIONS, data.TIMES, data.KEYWORDS):
-        words.update(group)
-    return tuple(sorted(words))
 
 
 def words_of(text: str) -> list[str]:

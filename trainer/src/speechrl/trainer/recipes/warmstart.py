@@ -1,6 +1,6 @@
 """Supervised warm start of the small LLM-ASR: cross-entropy on transcripts, before any RL.
 
-    python -m speechrl.trainer.warmstart --data runs/asr-data --out runs/asr-warmstart --epochs 6
+    python -m speechrl.trainer.recipes.warmstart --data runs/asr-data --out runs/asr-warmstart --epochs 6
 
 1. Build the tokenizer (BPE over the training sentences) and a random Qwen2 LM (asr_policy).
 2. Embed every utterance once with the frozen front-end; the embeddings are cached on disk
@@ -39,8 +39,8 @@ from speechrl.services.audio import AudioInput, decode_audio
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.encoder.ct2 import CT2_SETTINGS, default_ct2_frontend, load_ct2_encoder
 from speechrl.services.encoder.model import ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, AudioEncoderModel
-from speechrl.trainer.asr_policy import AsrPolicy, build_asr_lm, build_asr_tokenizer
-from speechrl.trainer.data import Row, read_manifest
+from speechrl.trainer.jobs.datasets import Row, read_manifest
+from speechrl.trainer.models.asr_policy import AsrPolicy, build_asr_lm, build_asr_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ METRICS_FILE = "warmstart.json"
 
 @dataclass
 class WarmStartConfig:
-    """Every setting of the warm start; each field is a flag of `python -m speechrl.trainer.warmstart`."""
+    """Every setting of the warm start; each field is a flag of `python -m speechrl.trainer.recipes.warmstart`."""
 
-    data: str = option("runs/asr-data", "Corpus folder (manifest.jsonl, from speechrl.trainer.data).")
+    data: str = option("runs/asr-data", "Corpus folder (manifest.jsonl, from speechrl.trainer.recipes.asr_data).")
     out: str = option("runs/asr-warmstart", "Checkpoint folder to write.")
     frontend: str = option("", "ct2-whisper front-end folder (adaptor files); empty: tiny.en + the seeded default "
                                "adaptor for hidden_size, built in the cache.")
@@ -294,9 +294,9 @@ def run_warmstart(config: WarmStartConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m speechrl.trainer.warmstart [flags]`: run the warm start and print its table."""
+    """`python -m speechrl.trainer.recipes.warmstart [flags]`: run the warm start and print its table."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.warmstart",
+    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.warmstart",
                                      description="Supervised warm start of the small LLM-ASR.")
     add_arguments(parser, WarmStartConfig)
     summary = run_warmstart(from_namespace(WarmStartConfig, "warmstart", parser.parse_args(argv)))

@@ -8,7 +8,7 @@
    training stops after `steps` updates, well before convergence. The policy that comes out
    mostly speaks right but spreads probability over wrong phonemes: room for RL to sharpen it.
 
-    python -m speechrl.trainer.tts_warmstart --out runs/tts-warmstart --sentences 600 --steps 300
+    python -m speechrl.trainer.recipes.tts_warmstart --out runs/tts-warmstart --sentences 600 --steps 300
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ import torch
 
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.token2wav.tokens import PHONEMES, VOCABULARY, PhonemeVocabulary
-from speechrl.trainer.data import generate_sentences
-from speechrl.trainer.policy import supervised_step
-from speechrl.trainer.tts_policy import TtsLayout, TtsPolicy, corpus_words
+from speechrl.trainer.core.policy import supervised_step
+from speechrl.trainer.jobs.datasets import CORPUS
+from speechrl.trainer.models.tts_policy import TtsLayout, TtsPolicy
+from speechrl.trainer.recipes import asr_data
+from speechrl.trainer.recipes.asr_data import generate_sentences
 
-CORPUS = "corpus.jsonl"
 SPLITS = ("train", "dev", "test")
 
 
@@ -55,6 +56,17 @@ class TtsWarmStartConfig:
     seed: int = option(0, "Seed of sentences, corruption and initialisation.")
 
 
+def corpus_words() -> tuple[str, ...]:
+    """Every word asr_asr_data.py's sentence templates can produce, sorted (the policy's text vocabulary)."""
+    words: set[str] = set()
+    for template in (*asr_data.TEMPLATES, *asr_data.KEYWORD_TEMPLATES):
+        words.update(w for w in template.split() if not w.startswith("{"))
+    for group in (asr_data.NAMES, asr_data.NUMBERS, asr_data.PLACES, asr_data.OBJECTS, asr_data.OBJECTS.values(), asr_data.ADJECTIVES,
+                  asr_data.ACTIONS, asr_data.TIMES, asr_data.KEYWORDS):
+        words.update(group)
+    return tuple(sorted(words))
+
+
 def phonemize(texts: Sequence[str], workers: int = 4) -> list[list[int]]:
     """espeak-ng's speech tokens of each text (one espeak process per text, a few at a time)."""
     vocabulary = PhonemeVocabulary()
@@ -75,15 +87,6 @@ def build_corpus(out: Path, config: TtsWarmStartConfig) -> list[dict[str, Any]]:
     out.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
-
-
-def read_corpus(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
-    """Rows of corpus.jsonl (a file or the folder holding it), only the named split(s) when given."""
-    path = Path(path)
-    path = path / CORPUS if path.is_dir() else path
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    wanted = None if split is None else {s.strip() for s in split.split(",")}
-    return [r for r in rows if wanted is None or r["split"] in wanted]
 
 
 def corrupt(tokens: Sequence[int], rng: random.Random, substitute: float, drop: float) -> list[int]:

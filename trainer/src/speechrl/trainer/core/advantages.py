@@ -27,6 +27,8 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
+from speechrl.trainer.core.config import RewardScaleName
+
 Rewards = Sequence[float | None]
 
 
@@ -44,7 +46,7 @@ def _std(rewards: Tensor, scored: Tensor, dim: int | None = None) -> Tensor:
 
 # scale_rewards -> the divisor of (r - mean_group), from the rewards [P, G] (NaN where unscored),
 # the scored mask [P, G] and eps; the result broadcasts against [P, G].
-REWARD_SCALES: dict[str, Callable[[Tensor, Tensor, float], Tensor]] = {
+REWARD_SCALES: dict[RewardScaleName, Callable[[Tensor, Tensor, float], Tensor]] = {
     "group": lambda rewards, scored, eps: _std(rewards, scored, dim=1) + eps,  # [P, 1]
     "batch": lambda rewards, scored, eps: _std(rewards, scored) + eps,  # [1, 1]
     "none": lambda rewards, scored, eps: torch.ones(1, 1, dtype=rewards.dtype),  # [1, 1]
@@ -69,7 +71,7 @@ def _no_signal(values: Tensor, scored: Tensor) -> Tensor:
     return (highest == lowest) | (scored.sum(1, keepdim=True) < 2)  # [P, 1]
 
 
-def group_advantages(rewards: Rewards, group_size: int, scale_rewards: str = "group",
+def group_advantages(rewards: Rewards, group_size: int, scale_rewards: RewardScaleName = "group",
                      eps: float = 1e-4) -> tuple[Tensor, Tensor]:
     """Advantages of a rollout batch in group order; returns (advantages [N] float32, scored [N] bool).
 

@@ -1,8 +1,8 @@
 """The ASR paper's reward ablation at small scale, on this CPU, through the real services.
 
-    python -m speechrl.trainer.reproduce --out runs/asr-repro          # the table (< 20 min on 2 cores)
+    python -m speechrl.trainer.recipes.reproduce --out runs/asr-repro          # the table (< 20 min on 2 cores)
     speechrl demo                                                       # the short version (main job)
-    python -m speechrl.trainer.reproduce --out runs/x --prepared runs/asr-repro --variants R1 --steps 60
+    python -m speechrl.trainer.recipes.reproduce --out runs/x --prepared runs/asr-repro --variants R1 --steps 60
                                    # a GRPO experiment on an earlier run's corpus and warm start
 
 1. An English corpus spoken by espeak-ng (data.py): train/dev/test plus long test segments. The
@@ -26,7 +26,7 @@
    recorded; with --long-dev also the held-out long segments, which sees R2's loops).
 
 The frozen front-end's embeddings are computed once per utterance by the encoder service and
-shared by every stage (asr_job.EmbeddingCache): prompts are drawn many times and the test split is
+shared by every stage (jobs/asr.py's EmbeddingCache): prompts are drawn many times and the test split is
 evaluated once per model, while the front-end never changes.
 """
 
@@ -48,21 +48,18 @@ from typing import Any
 from speechrl.services import stack
 from speechrl.services.config import add_arguments, from_namespace, option
 from speechrl.services.ports import free_port
-from speechrl.trainer import asr_job
-from speechrl.trainer.advantages import weighted_rewards
-from speechrl.trainer.asr_job import REWARD_COMPONENTS, AsrJobConfig, EmbeddingCache, Services, evaluate
-from speechrl.trainer.asr_policy import PromptLayout
-from speechrl.trainer.data import (
-    MANIFEST,
-    DataConfig,
-    Row,
-    build_asr_dataset,
-    read_manifest,
-    select_informative_groups,
-    write_manifest,
-)
-from speechrl.trainer.jobkit import LineProgress, stage_timer, sync_dir, write_results
-from speechrl.trainer.warmstart import WarmStartConfig, run_warmstart
+from speechrl.trainer.core.advantages import weighted_rewards
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.jobs import asr
+from speechrl.trainer.jobs.asr import REWARD_COMPONENTS, AsrJobConfig, EmbeddingCache, Services, evaluate
+from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
+from speechrl.trainer.jobs.progress import LineProgress
+from speechrl.trainer.jobs.registry import run_job
+from speechrl.trainer.jobs.weights import sync_dir
+from speechrl.trainer.models.asr_policy import PromptLayout
+from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset, select_informative_groups
+from speechrl.trainer.recipes.reporting import stage_timer, write_results
+from speechrl.trainer.recipes.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
     "R1": {"accuracy": 1.0, "hallucination": 0.0, "keyword": 0.0},
@@ -177,13 +174,13 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
         checkpoint_every=config.steps, seed=config.seed,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
-        grpo={"group_size": config.group_size, "batch_size": config.batch_size, "learning_rate": config.learning_rate,
-              "warmup_steps": config.warmup_steps,
-              "kl_beta": config.kl_beta, "temperature": config.temperature, "reward_weights": dict(weights),
-              # micro-batches of 2 groups, summed into updates_per_step optimizer steps
-              "mini_batch_size": config.group_size * 2,
-              "gradient_accumulation_steps": max(1, config.batch_size // 2 // config.updates_per_step),
-              "seed": config.seed})
+        grpo=GRPOConfig(group_size=config.group_size, batch_size=config.batch_size, learning_rate=config.learning_rate,
+                        warmup_steps=config.warmup_steps, kl_beta=config.kl_beta, temperature=config.temperature,
+                        reward_weights=dict(weights),
+                        # micro-batches of 2 groups, summed into updates_per_step optimizer steps
+                        mini_batch_size=config.group_size * 2,
+                        gradient_accumulation_steps=max(1, config.batch_size // 2 // config.updates_per_step),
+                        seed=config.seed))
 
 
 async def evaluate_splits(job: AsrJobConfig, policy: Path, manifest: Path,
@@ -205,19 +202,19 @@ async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache
                          batch_size: int = 32) -> list[list[float | None]]:
     """G sampled transcripts of each row from the rollout service's current weights, and their rewards
     (the job's reward weights and temperature), one group per row."""
-    grpo = job.grpo_config
+    grpo = job.grpo
     layout = PromptLayout.load(policy)
     groups: list[list[float | None]] = []
     async with Services.connect(job) as services:
         for start in range(0, len(rows), batch_size):
             batch = rows[start:start + batch_size]
-            audio = await asr_job.encode(services, batch, cache)  # P x [T_i, D]
+            audio = await asr.encode(services, batch, cache)  # P x [T_i, D]
             results = await services.rollout.generate(
                 [a.numpy() for a in audio], n=grpo.group_size, temperature=grpo.temperature,
                 max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), seed=job.seed * 7919 + start,
                 suffix_token_ids=list(layout.instruction_ids))
             texts = [s.text for r in results for s in r.unwrap()]  # P * G, group order
-            components = await asr_job.score(services, texts, [row for row in batch for _ in range(grpo.group_size)])
+            components = await asr.score(services, texts, [row for row in batch for _ in range(grpo.group_size)])
             rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
             groups += [rewards[i:i + grpo.group_size] for i in range(0, len(rewards), grpo.group_size)]
     return groups
@@ -341,7 +338,7 @@ def run(config: ReproConfig) -> dict[str, Any]:
                              eval_split)
             progress = BestDevProgress(name, job)
             with stage_timer(stages, f"GRPO {name}"):
-                asyncio.run(asr_job.run(job, progress, cache))
+                run_job(asr.AsrGrpo(cache), job, progress)
             with stage_timer(stages, f"eval {name}"):
                 served = asyncio.run(serve_best(job, progress))
                 table[name] = {**asyncio.run(evaluate_splits(job, policy, manifest, cache)), "step": served}
@@ -398,7 +395,7 @@ def plot_table(table: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.reproduce", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, ReproConfig)
     run(from_namespace(ReproConfig, "repro", parser.parse_args(argv)))

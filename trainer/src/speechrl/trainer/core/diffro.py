@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.losses import LossInputs, Metrics, TokenReward, grpo_loss
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.losses import LossInputs, Metrics, TokenReward, grpo_loss
 
 
 def gumbel_softmax(logits: Tensor, tau: float, *, hard: bool = False,

@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor
 
-from speechrl.trainer.config import GRPOConfig
+from speechrl.trainer.core.config import AggregationName, GRPOConfig, KlEstimatorName
 
 Metrics = dict[str, Tensor]  # detached scalars; the step turns them into floats once per update
 
@@ -41,6 +40,7 @@ class LossInputs:
 
     A variant that needs more than these (DiffRO: the policy's and the reference's logits
     [B, T, V], the token-input reward model) adds optional fields here, which step.py fills.
+    The variants by name are objectives.LOSSES.
     """
 
     logprobs: Tensor  # [B, T] log pi_theta of the completion tokens; carries the gradient
@@ -74,7 +74,7 @@ class TokenReward:
 
 
 # -- per-token KL estimators of KL(pi_theta || pi_ref), from logp = log pi_theta, ref = log pi_ref, [B, T]
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+KL_ESTIMATORS: dict[KlEstimatorName, Callable[[Tensor, Tensor], Tensor]] = {
     "k1": lambda logp, ref: logp - ref,  # unbiased, can be < 0, high variance
     "k2": lambda logp, ref: 0.5 * (logp - ref) ** 2,  # biased, >= 0, low variance
     "k3": lambda logp, ref: torch.exp(ref - logp) - (ref - logp) - 1,  # unbiased, >= 0, low variance
@@ -93,7 +93,7 @@ def _sequences(mask: Tensor) -> Tensor:
     return (mask.sum(1) > 0).sum()  # [] sequences with at least one counted token
 
 
-AGGREGATIONS: dict[str, Aggregation] = {
+AGGREGATIONS: dict[AggregationName, Aggregation] = {
     "token_mean": Aggregation(weights=lambda m: m, count=lambda m, c: m.sum()),
     "sequence_mean": Aggregation(weights=lambda m: m / m.sum(1, keepdim=True).clamp(min=1),
                                  count=lambda m, c: _sequences(m)),
@@ -162,35 +162,6 @@ def grpo_loss(inputs: LossInputs, config: GRPOConfig) -> tuple[Tensor, Metrics]:
         if inputs.entropy is not None:
             metrics["entropy"] = _masked_mean(inputs.entropy, mask)
     return loss, metrics
-
-
-LossFn = Callable[[LossInputs, GRPOConfig], tuple[Tensor, Metrics]]
-
-LOSSES: dict[str, LossFn] = {
-    "grpo": grpo_loss,
-    "diffro": lambda inputs, config: _diffro().diffro_loss(inputs, config),
-    "grpo+diffro": lambda inputs, config: _diffro().grpo_diffro_loss(inputs, config),
-}
-"""Loss variants by name (GRPOConfig.loss), all with one signature: (LossInputs, GRPOConfig) -> (loss, metrics).
-
-A variant returns its micro-batch's scalar loss already divided by `inputs.normalizer` (so that
-micro-batch losses add up to the step's loss) and detached scalar metrics, among them "tokens"
-(the counted tokens, which weigh the metrics across micro-batches). To plug one in (issue 7's
-"diffro" and "grpo+diffro"): add the optional tensors it needs to LossInputs, have step.py fill
-them, write `def diffro_loss(inputs: LossInputs, config: GRPOConfig)` and add it here. Variants
-compose: "grpo+diffro" is grpo_loss over all samples plus lambda times diffro_loss over the
-samples with a positive advantage.
-"""
-
-
-LOGIT_LOSSES = frozenset({"diffro", "grpo+diffro"})  # variants that need LossInputs.logits and diffro_reward
-
-
-def _diffro() -> Any:
-    """speechrl.trainer.diffro, imported on first use: it imports this module."""
-    from speechrl.trainer import diffro
-
-    return diffro
 
 
 def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0) -> Tensor:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 
-def plot_run(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """Reward (total and components) and WER (train rollouts, greedy eval) against step, as a PNG."""
+def plot_run(rows: Sequence[dict[str, Any]], path: Path, components: Mapping[str, str]) -> Path:
+    """Reward (total, and each of components: metric key -> label) and WER (train rollouts, greedy
+    eval) against step, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -16,8 +17,7 @@ def plot_run(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
     steps = [r["step"] for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for key, label in (("reward_mean", "total"), ("reward/accuracy", "R1 accuracy"),
-                       ("reward/hallucination", "R2 hallucination"), ("reward/keyword", "R3 keywords")):
+    for key, label in {"reward_mean": "total", **components}.items():
         if any(key in r for r in rows):
             left.plot(steps, [r.get(key) for r in rows], label=label, marker="." if key == "reward_mean" else None)
     left.set_xlabel("step")

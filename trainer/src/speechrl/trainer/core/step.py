@@ -18,16 +18,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
-from speechrl.trainer.advantages import group_advantages, reward_statistics
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.losses import LOGIT_LOSSES, LOSSES, LossInputs, TokenReward, normalizer
-from speechrl.trainer.policy import (
+from speechrl.trainer.core.advantages import group_advantages, reward_statistics
+from speechrl.trainer.core.config import LOGIT_LOSSES, GRPOConfig
+from speechrl.trainer.core.losses import LossInputs, TokenReward, normalizer
+from speechrl.trainer.core.objectives import LOSSES
+from speechrl.trainer.core.policy import (
     CompletionScores,
     Reference,
     completion_forward,
@@ -76,6 +77,22 @@ class RolloutBatch:
                        prompt_embeds=move(self.prompt_embeds))
 
 
+def sampled_sequences(samples: Sequence[Any], eos_token_id: int) -> list[list[int]]:
+    """Each sample's token ids, with EOS appended where it stopped (EOS is what the policy sampled there)."""
+    return [list(s.token_ids) + ([eos_token_id] if s.finish_reason == "stop" else []) for s in samples]
+
+
+def pad_right(sequences: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids [N, T] and mask [N, T] (1 on real tokens); T >= 1 even when all are empty."""
+    width = max(1, max((len(s) for s in sequences), default=0))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)  # [N, T]
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)  # [N, T]
+    for i, sequence in enumerate(sequences):
+        ids[i, :len(sequence)] = torch.tensor(list(sequence), dtype=torch.long)
+        mask[i, :len(sequence)] = 1
+    return ids, mask
+
+
 def use_bf16(config: GRPOConfig, device: torch.device) -> bool:
     """config.bf16, or when unset: on where the device computes bf16 natively (CUDA with bf16)."""
     if config.bf16 is not None:
@@ -102,10 +119,20 @@ def batch_logprobs(model: nn.Module, batch: RolloutBatch, rows: Tensor, config: 
     return scores.logprobs, scores.entropy
 
 
-def _diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | None, config: GRPOConfig,
-                   bf16: bool) -> dict[str, object]:
-    """LossInputs' DiffRO fields for the micro-batch `rows` [M]: the reference's logits and the reward,
-    and the reference's logprobs from the same forward (the KL term's, so it needs no pass of its own)."""
+@dataclass(frozen=True)
+class DiffroInputs:
+    """LossInputs' DiffRO fields for one micro-batch, and the reference's logprobs from the same forward
+    (the GRPO KL term's, so it needs no pass of its own)."""
+
+    diffro_reward: TokenReward  # the batch's reward, its rows renumbered to the micro-batch's samples
+    completion_ids: Tensor  # [M, T]
+    ref_logits: Tensor | None = None  # [M, T, V]; None when diffro_beta == 0
+    ref_logprobs: Tensor | None = None  # [M, T]
+
+
+def diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | None, config: GRPOConfig,
+                  bf16: bool) -> DiffroInputs:
+    """The DiffRO inputs of the micro-batch `rows` [M]: the reference's logits and logprobs, and the reward."""
     if batch.diffro_reward is None:
         raise ValueError(f"loss {config.loss!r} needs RolloutBatch.diffro_reward (a token-input reward model); "
                          "the TTS job sets it from its token2reward checkpoint")
@@ -123,9 +150,8 @@ def _diffro_inputs(batch: RolloutBatch, rows: Tensor, reference: Reference | Non
     def micro_batch_score(soft: Tensor, mask: Tensor, index: Tensor) -> Tensor:
         return score(soft, mask, rows[index])  # [b] the micro-batch's rows back to batch samples
 
-    return {"ref_logits": ref_logits, "ref_logprobs": ref_logprobs,
-            "diffro_reward": replace(batch.diffro_reward, score=micro_batch_score),
-            "completion_ids": batch.completion_ids[rows]}  # [M, T]
+    return DiffroInputs(diffro_reward=replace(batch.diffro_reward, score=micro_batch_score),
+                        completion_ids=batch.completion_ids[rows], ref_logits=ref_logits, ref_logprobs=ref_logprobs)
 
 
 @torch.no_grad()
@@ -213,12 +239,11 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
                     scores = batch_forward(policy, batch, rows, config, with_entropy=True, with_logits=with_logits)
                 logprobs = scores.logprobs  # [M, T]
-                diffro = _diffro_inputs(batch, rows, reference, config, bf16) if with_logits else {}
-                micro_ref_logprobs = cast(Tensor | None, diffro.pop("ref_logprobs", None))  # [M, T]
-                if config.kl_beta <= 0:
-                    micro_ref_logprobs = None
-                elif ref_logprobs is not None:
-                    micro_ref_logprobs = ref_logprobs[rows]
+                diffro = diffro_inputs(batch, rows, reference, config, bf16) if with_logits else None
+                micro_ref_logprobs = None  # [M, T]
+                if config.kl_beta > 0:
+                    micro_ref_logprobs = ref_logprobs[rows] if ref_logprobs is not None else \
+                        diffro.ref_logprobs if diffro is not None else None
                 inputs = LossInputs(
                     logprobs=logprobs,  # [M, T]
                     old_logprobs=logprobs.detach() if old_logprobs is None else old_logprobs[rows],  # [M, T]
@@ -226,7 +251,10 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
                     advantages=advantages[rows],  # [M]
                     mask=mask[rows],  # [M, T]
                     normalizer=z, entropy=scores.entropy, logits=scores.logits,  # [M, T, V] or None
-                    sample_normalizer=step_samples, **diffro)  # type: ignore[arg-type]
+                    sample_normalizer=step_samples,
+                    ref_logits=None if diffro is None else diffro.ref_logits,  # [M, T, V]
+                    diffro_reward=None if diffro is None else diffro.diffro_reward,
+                    completion_ids=None if diffro is None else diffro.completion_ids)  # [M, T]
                 loss, metrics = loss_fn(inputs, config)
                 loss.backward()  # gradients add up over the micro-batches of the step
                 step_loss += loss.detach()

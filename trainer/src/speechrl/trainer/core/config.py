@@ -1,7 +1,11 @@
 """GRPO configuration: one dataclass whose field help is the only documentation of every knob.
 
-The same help text becomes the CLI flags (`add_arguments`) and the message of every invariant
-broken in `__post_init__`. Defaults follow the ASR paper (arXiv 2509.18569): group size
+The same help text becomes the CLI flags and the job file's documentation (speechrl.services.config
+turns flags, variables and a job's `grpo:` mapping into this class), and every broken invariant is a
+ValueError from `__post_init__` that says what to change. The variants a field can name (`loss`,
+`kl_estimator`, `loss_aggregation`, `scale_rewards`) are Literal types here; the registries that
+implement them (losses.py, advantages.py) are keyed by the same names and import this module, never
+the other way round. Defaults follow the ASR paper (arXiv 2509.18569): group size
 12, 32 prompts per step, learning rate 1e-5, KL coefficient 0.1; the rest are the usual GRPO /
 PPO defaults (clip 0.2, k3 KL, token-mean loss as in DAPO).
 
@@ -16,15 +20,18 @@ ValueError: group_size must be >= 2 (advantages compare samples of the same prom
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import types
-import typing
-from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal, get_args
 
-from speechrl.services.config import option
+from speechrl.services.config import check_choices, option
+
+LossName = Literal["grpo", "diffro", "grpo+diffro"]  # losses.LOSSES
+LOGIT_LOSSES: frozenset[str] = frozenset({"diffro", "grpo+diffro"})  # variants that read the full distributions
+KlEstimatorName = Literal["k1", "k2", "k3"]  # losses.KL_ESTIMATORS
+AggregationName = Literal["token_mean", "sequence_mean", "constant"]  # losses.AGGREGATIONS
+RewardScaleName = Literal["group", "batch", "none"]  # advantages.REWARD_SCALES
+VARIANTS = {"loss": get_args(LossName), "kl_estimator": get_args(KlEstimatorName),
+            "loss_aggregation": get_args(AggregationName), "scale_rewards": get_args(RewardScaleName)}
 
 # Qwen2 / Llama projection names; "all-linear" (peft's shortcut) also works for other models.
 QWEN2_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -46,20 +53,20 @@ class GRPOConfig:
     reward_weights: dict[str, float] = field(default_factory=dict, metadata={
         "help": "Weight of each reward component by name, e.g. wer=1.0 hallucination=0.5; a component not "
                 "named weighs 1.0. Every component is still logged."})
-    scale_rewards: str = option("group", "Advantage scaling: group ((r - mean) / std within the group, GRPO), "
+    scale_rewards: RewardScaleName = option("group", "Advantage scaling: group ((r - mean) / std within the group, GRPO), "
                                          "batch (std over the whole batch), none ((r - mean) only, Dr. GRPO).")
     std_epsilon: float = option(1e-4, "Added to the std before dividing, so near-identical groups stay finite.")
     # -- the loss
-    loss: str = option("grpo", "Loss variant, a key of speechrl.trainer.losses.LOSSES.")
+    loss: LossName = option("grpo", "Loss variant: grpo, diffro or grpo+diffro (losses.LOSSES).")
     clip_epsilon: float = option(0.2, "Lower clip range: the ratio is clipped to [1 - clip_epsilon, "
                                       "1 + clip_epsilon_high].")
     clip_epsilon_high: float | None = option(None, "Upper clip range; unset means clip_epsilon. DAPO's "
                                                     "clip-higher uses 0.28.")
     kl_beta: float = option(0.1, "beta: weight of the KL penalty to the frozen reference (the paper: 0.1). 0 skips "
                                  "the reference forward altogether.")
-    kl_estimator: str = option("k3", "Per-token KL estimator (Schulman's k1, k2, k3); k3 is GRPO's: unbiased, "
+    kl_estimator: KlEstimatorName = option("k3", "Per-token KL estimator (Schulman's k1, k2, k3); k3 is GRPO's: unbiased, "
                                      ">= 0, low variance.")
-    loss_aggregation: str = option("token_mean", "How per-token losses become one number: token_mean (every "
+    loss_aggregation: AggregationName = option("token_mean", "How per-token losses become one number: token_mean (every "
                                                  "token of the step weighs the same, DAPO), sequence_mean (mean "
                                                  "per sequence, then over sequences, the GRPO paper), constant "
                                                  "(sum / (sequences * max_completion_length), Dr. GRPO).")
@@ -104,11 +111,6 @@ class GRPOConfig:
                                                   "all-linear for every linear layer but the output head.")
 
     def __post_init__(self) -> None:
-        # Imported here: losses.py imports this module. The accepted names are the registries' keys,
-        # so a new variant (issue 7's "diffro") needs no edit here.
-        from speechrl.trainer.advantages import REWARD_SCALES
-        from speechrl.trainer.losses import AGGREGATIONS, KL_ESTIMATORS, LOSSES
-
         self.lora_target_modules = tuple(self.lora_target_modules)
         _check(self.group_size >= 2, f"group_size must be >= 2 (advantages compare samples of the same prompt), "
                                      f"got {self.group_size}")
@@ -123,10 +125,7 @@ class GRPOConfig:
         _check(self.diffro_tau > 0, f"diffro_tau must be > 0, got {self.diffro_tau}")
         for name in ("kl_beta", "diffro_beta", "diffro_lambda", "std_epsilon", "learning_rate", "weight_decay", "max_grad_norm", "lora_dropout"):
             _check(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        _check_choice("loss", self.loss, LOSSES)
-        _check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
-        _check_choice("loss_aggregation", self.loss_aggregation, AGGREGATIONS)
-        _check_choice("scale_rewards", self.scale_rewards, REWARD_SCALES)
+        check_choices(self)
         step = self.mini_batch_size * self.gradient_accumulation_steps
         _check(step == 0 or self.samples_per_batch % step == 0,
                f"batch_size * group_size ({self.samples_per_batch}) must be a multiple of mini_batch_size * "
@@ -150,78 +149,7 @@ class GRPOConfig:
         """The upper clip range in effect."""
         return self.clip_epsilon if self.clip_epsilon_high is None else self.clip_epsilon_high
 
-    @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> GRPOConfig:
-        """Build from a YAML/JSON mapping; an unknown key is an error that lists the known ones."""
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        _check(not unknown, f"unknown GRPO settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
-
 
 def _check(ok: bool, message: str) -> None:
     if not ok:
         raise ValueError(message)
-
-
-def _check_choice(name: str, value: str, choices: Mapping[str, Any]) -> None:
-    _check(value in choices, f"{name} must be one of {sorted(choices)}, got {value!r}")
-
-
-def _weights(pairs: list[str]) -> dict[str, float]:
-    """`wer=1.0 hallucination=0.5` -> {"wer": 1.0, "hallucination": 0.5}."""
-    weights = {}
-    for pair in pairs:
-        name, sep, value = pair.partition("=")
-        if not sep:
-            raise argparse.ArgumentTypeError(f"expected name=weight, got {pair!r}")
-        weights[name] = float(value)
-    return weights
-
-
-def _flag_type(name: str) -> Any:
-    """The type a field's flag parses: X for `X | None`."""
-    kind = typing.get_type_hints(GRPOConfig)[name]
-    if isinstance(kind, types.UnionType):
-        kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-    return kind
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per GRPOConfig field (`--kl-beta 0.05`, `--lora/--no-lora`, `--reward-weights wer=1 ins=0.5`).
-
-    Every flag defaults to None, so `from_args` passes on only what was given.
-    """
-    defaults = GRPOConfig()
-    for f in dataclasses.fields(GRPOConfig):
-        kind = _flag_type(f.name)
-        flag = "--" + f.name.replace("_", "-")
-        help_text = f"{f.metadata['help']} (default: {getattr(defaults, f.name)})"
-        origin = typing.get_origin(kind)
-        if kind is bool:
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
-                                help=help_text)
-        elif origin is tuple:
-            parser.add_argument(flag, dest=f.name, default=None, nargs="+", metavar="NAME", help=help_text)
-        elif origin is dict:
-            parser.add_argument(flag, dest=f.name, default=None, nargs="+", metavar="NAME=WEIGHT", help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, default=None, type=kind, metavar=f.name.upper(),
-                                help=help_text)
-
-
-def from_args(args: argparse.Namespace, base: Mapping[str, Any] | None = None) -> GRPOConfig:
-    """The config from `base` (e.g. a YAML file's mapping) with the flags that were given on top.
-
-    >>> parser = argparse.ArgumentParser()
-    >>> add_arguments(parser)
-    >>> config = from_args(parser.parse_args(["--kl-beta", "0", "--reward-weights", "wer=2"]), {"group_size": 4})
-    >>> config.kl_beta, config.group_size, config.reward_weights
-    (0.0, 4, {'wer': 2.0})
-    """
-    values = dict(base or {})
-    for f in dataclasses.fields(GRPOConfig):
-        given = getattr(args, f.name, None)
-        if given is not None:
-            values[f.name] = _weights(given) if typing.get_origin(_flag_type(f.name)) is dict else given
-    return GRPOConfig.from_dict(values)

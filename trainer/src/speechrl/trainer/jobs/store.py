@@ -35,7 +35,7 @@ from typing import Any
 
 import redis
 
-from speechrl.trainer.journal import JobJournal
+from speechrl.trainer.jobs.journal import JobJournal
 
 log = logging.getLogger(__name__)
 

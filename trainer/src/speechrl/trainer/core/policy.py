@@ -20,8 +20,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import Tensor, nn
 
-from speechrl.trainer.config import GRPOConfig
-from speechrl.trainer.losses import token_entropy, token_logprobs
+from speechrl.trainer.core.config import GRPOConfig
+from speechrl.trainer.core.losses import token_entropy, token_logprobs
 
 
 def _pack_left(mask: Tensor) -> Tensor:

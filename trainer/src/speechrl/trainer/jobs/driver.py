@@ -1,0 +1,243 @@
+"""The one training driver: runs (or resumes) a job of any kind to its last step.
+
+    run(kind, config, progress):
+        setup     resume from the newest checkpoint; policy (LoRA adapters when asked), reference,
+                  optimizer; under torchrun a data-parallel update (core/distributed.py)
+        connect   the kind's services; push the weights with a version newer than the rollout
+                  service's and the checkpoint's, so every later sample is provably ours
+        per step  kind.collect (prompts -> rollouts -> rewards) -> update (on the trainer's device,
+                  under its GPU lease, priority "high") -> sync (new weights to the rollout service;
+                  its reply must echo the new version) -> kind.evaluate when due
+                  -> metrics.jsonl, TensorBoard, progress, a checkpoint every checkpoint_every steps
+        finish    summary.json and training.png
+
+Under torchrun with several processes (`torchrun --nproc-per-node 2 -m speechrl.trainer.jobs.cli
+train job.yaml`) rank 0 runs the job and ranks > 0 only their part of each update, each under the
+lease of its own device; they return {} and write nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from speechrl.trainer.core import distributed
+from speechrl.trainer.core.advantages import reward_statistics
+from speechrl.trainer.core.config import LOGIT_LOSSES, GRPOConfig
+from speechrl.trainer.core.policy import Reference, apply_lora, make_optimizer, make_reference
+from speechrl.trainer.core.step import RolloutBatch, grpo_update
+from speechrl.trainer.jobs.checkpoint import (
+    OptimizerState,
+    TrainState,
+    latest_checkpoint,
+    load_optimizer,
+    restore_rng,
+    save_checkpoint,
+)
+from speechrl.trainer.jobs.kind import JobConfig, JobKind, Policy, Session
+from speechrl.trainer.jobs.plots import plot_run
+from speechrl.trainer.jobs.progress import MetricsLog, PhaseTimer, Progress
+from speechrl.trainer.jobs.weights import check_on_policy, push_weights, sync_dir
+
+ADAPTER_DIR = "adapter"  # a LoRA run's checkpoint holds only its adapters (the base is the warm start)
+
+Update = Callable[[RolloutBatch], dict[str, float]]  # grpo_update bound to the policy, or a DataParallelUpdate
+
+
+async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str, Any]:
+    """Run (or resume) a job of kind to config.steps; returns the summary written to summary.json."""
+    grpo = config.grpo
+    launch = distributed.Launch.from_env()
+    kind.check(config, distributed=launch is not None)
+    if launch is not None:
+        distributed.check_shardable(grpo, launch.world_size)
+        config = replace(config, device=launch.device(config.device),
+                         lease_device=launch.lease_device(config.lease_device))
+        control = distributed.init_process_group(torch.device(config.device))
+    torch.manual_seed(grpo.seed)
+    if launch is not None and not launch.is_main:
+        await distributed.follow(sharded_update(kind, config), control,
+                                 lambda: update_lease(config.lease_device, config.redis_url))
+        return {}
+    out = Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "job.json").write_text(json.dumps({"kind": kind.name, **asdict(config)}, indent=2) + "\n")
+    random.seed(config.seed)
+    resume = latest_checkpoint(out)
+    if launch is not None and grpo.lora:
+        raise ValueError(f"grpo.lora with torchrun: {kind.name} runs LoRA in one process only; drop lora or torchrun")
+    # Data-parallel, rank 0's policy is the unsharded CPU mirror that the I/O reads (distributed.py).
+    policy = load_policy(kind, config, resume, device="cpu" if launch else config.device)
+    optimizer: OptimizerState
+    update: Update
+    if launch is None:
+        policy.model.train()
+        reference = reference_of(kind, config, policy)
+        optimizer = torch_optimizer = make_optimizer(policy.model, grpo)
+        update = functools.partial(grpo_update, policy.model, reference, torch_optimizer, config=grpo)
+    else:
+        optimizer = update = distributed.DataParallelUpdate(sharded_update(kind, config), policy.model, control)
+    state = TrainState()
+    if resume is not None:
+        state = TrainState.load(resume)
+        load_optimizer(resume, optimizer)
+        restore_rng(state)
+    async with kind.connect(config, policy) as session:
+        status = await session.rollout.get_service_status()
+        # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
+        # weights with a version newer than both, so every later sample is provably ours.
+        version = await push_weights(session.rollout, policy.model, sync_dir(config),
+                                     max(state.version, status.policy_version) + 1, grpo.lora)
+
+        async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
+            return await train_step(session, index, version, update, policy, config)
+
+        await train_loop(out, state, config.steps, progress, step, lambda f: save_policy(policy, f / "policy", grpo.lora),
+                         optimizer, version=version, checkpoint_every=config.checkpoint_every,
+                         evaluate=session.evaluate)
+    if isinstance(update, distributed.DataParallelUpdate):
+        update.close()  # ranks > 0 return
+    summary = summarize(out, kind)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+async def train_step(session: Session, step: int, version: int, update: Update, policy: Policy,
+                     config: JobConfig) -> tuple[dict[str, Any], int]:
+    """collect (the kind's phases) -> update -> sync for one step; returns (metrics, version)."""
+    timer = PhaseTimer()
+    collected = await session.collect(step, timer)
+    check_on_policy(collected.sampled_versions, version)
+    with timer("update"):
+        async with update_lease(config.lease_device, config.redis_url):
+            update_metrics = await asyncio.to_thread(update, collected.batch)
+    with timer("sync"):
+        version = await push_weights(session.rollout, policy.model, sync_dir(config), version + 1, config.grpo.lora)
+    metrics: dict[str, Any] = {
+        **update_metrics, **reward_statistics(collected.batch.rewards, config.grpo.group_size), **timer.seconds,
+        **collected.metrics, "policy_version": version,
+    }
+    return metrics, version
+
+
+StepFn = Callable[[int, int], Awaitable[tuple[dict[str, Any], int]]]  # (step, version) -> (metrics, version)
+
+
+async def train_loop(out: Path, state: TrainState, steps: int, progress: Progress, step: StepFn,
+                     save_policy: Callable[[Path], None], optimizer: OptimizerState, *, version: int,
+                     checkpoint_every: int, evaluate: Callable[[int, bool], Awaitable[dict[str, float]]] | None = None,
+                     ) -> None:
+    """Run steps until state.step == steps (or cancelled): log, report, evaluate and checkpoint each.
+
+    evaluate(step, last) returns the eval metrics due at that step ({} when none are due).
+    save_policy(folder) writes the policy's weights into a checkpoint folder.
+    """
+    log = MetricsLog(out, state.step)
+    progress.resumed(state.step)
+    try:
+        while state.step < steps and not progress.cancelled():
+            metrics, version = await step(state.step, version)
+            state.step += 1
+            state.version = version
+            last = state.step == steps
+            if evaluate is not None:
+                metrics.update(await evaluate(state.step, last))
+            log.write(state.step, metrics)
+            progress.report(state.step, steps, metrics)
+            if last or state.step % checkpoint_every == 0:
+                await asyncio.to_thread(save_checkpoint, out, state, save_policy, optimizer)
+    finally:
+        log.close()
+
+
+@contextlib.asynccontextmanager
+async def update_lease(lease_device: str, redis_url: str) -> AsyncIterator[None]:
+    """The trainer device's GPU lease (priority high) around the update, when lease_device is set."""
+    if not lease_device:
+        yield
+        return
+    from speechrl.services.lease import GpuLease, LeaseUnavailable, lease_redis
+
+    client = lease_redis(redis_url)
+    lease = GpuLease(client, owner="trainer")
+    try:
+        async with contextlib.AsyncExitStack() as held:
+            # A Redis outage (a restart) costs the step a wait, not the job: retry for up to a minute.
+            for attempt in range(60):
+                try:
+                    await held.enter_async_context(lease.hold(lease_device, priority="high", timeout=600))
+                    break
+                except LeaseUnavailable:
+                    if attempt == 59:
+                        raise
+                    await asyncio.sleep(1.0)
+            yield
+    finally:
+        await client.aclose()
+
+
+def load_policy(kind: JobKind, config: JobConfig, resume: Path | None, device: str) -> Policy:
+    """The policy to train: the checkpoint's weights when resuming; with LoRA, the warm start plus adapters."""
+    if not config.grpo.lora:
+        return kind.policy_class.load(resume / "policy" if resume else config.policy, device=device)
+    from peft import PeftModel
+
+    policy = kind.policy_class.load(config.policy, device=device)
+    if resume is not None:
+        policy.model = PeftModel.from_pretrained(policy.model, resume / "policy" / ADAPTER_DIR, is_trainable=True)
+    else:
+        policy.model = apply_lora(policy.model, config.grpo)
+    return policy
+
+
+def save_policy(policy: Policy, folder: Path, lora: bool) -> None:
+    """A checkpoint's weights: the whole policy folder, or only the LoRA adapters."""
+    if lora:
+        policy.model.save_pretrained(folder / ADAPTER_DIR)  # type: ignore[operator]  # a peft model
+    else:
+        policy.save(folder)
+
+
+def needs_reference(grpo: GRPOConfig) -> bool:
+    """Whether the loss reads pi_ref: the GRPO KL term, or DiffRO's token KL."""
+    return grpo.kl_beta > 0 or (grpo.loss in LOGIT_LOSSES and grpo.diffro_beta > 0)
+
+
+def reference_of(kind: JobKind, config: JobConfig, policy: Policy) -> Reference | None:
+    """pi_ref: the warm start (a LoRA policy with its adapters off, else a frozen copy), None when unused."""
+    if not needs_reference(config.grpo):
+        return None
+    if config.grpo.lora:
+        return make_reference(policy.model)
+    return make_reference(kind.policy_class.load(config.policy, device=config.device).model)
+
+
+def sharded_update(kind: JobKind, config: JobConfig) -> distributed.ShardedUpdate:
+    """This rank's part of the data-parallel update, from the warm-start weights (rank 0 then sends its own)."""
+    model = kind.policy_class.load(config.policy).model
+    reference = make_reference(model) if needs_reference(config.grpo) else None
+    return distributed.ShardedUpdate(model, reference, config.grpo, torch.device(config.device))
+
+
+def summarize(out: Path, kind: JobKind) -> dict[str, Any]:
+    """First and last values of the kind's headline metrics (and of eval WER when evaluated), and the plot."""
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if "eval/wer" in r]
+    summary: dict[str, Any] = {"steps": rows[-1]["step"] if rows else 0}
+    for key in kind.summary_keys:
+        if rows and key in rows[0]:
+            summary[key] = {"first": rows[0][key], "last": rows[-1][key]}
+    if evals:
+        summary["eval_wer"] = {"first": evals[0]["eval/wer"], "last": evals[-1]["eval/wer"]}
+    if rows:
+        summary["plot"] = str(plot_run(rows, out / "training.png", kind.plot_components))
+    return summary

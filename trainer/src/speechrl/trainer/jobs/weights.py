@@ -1,0 +1,56 @@
+"""The trainer's weights to the rollout service: where they are written, the push whose reply must
+echo the new version, and the check that every rollout came from the weights just pushed."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol
+
+from safetensors.torch import save_file
+from torch import nn
+
+from speechrl.client import AsyncRolloutClient
+
+
+class RunFolders(Protocol):
+    """What a job config says about its folders (AsrJobConfig, TtsJobConfig)."""
+
+    out_dir: str
+    sync_dir: str
+
+
+def sync_dir(config: RunFolders) -> Path:
+    """Where the job writes new weights for the rollout service: sync_dir, else <out_dir>/sync."""
+    return Path(config.sync_dir) if config.sync_dir else Path(config.out_dir) / "sync"
+
+
+async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: Path, version: int,
+                       lora: bool = False) -> int:
+    """Push model's weights as `version` (a full safetensors file, or the LoRA adapter folder) to the
+    rollout service; returns the version it confirms (RuntimeError when it is another)."""
+    sync_dir.mkdir(parents=True, exist_ok=True)
+    if lora:
+        path = sync_dir / f"adapter-v{version:06d}"
+        await asyncio.to_thread(model.save_pretrained, str(path))  # type: ignore[operator,arg-type]  # a peft model
+    else:
+        path = sync_dir / f"policy-v{version:06d}.safetensors"
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        await asyncio.to_thread(save_file, state, str(path))
+    confirmed = await rollout.update_weights(version, str(path), format="lora" if lora else "full")
+    for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
+        if old != path:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
+    if confirmed != version:
+        raise RuntimeError(f"rollout service confirmed policy version {confirmed}, expected {version}")
+    return confirmed
+
+
+def check_on_policy(versions: Sequence[int], version: int) -> None:
+    """Every rollout came from the trainer's current weights, or RuntimeError."""
+    stale = set(versions) - {version}
+    if stale:
+        raise RuntimeError(f"rollouts came from policy versions {sorted(stale)}, not {version}: the rollout "
+                           "service is not serving the trainer's weights")
