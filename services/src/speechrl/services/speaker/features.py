@@ -29,7 +29,7 @@ import numpy as np
 from scipy.ndimage import binary_dilation
 
 # Resemblyzer's hyper-parameters (resemblyzer/hparams.py), restated so that importing this
-# module loads neither resemblyzer nor torch. tests/test_speaker_backends.py checks they agree.
+# module loads neither resemblyzer nor torch. tests/service/test_speaker_backends.py checks they agree.
 RESEMBLYZER_RATE = 16000
 MEL_WINDOW_MS = 25
 MEL_STEP_MS = 10

@@ -28,7 +28,7 @@ reduce-scattered with SUM, not FSDP's default mean. The gradient norm is taken o
 The metrics are all-reduced once at the end (sums, and token-weighted means).
 
 The result is the update of one process on the same batch, up to the order of float sums
-(tests/test_distributed.py: two CPU processes on gloo against one). Needs untied input and output
+(tests/equivalence/test_distributed.py: two CPU processes on gloo against one). Needs untied input and output
 embeddings (see `shard_model`).
 """
 

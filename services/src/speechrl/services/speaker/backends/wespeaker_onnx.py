@@ -46,7 +46,7 @@ def providers(device: str) -> list[str | tuple[str, dict[str, str]]]:
 class WespeakerOnnxBackend:
     """A wespeaker ONNX export run with onnxruntime.
 
-    Usage (tests/test_speaker_backends.py exports a tiny model and runs this for real)::
+    Usage (tests/service/test_speaker_backends.py exports a tiny model and runs this for real)::
 
         backend = WespeakerOnnxBackend("voxceleb_resnet34_LM.onnx")
         backend.embed([wav_16k]).shape  # (1, 256)

@@ -1,0 +1,112 @@
+"""TTS RL through the real services and Redis (issue 7): two steps of each of tts-grpo, tts-diffro and
+tts-grpo+diffro change the weights, keep the rollout service's version in step with the trainer's,
+and log every reward component. Real audio (espeak-ng via token2wav), real scorers (Whisper tiny.en,
+Resemblyzer, Token2Reward served by token2wav); the policy and the Token2Reward are tiny and barely
+trained, so this is about plumbing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from speechrl.client import RolloutClient
+from speechrl.services.intelligibility.server import IntelligibilityConfig
+from speechrl.services.intelligibility.server import start as start_intelligibility
+from speechrl.services.ports import free_port
+from speechrl.services.rollout.server import RolloutConfig
+from speechrl.services.rollout.server import start as start_rollout
+from speechrl.services.speaker.server import SpeakerConfig
+from speechrl.services.speaker.server import start as start_speaker
+from speechrl.services.token2wav import token2reward
+from speechrl.services.token2wav.server import Token2WavConfig
+from speechrl.services.token2wav.server import start as start_token2wav
+from speechrl.services.token2wav.tokens import VOCABULARY
+from speechrl.trainer.jobs.datasets import read_corpus
+from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
+from speechrl.trainer.jobs.tts import TtsJobConfig
+from speechrl.trainer.recipes.token2reward import train as train_token2reward
+from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
+from tests.support.servers import RedisServer, serve_in_thread
+from tests.support.training import Recorder, assert_most_weights_moved
+
+COMPONENTS = ("intelligibility", "speaker", "duration", "diversity")
+
+
+@dataclass
+class Stack:
+    policy: Path
+    corpus: Path
+    reward_model: Path
+    endpoints: dict[str, str]
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("tts-rl")
+    summary = run_tts_warmstart(TtsWarmStartConfig(out=str(root / "warm"), train=6, dev=2, test=0, hidden_size=64,
+                                                   num_layers=1, steps=15, batch_size=6, threads=1))
+    pairs = [(r["tokens"], r["text"]) for r in read_corpus(summary["corpus"], "train")]
+    reward_model = train_token2reward(pairs, token2reward.Token2RewardConfig(num_tokens=len(VOCABULARY), d_model=32,
+                                                                             layers=1, heads=2), steps=5, batch_size=6)
+    token2reward.save(reward_model, root / "t2r")
+    starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=summary["policy"], threads=1)),
+              "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port(), token2reward=str(root / "t2r"))),
+              "intelligibility": lambda: start_intelligibility(IntelligibilityConfig(port=free_port(), threads=1)),
+              "speaker": lambda: start_speaker(SpeakerConfig(port=free_port(), threads=1))}
+    with ExitStack() as servers:
+        endpoints = {name: f"127.0.0.1:{servers.enter_context(serve_in_thread(start)).port}"
+                     for name, start in starts.items()}
+        yield Stack(Path(summary["policy"]), Path(summary["corpus"]), root / "t2r", endpoints)
+
+
+def job(stack: Stack, out: Path, redis_url: str, kind: str, **grpo: Any) -> TtsJobConfig:
+    """A two-step job of kind, read as a job file is (the kind sets grpo.loss)."""
+    _, config = parse_job(dict(
+        kind=kind, policy=str(stack.policy), data=str(stack.corpus), token2reward=str(stack.reward_model),
+        voices="en-us,en-gb+f3", steps=2, checkpoint_every=1, out_dir=str(out), lease_device="cpu:0",
+        redis_url=redis_url, **stack.endpoints,
+        grpo={"group_size": 2, "batch_size": 2, "mini_batch_size": 4, "learning_rate": 1e-2,
+              "max_completion_length": 48, "kl_beta": 0.05, "diffro_beta": 0.05, **grpo}))
+    assert isinstance(config, TtsJobConfig)
+    return config
+
+
+@pytest.mark.parametrize(("kind", "grpo", "extra"), [
+    # Token2Reward's ScoreTokens from the token2wav service as a fifth weighted component.
+    ("tts-grpo", {"reward_weights": {"token2reward": 0.5}}, ("kl", "clip_fraction", "reward/token2reward")),
+    ("tts-diffro", {}, ("diffro_reward", "diffro_kl")),
+    ("tts-grpo+diffro", {"diffro_filter": False}, ("grpo_loss", "diffro_loss", "diffro_reward", "kl")),
+])
+def test_two_steps_through_the_services(stack: Stack, tmp_path: Path, redis_server: RedisServer, kind: str,
+                                        grpo: dict[str, Any], extra: tuple[str, ...]) -> None:
+    out = tmp_path / kind
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        before = rollout.get_service_status().policy_version
+    recorder = Recorder()
+    run_job(kind, job(stack, out, redis_server.url, kind, **grpo), recorder)
+    assert [s for s, _ in recorder.steps] == [1, 2]
+    for _, metrics in recorder.steps:
+        for key in (*(f"reward/{c}" for c in COMPONENTS), "reward_mean", "wer", "sim", "loss", "grad_norm", *extra,
+                    "time/rollout", "time/token2wav", "time/score", "time/update", "time/sync"):
+            assert math.isfinite(metrics[key]), (key, metrics.get(key))
+        assert "reward/f0" in metrics  # weight 0 by default: not computed, logged as NaN
+    # The first sync, then one per step: every rollout came from the trainer's newest weights.
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        assert rollout.get_service_status().policy_version == before + 3 == recorder.steps[-1][1]["policy_version"]
+    assert_most_weights_moved(stack.policy, out, "step-000002")
+
+
+def test_the_kind_sets_the_loss(stack: Stack) -> None:
+    values = {"policy": str(stack.policy), "data": str(stack.corpus)}
+    kind, config = parse_job({"kind": "tts-grpo+diffro", **values})
+    assert kind == "tts-grpo+diffro" and isinstance(config, TtsJobConfig)
+    with pytest.raises(JobConfigError, match="reward_weights names 'wer'"):
+        parse_job({"kind": "tts-grpo", **values, "grpo": {"reward_weights": {"wer": 1.0}}})
+    with pytest.raises(ValueError, match="tts-diffro jobs use loss 'diffro'"):
+        run_job("tts-diffro", TtsJobConfig(**values, grpo={"loss": "grpo"}), Recorder())
