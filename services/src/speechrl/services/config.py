@@ -191,7 +191,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
             continue
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
-        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")  # argparse formats help
         origin = typing.get_origin(kind)
         if kind is bool:
             parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
@@ -266,9 +266,10 @@ def from_mapping(cls: type[ConfigT], values: Mapping[str, Any], where: str = "")
 
 
 def parse_config(cls: type[ConfigT], service: str, argv: Sequence[str] | None = None,
-                 description: str = "") -> ConfigT:
-    """Parse argv (flags) and the environment into the config dataclass cls."""
-    parser = argparse.ArgumentParser(prog=f"speechrl serve {service}", description=description,
+                 description: str = "", prog: str = "") -> ConfigT:
+    """Parse argv (flags) and the SPEECHRL_<SERVICE>_* environment into the config dataclass cls; prog
+    names the command in --help (default `speechrl serve SERVICE`)."""
+    parser = argparse.ArgumentParser(prog=prog or f"speechrl serve {service}", description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser, cls)
     return from_namespace(cls, service, parser.parse_args(argv))

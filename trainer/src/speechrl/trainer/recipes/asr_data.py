@@ -30,7 +30,6 @@ the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
 
 from __future__ import annotations
 
-import argparse
 import random
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -44,7 +43,7 @@ import soxr
 from tqdm import tqdm
 
 from speechrl.rewards import error_rates, normalize_text
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import option, parse_config
 from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
 
@@ -423,9 +422,8 @@ def select_keyword_rich(rows: Sequence[Row], min_keywords: int = 2) -> list[Row]
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m speechrl.trainer.recipes.asr_data --out DIR [flags]`: build the corpus and print its splits."""
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.asr_data", description=__doc__.split("\n")[0])
-    add_arguments(parser, DataConfig)
-    config = from_namespace(DataConfig, "data", parser.parse_args(argv))
+    config = parse_config(DataConfig, "data", argv, description=__doc__.split("\n")[0],
+                          prog="python -m speechrl.trainer.recipes.asr_data")
     manifest = build_asr_dataset(config)
     rows = read_manifest(manifest)
     for split in dict.fromkeys(r.split for r in rows):

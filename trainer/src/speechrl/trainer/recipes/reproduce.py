@@ -32,7 +32,6 @@ evaluated once per model, while the front-end never changes.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -46,7 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from speechrl.services import stack
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import option, parse_config
 from speechrl.services.ports import free_port
 from speechrl.trainer.core.advantages import weighted_rewards
 from speechrl.trainer.core.config import GRPOConfig
@@ -395,10 +394,7 @@ def plot_table(table: dict[str, dict[str, float]], path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.reproduce", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser, ReproConfig)
-    run(from_namespace(ReproConfig, "repro", parser.parse_args(argv)))
+    run(parse_config(ReproConfig, "repro", argv, description=__doc__, prog="python -m speechrl.trainer.recipes.reproduce"))
 
 
 if __name__ == "__main__":

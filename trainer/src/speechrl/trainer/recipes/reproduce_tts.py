@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 
 from speechrl.services import stack
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import option, parse_config
 from speechrl.services.ports import free_port
 from speechrl.services.token2wav import token2reward
 from speechrl.trainer.jobs.datasets import read_corpus
@@ -262,9 +261,8 @@ def plot(table: dict[str, dict[str, float]], out: Path, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, TtsReproConfig)
-    run(from_namespace(TtsReproConfig, "tts_repro", parser.parse_args(argv)))
+    run(parse_config(TtsReproConfig, "tts_repro", argv, description=__doc__.splitlines()[0],
+                     prog="python -m speechrl.trainer.recipes.reproduce_tts"))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import option, parse_config
 from speechrl.services.token2wav.tokens import PHONEMES, VOCABULARY, PhonemeVocabulary
 from speechrl.trainer.core.policy import supervised_step
 from speechrl.trainer.jobs.datasets import CORPUS
@@ -172,9 +171,9 @@ def run_tts_warmstart(config: TtsWarmStartConfig) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, TtsWarmStartConfig)
-    print(json.dumps(run_tts_warmstart(from_namespace(TtsWarmStartConfig, "tts_warmstart", parser.parse_args(argv))), indent=2))
+    config = parse_config(TtsWarmStartConfig, "tts_warmstart", argv, description=__doc__.splitlines()[0],
+                          prog="python -m speechrl.trainer.recipes.tts_warmstart")
+    print(json.dumps(run_tts_warmstart(config), indent=2))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from tqdm import tqdm
 
 from speechrl.rewards import error_rates, normalize_text, rule_rewards
 from speechrl.services.audio import AudioInput, decode_audio
-from speechrl.services.config import add_arguments, from_namespace, option
+from speechrl.services.config import option, parse_config
 from speechrl.services.encoder.ct2 import CT2_SETTINGS, default_ct2_frontend, load_ct2_encoder
 from speechrl.services.encoder.model import ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, AudioEncoderModel
 from speechrl.trainer.jobs.datasets import Row, read_manifest
@@ -296,10 +295,8 @@ def run_warmstart(config: WarmStartConfig) -> dict[str, Any]:
 def main(argv: Sequence[str] | None = None) -> None:
     """`python -m speechrl.trainer.recipes.warmstart [flags]`: run the warm start and print its table."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="python -m speechrl.trainer.recipes.warmstart",
-                                     description="Supervised warm start of the small LLM-ASR.")
-    add_arguments(parser, WarmStartConfig)
-    summary = run_warmstart(from_namespace(WarmStartConfig, "warmstart", parser.parse_args(argv)))
+    summary = run_warmstart(parse_config(WarmStartConfig, "warmstart", argv, prog="python -m speechrl.trainer.recipes.warmstart",
+                                         description="Supervised warm start of the small LLM-ASR."))
     training = summary["training"]
     print(f"trained {training['steps']} steps in {training['train_seconds']} s (loss {training['first_loss']:.3f} -> "
           f"{training['last_loss']:.3f}); embeddings {summary['embed_seconds']} s")
