@@ -119,7 +119,7 @@ def run_sharded(scenario: Scenario, out: Path) -> None:
 
 
 def run_driver(scenario: Scenario, control: dist.ProcessGroup, out: Path) -> None:
-    """Rank 0 drives DataParallelUpdate with an unsharded mirror; rank 1 follows, as in asr_job.run."""
+    """Rank 0 drives DataParallelUpdate with an unsharded mirror; rank 1 follows, as in the driver (jobs/driver.py)."""
     model = tiny_model()
     sharded = distributed.ShardedUpdate(model, make_reference(model), scenario.config, torch.device("cpu"))
     if dist.get_rank() > 0:

@@ -26,7 +26,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     yield from asr_stack(tmp_path_factory.mktemp("asr-grpo"))
 
 
-job = asr_job
+job = asr_job  # the tests below read as job(stack, out, steps, redis_url)
 
 
 def test_two_steps_then_resume(stack: Stack, tmp_path: Path, redis_server: RedisServer) -> None:

@@ -4,7 +4,7 @@
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 \\
         -m speechrl.trainer.jobs.cli train job.yaml                                    # 2 nodes of 8
 
-Who does what. Rank 0 runs the job (asr_job.run): all service I/O (encode, rollout, score, weight
+Who does what. Rank 0 runs the job (jobs/driver.py's run): all service I/O (encode, rollout, score, weight
 sync), metrics, checkpoints. It builds each step's RolloutBatch and broadcasts it, so every rank
 holds the same full batch; ranks > 0 only follow rank 0's commands (`follow`). Each rank takes the
 GPU lease of its own device (cuda:LOCAL_RANK) around its part of the update. Rank 0 keeps an

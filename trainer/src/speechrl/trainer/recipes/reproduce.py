@@ -5,7 +5,7 @@
     python -m speechrl.trainer.recipes.reproduce --out runs/x --prepared runs/asr-repro --variants R1 --steps 60
                                    # a GRPO experiment on an earlier run's corpus and warm start
 
-1. An English corpus spoken by espeak-ng (data.py): train/dev/test plus long test segments. The
+1. An English corpus spoken by espeak-ng (asr_data.py): train/dev/test plus long test segments. The
    warm start's training utterances are cut tight; dev, test and the RL pool also come as recorded,
    with up to edge_silence_seconds of silence before and after (data.add_recorded_splits), where a
    model trained on tight audio invents words: the hallucination the paper's rewards target.

@@ -2,7 +2,7 @@
 
     python -m speechrl.trainer.recipes.reproduce_tts --out runs/tts-repro        # < 20 min on 2 cores
 
-1. Corpus + warm start (tts_warmstart.py): data.py's sentences, espeak-ng's phonemes as speech
+1. Corpus + warm start (tts_warmstart.py): asr_data.py's sentences, espeak-ng's phonemes as speech
    tokens, a small Qwen2 TTS policy trained on them with substituted / dropped targets, stopped early.
 2. Token2Reward (token2reward.py) trained on the corpus's clean (tokens, text) pairs: DiffRO's reward.
 3. The services: rollout (the policy), token2wav (espeak-ng renders the tokens), intelligibility

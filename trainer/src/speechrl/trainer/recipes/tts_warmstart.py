@@ -1,6 +1,6 @@
 """Supervised warm start of the LLM-TTS policy on espeak-ng's own text -> phoneme output, errors left in.
 
-1. Sentences from data.py's templates, split train / dev / test (disjoint), phonemized by espeak-ng
+1. Sentences from asr_data.py's templates, split train / dev / test (disjoint), phonemized by espeak-ng
    (PhonemeVocabulary.text_to_ids) into clean speech tokens; written to corpus.jsonl, one
    {"text", "tokens", "split"} a line (the RL prompts, the test set and Token2Reward's pairs).
 2. The training targets are corrupted on purpose: each token is substituted by a random phoneme
