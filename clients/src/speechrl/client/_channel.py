@@ -116,7 +116,7 @@ class ServiceError(Exception):
     """
 
     def __init__(self, code: grpc.StatusCode, details: str, *, endpoint: str = "", attempts: int = 1,
-                 retry_after_s: float | None = None):
+                 retry_after_s: float | None = None, metadata: dict[str, str] | None = None):
         super().__init__(f"{code.name}: {details}" + (f" [{endpoint}, attempt {attempts}]" if endpoint else ""))
         self.code = code
         self.details = details
@@ -124,6 +124,29 @@ class ServiceError(Exception):
         self.attempts = attempts
         self.retry_after_s = retry_after_s
         """The server's retry-after hint, in seconds, when it sent one (RESOURCE_EXHAUSTED)."""
+        self.metadata = dict(metadata or {})
+        """The call's `speechrl-*` trailing metadata, e.g. `speechrl-error-code: STALE_FENCE`."""
+
+    @property
+    def error_code(self) -> str:
+        """The server's own name for the failure (trailing `speechrl-error-code`), "" when it sent none."""
+        return self.metadata.get("speechrl-error-code", "")
+
+
+class StaleFenceError(ServiceError):
+    """The rollout service refused weights pushed under an older GPU-lease grant than the last it
+    accepted (FAILED_PRECONDITION, error code STALE_FENCE): the pusher's lease lapsed and someone
+    newer has pushed since. Do not retry; the pusher is no longer the holder."""
+
+    @property
+    def fence(self) -> int:
+        """The fencing token the refused push carried."""
+        return int(self.metadata.get("speechrl-fence", 0))
+
+    @property
+    def accepted_fence(self) -> int:
+        """The fencing token of the last push the service accepted."""
+        return int(self.metadata.get("speechrl-accepted-fence", 0))
 
 
 def retry_after_hint(error: grpc.aio.AioRpcError) -> float | None:
@@ -136,6 +159,12 @@ def retry_after_hint(error: grpc.aio.AioRpcError) -> float | None:
             except ValueError:
                 return None
     return None
+
+
+def speechrl_metadata(error: grpc.aio.AioRpcError) -> dict[str, str]:
+    """The `speechrl-*` trailing metadata of a failed call."""
+    return {key: value if isinstance(value, str) else value.decode()
+            for key, value in cast(Any, error.trailing_metadata() or ()) if key.startswith("speechrl-")}
 
 
 def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[str, int | str]]:
@@ -342,18 +371,22 @@ class Connection:
                 return await attempt(index, max(deadline - time.monotonic(), 0.001))
             except grpc.aio.AioRpcError as exc:
                 code, details, hint = exc.code(), exc.details() or "", retry_after_hint(exc)
+                metadata = speechrl_metadata(exc)
                 if attempts >= self.retry.max_attempts or not self.retry.should_retry(code, details):
-                    raise self._error(code, details, index, attempts, hint) from None
+                    raise self._error(code, details, index, attempts, hint, metadata) from None
                 wait = self.retry.delay_s(attempts - 1, hint, self._rng)
                 if time.monotonic() + wait >= deadline:
                     details += f" (gave up: no time for another attempt within the {timeout_s:g} s deadline)"
-                    raise self._error(code, details, index, attempts, hint) from None
+                    raise self._error(code, details, index, attempts, hint, metadata) from None
                 log.info("%s to %s failed with %s (%s); retry %d in %.3f s", what, self.endpoints[index],
                          code.name, details, attempts, wait)
                 await asyncio.sleep(wait)
 
-    def _error(self, code: grpc.StatusCode, details: str, index: int, attempts: int, hint: float | None) -> ServiceError:
-        return ServiceError(code, details, endpoint=self.endpoints[index], attempts=attempts, retry_after_s=hint)
+    def _error(self, code: grpc.StatusCode, details: str, index: int, attempts: int, hint: float | None,
+               metadata: dict[str, str]) -> ServiceError:
+        error_class = StaleFenceError if metadata.get("speechrl-error-code") == "STALE_FENCE" else ServiceError
+        return error_class(code, details, endpoint=self.endpoints[index], attempts=attempts, retry_after_s=hint,
+                           metadata=metadata)
 
     async def unary(self, stub_class: type, method: str, request: Any, timeout_s: float | None = None) -> Any:
         """Call a unary RPC with retries; returns its response."""

@@ -396,14 +396,16 @@ class AsyncRolloutClient(AsyncClient):
         _check_count(reply.results, len(prompts), "Generate")
         return [prompt_result(r) for r in reply.results]
 
-    async def update_weights(self, version: int, path: str, *, format: str = "full",
+    async def update_weights(self, version: int, path: str, *, format: str = "full", fence: int = 0,
                              timeout_s: float | None = None) -> int:
         """Load new weights ("full" safetensors file or "lora" adapter folder); returns the version now sampling.
 
         A retry after a reply was lost cannot apply weights twice: the server refuses a version that is
         not newer than its own with INVALID_ARGUMENT, which then tells the caller to check `version`.
+        fence: the fencing token of the GPU-lease grant the weights were made under; a push with a lower
+        token than the last accepted one raises StaleFenceError (0: no lease, not checked).
         """
-        request = rollout_pb2.UpdateWeightsRequest(version=version, path=path,
+        request = rollout_pb2.UpdateWeightsRequest(version=version, path=path, fencing_token=fence,
                                                    format=enum_value(rollout_pb2.WeightsFormat, format, "WEIGHTS_FORMAT_"))
         reply = await self.connection.unary(rollout_pb2_grpc.RolloutGeneratorStub, "UpdateWeights", request, timeout_s)
         return int(reply.version)

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18speechrl/v1/common.proto\x12\x0bspeechrl.v1\"H\n\x05\x41udio\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03pcm\x18\x02 \x01(\x0b\x32\x13.speechrl.v1.RawPcmH\x00\x42\x08\n\x06source\"o\n\x06RawPcm\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.speechrl.v1.PcmEncoding\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.speechrl.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"U\n\tItemError\x12(\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1a.speechrl.v1.ItemErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"Y\n\x0b\x45rrorCounts\x12\x0c\n\x04hits\x18\x01 \x01(\x05\x12\x15\n\rsubstitutions\x18\x02 \x01(\x05\x12\x12\n\ninsertions\x18\x03 \x01(\x05\x12\x11\n\tdeletions\x18\x04 \x01(\x05\"\x19\n\x17GetServiceStatusRequest\"\x9d\x02\n\x18GetServiceStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tresidency\x18\x05 \x01(\t\x12&\n\x05lease\x18\x06 \x01(\x0b\x32\x17.speechrl.v1.LeaseState\x12-\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1b.speechrl.v1.BatchingConfig\x12\x17\n\x0fitems_processed\x18\x08 \x01(\x03\x12\x14\n\x0citems_failed\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x03\"A\n\nLeaseState\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04held\x18\x02 \x01(\x08\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\"=\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05*I\n\x0bPcmEncoding\x12\x1c\n\x18PCM_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\r\n\tPCM_F32LE\x10\x02*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\xe8\x02\n\rItemErrorCode\x12\x1f\n\x1bITEM_ERROR_CODE_UNSPECIFIED\x10\x00\x12!\n\x1dITEM_ERROR_CODE_INVALID_AUDIO\x10\x01\x12\x1f\n\x1bITEM_ERROR_CODE_EMPTY_AUDIO\x10\x02\x12$\n ITEM_ERROR_CODE_NON_FINITE_AUDIO\x10\x03\x12\"\n\x1eITEM_ERROR_CODE_AUDIO_TOO_LONG\x10\x04\x12\x1e\n\x1aITEM_ERROR_CODE_EMPTY_TEXT\x10\x05\x12#\n\x1fITEM_ERROR_CODE_UNKNOWN_SPEAKER\x10\x06\x12\"\n\x1eITEM_ERROR_CODE_INVALID_TENSOR\x10\x07\x12!\n\x1dITEM_ERROR_CODE_TEXT_TOO_LONG\x10\x08\x12\x1c\n\x18ITEM_ERROR_CODE_INTERNAL\x10\t2p\n\rServiceStatus\x12_\n\x10GetServiceStatus\x12$.speechrl.v1.GetServiceStatusRequest\x1a%.speechrl.v1.GetServiceStatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18speechrl/v1/common.proto\x12\x0bspeechrl.v1\"H\n\x05\x41udio\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\"\n\x03pcm\x18\x02 \x01(\x0b\x32\x13.speechrl.v1.RawPcmH\x00\x42\x08\n\x06source\"o\n\x06RawPcm\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x19\n\x11sample_rate_hertz\x18\x02 \x01(\x05\x12*\n\x08\x65ncoding\x18\x03 \x01(\x0e\x32\x18.speechrl.v1.PcmEncoding\x12\x10\n\x08\x63hannels\x18\x04 \x01(\x05\"H\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12!\n\x05\x64type\x18\x02 \x01(\x0e\x32\x12.speechrl.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"U\n\tItemError\x12(\n\x04\x63ode\x18\x01 \x01(\x0e\x32\x1a.speechrl.v1.ItemErrorCode\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05\x66ield\x18\x03 \x01(\t\"Y\n\x0b\x45rrorCounts\x12\x0c\n\x04hits\x18\x01 \x01(\x05\x12\x15\n\rsubstitutions\x18\x02 \x01(\x05\x12\x12\n\ninsertions\x18\x03 \x01(\x05\x12\x11\n\tdeletions\x18\x04 \x01(\x05\"\x19\n\x17GetServiceStatusRequest\"\xcf\x02\n\x18GetServiceStatusResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x11\n\tresidency\x18\x05 \x01(\t\x12&\n\x05lease\x18\x06 \x01(\x0b\x32\x17.speechrl.v1.LeaseState\x12-\n\x08\x62\x61tching\x18\x07 \x01(\x0b\x32\x1b.speechrl.v1.BatchingConfig\x12\x17\n\x0fitems_processed\x18\x08 \x01(\x03\x12\x14\n\x0citems_failed\x18\t \x01(\x03\x12\x0f\n\x07version\x18\n \x01(\t\x12\x16\n\x0epolicy_version\x18\x0b \x01(\x03\x12\x30\n\rdevice_memory\x18\x0c \x03(\x0b\x32\x19.speechrl.v1.DeviceMemory\"\x91\x01\n\x0c\x44\x65viceMemory\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x11\n\tresidency\x18\x02 \x01(\t\x12\x14\n\x0cweight_bytes\x18\x03 \x01(\x03\x12\x17\n\x0f\x61llocated_bytes\x18\x04 \x01(\x03\x12\x16\n\x0ereserved_bytes\x18\x05 \x01(\x03\x12\x17\n\x0fupdated_unix_ms\x18\x06 \x01(\x03\"A\n\nLeaseState\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0c\n\x04held\x18\x02 \x01(\x08\x12\x15\n\rfencing_token\x18\x03 \x01(\x03\"=\n\x0e\x42\x61tchingConfig\x12\x16\n\x0emax_batch_size\x18\x01 \x01(\x05\x12\x13\n\x0bmax_wait_ms\x18\x02 \x01(\x05*I\n\x0bPcmEncoding\x12\x1c\n\x18PCM_ENCODING_UNSPECIFIED\x10\x00\x12\r\n\tPCM_S16LE\x10\x01\x12\r\n\tPCM_F32LE\x10\x02*\x8d\x01\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT32\x10\x01\x12\x11\n\rDTYPE_FLOAT16\x10\x02\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x03\x12\x0f\n\x0b\x44TYPE_INT32\x10\x04\x12\x0f\n\x0b\x44TYPE_INT64\x10\x05\x12\x11\n\rDTYPE_FLOAT64\x10\x06*\xe8\x02\n\rItemErrorCode\x12\x1f\n\x1bITEM_ERROR_CODE_UNSPECIFIED\x10\x00\x12!\n\x1dITEM_ERROR_CODE_INVALID_AUDIO\x10\x01\x12\x1f\n\x1bITEM_ERROR_CODE_EMPTY_AUDIO\x10\x02\x12$\n ITEM_ERROR_CODE_NON_FINITE_AUDIO\x10\x03\x12\"\n\x1eITEM_ERROR_CODE_AUDIO_TOO_LONG\x10\x04\x12\x1e\n\x1aITEM_ERROR_CODE_EMPTY_TEXT\x10\x05\x12#\n\x1fITEM_ERROR_CODE_UNKNOWN_SPEAKER\x10\x06\x12\"\n\x1eITEM_ERROR_CODE_INVALID_TENSOR\x10\x07\x12!\n\x1dITEM_ERROR_CODE_TEXT_TOO_LONG\x10\x08\x12\x1c\n\x18ITEM_ERROR_CODE_INTERNAL\x10\t2p\n\rServiceStatus\x12_\n\x10GetServiceStatus\x12$.speechrl.v1.GetServiceStatusRequest\x1a%.speechrl.v1.GetServiceStatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speechrl.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PCMENCODING']._serialized_start=925
-  _globals['_PCMENCODING']._serialized_end=998
-  _globals['_DTYPE']._serialized_start=1001
-  _globals['_DTYPE']._serialized_end=1142
-  _globals['_ITEMERRORCODE']._serialized_start=1145
-  _globals['_ITEMERRORCODE']._serialized_end=1505
+  _globals['_PCMENCODING']._serialized_start=1123
+  _globals['_PCMENCODING']._serialized_end=1196
+  _globals['_DTYPE']._serialized_start=1199
+  _globals['_DTYPE']._serialized_end=1340
+  _globals['_ITEMERRORCODE']._serialized_start=1343
+  _globals['_ITEMERRORCODE']._serialized_end=1703
   _globals['_AUDIO']._serialized_start=41
   _globals['_AUDIO']._serialized_end=113
   _globals['_RAWPCM']._serialized_start=115
@@ -50,11 +50,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETSERVICESTATUSREQUEST']._serialized_start=480
   _globals['_GETSERVICESTATUSREQUEST']._serialized_end=505
   _globals['_GETSERVICESTATUSRESPONSE']._serialized_start=508
-  _globals['_GETSERVICESTATUSRESPONSE']._serialized_end=793
-  _globals['_LEASESTATE']._serialized_start=795
-  _globals['_LEASESTATE']._serialized_end=860
-  _globals['_BATCHINGCONFIG']._serialized_start=862
-  _globals['_BATCHINGCONFIG']._serialized_end=923
-  _globals['_SERVICESTATUS']._serialized_start=1507
-  _globals['_SERVICESTATUS']._serialized_end=1619
+  _globals['_GETSERVICESTATUSRESPONSE']._serialized_end=843
+  _globals['_DEVICEMEMORY']._serialized_start=846
+  _globals['_DEVICEMEMORY']._serialized_end=991
+  _globals['_LEASESTATE']._serialized_start=993
+  _globals['_LEASESTATE']._serialized_end=1058
+  _globals['_BATCHINGCONFIG']._serialized_start=1060
+  _globals['_BATCHINGCONFIG']._serialized_end=1121
+  _globals['_SERVICESTATUS']._serialized_start=1705
+  _globals['_SERVICESTATUS']._serialized_end=1817
 # @@protoc_insertion_point(module_scope)

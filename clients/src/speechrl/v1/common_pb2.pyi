@@ -113,7 +113,7 @@ class GetServiceStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetServiceStatusResponse(_message.Message):
-    __slots__ = ("service", "backend", "model", "device", "residency", "lease", "batching", "items_processed", "items_failed", "version", "policy_version")
+    __slots__ = ("service", "backend", "model", "device", "residency", "lease", "batching", "items_processed", "items_failed", "version", "policy_version", "device_memory")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class GetServiceStatusResponse(_message.Message):
     ITEMS_FAILED_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_MEMORY_FIELD_NUMBER: _ClassVar[int]
     service: str
     backend: str
     model: str
@@ -136,7 +137,24 @@ class GetServiceStatusResponse(_message.Message):
     items_failed: int
     version: str
     policy_version: int
-    def __init__(self, service: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., residency: _Optional[str] = ..., lease: _Optional[_Union[LeaseState, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., items_processed: _Optional[int] = ..., items_failed: _Optional[int] = ..., version: _Optional[str] = ..., policy_version: _Optional[int] = ...) -> None: ...
+    device_memory: _containers.RepeatedCompositeFieldContainer[DeviceMemory]
+    def __init__(self, service: _Optional[str] = ..., backend: _Optional[str] = ..., model: _Optional[str] = ..., device: _Optional[str] = ..., residency: _Optional[str] = ..., lease: _Optional[_Union[LeaseState, _Mapping]] = ..., batching: _Optional[_Union[BatchingConfig, _Mapping]] = ..., items_processed: _Optional[int] = ..., items_failed: _Optional[int] = ..., version: _Optional[str] = ..., policy_version: _Optional[int] = ..., device_memory: _Optional[_Iterable[_Union[DeviceMemory, _Mapping]]] = ...) -> None: ...
+
+class DeviceMemory(_message.Message):
+    __slots__ = ("device", "residency", "weight_bytes", "allocated_bytes", "reserved_bytes", "updated_unix_ms")
+    DEVICE_FIELD_NUMBER: _ClassVar[int]
+    RESIDENCY_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
+    device: str
+    residency: str
+    weight_bytes: int
+    allocated_bytes: int
+    reserved_bytes: int
+    updated_unix_ms: int
+    def __init__(self, device: _Optional[str] = ..., residency: _Optional[str] = ..., weight_bytes: _Optional[int] = ..., allocated_bytes: _Optional[int] = ..., reserved_bytes: _Optional[int] = ..., updated_unix_ms: _Optional[int] = ...) -> None: ...
 
 class LeaseState(_message.Message):
     __slots__ = ("device", "held", "fencing_token")

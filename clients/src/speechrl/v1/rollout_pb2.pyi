@@ -122,14 +122,16 @@ class GenerateResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[PromptResult, _Mapping]]] = ...) -> None: ...
 
 class UpdateWeightsRequest(_message.Message):
-    __slots__ = ("version", "path", "format")
+    __slots__ = ("version", "path", "format", "fencing_token")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATH_FIELD_NUMBER: _ClassVar[int]
     FORMAT_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     version: int
     path: str
     format: WeightsFormat
-    def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., format: _Optional[_Union[WeightsFormat, str]] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, version: _Optional[int] = ..., path: _Optional[str] = ..., format: _Optional[_Union[WeightsFormat, str]] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class UpdateWeightsResponse(_message.Message):
     __slots__ = ("version",)

@@ -47,3 +47,15 @@ class RequestInvalid(ValueError):
     def __init__(self, field: str, message: str):
         super().__init__(f"{field}: {message}")
         self.field = field
+
+
+class StaleFence(Exception):
+    """State pushed under an older GPU-lease grant than the last accepted one: its holder lost the lease
+    and someone newer has written since (Kleppmann's fencing tokens). The servicer answers
+    FAILED_PRECONDITION with error code STALE_FENCE."""
+
+    def __init__(self, what: str, fence: int, accepted: int):
+        super().__init__(f"{what}: stale fencing token {fence}; the last accepted {what} carried {accepted}, "
+                         "so the pusher's lease lapsed and a newer holder has written since")
+        self.fence = fence
+        self.accepted = accepted

@@ -6,6 +6,11 @@ Policies (config `residency`):
             so the device's memory is free for the next holder (the paper's alternating use).
   sleep   - like offload, through the backend's own sleep/wake (vLLM's sleep mode).
 Without a lease device (CPU laptop, or a GPU the service owns alone) the model is simply resident.
+
+With a lease, every residency change is reported to the device-memory ledger (ledger.py) while the
+lease is held: "resident" once granted, before the weights move in; "offloaded" / "asleep" after
+they have left, before the release. The trainer's update takes its turn through the same guard
+(speechrl.trainer.jobs.turn).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from typing import Any, Protocol, TypeVar
 
 from speechrl.services.config import ServerConfig
 from speechrl.services.lease import GpuLease, Grant, LeaseLost, LeaseSettings, lease_redis
+from speechrl.services.ledger import DeviceLedger, LedgerEntry
 from speechrl.v1 import common_pb2
 
 log = logging.getLogger(__name__)
@@ -36,6 +42,22 @@ class Residable(Protocol):
 
     def offload(self, mode: str) -> None:
         """Free the device: mode "offload" moves weights to CPU memory, "sleep" uses the backend's sleep."""
+
+
+def weight_bytes(model: object) -> int:
+    """Bytes of a Residable's weights and buffers, from its `weight_bytes()` when it has one; 0 when not known
+    (a runtime such as CTranslate2 or vLLM that reports no figure)."""
+    measure = getattr(model, "weight_bytes", None)
+    return int(measure()) if callable(measure) else 0
+
+
+def module_bytes(modules: Sequence[Any]) -> int:
+    """Bytes of the parameters and buffers of torch modules (each tensor once)."""
+    seen: dict[int, int] = {}
+    for module in modules:
+        for tensor in (*module.parameters(), *module.buffers()):
+            seen[id(tensor)] = tensor.numel() * tensor.element_size()
+    return sum(seen.values())
 
 
 class TorchResidency:
@@ -57,6 +79,9 @@ class TorchResidency:
 
             torch.cuda.empty_cache()
 
+    def weight_bytes(self) -> int:
+        return module_bytes(self.modules())
+
 
 class DeviceGuard:
     """Runs each model batch under the device's lease, with the model moved in and out per policy.
@@ -66,7 +91,7 @@ class DeviceGuard:
     """
 
     def __init__(self, model: Residable, *, lease: GpuLease | None, device: str, policy: str = "keep",
-                 priority: str = "normal", wait_timeout_s: float | None = None):
+                 priority: str = "normal", wait_timeout_s: float | None = None, ledger: DeviceLedger | None = None):
         if policy not in RESIDENCY_POLICIES:
             raise ValueError(f"residency must be one of {RESIDENCY_POLICIES}, got {policy!r}")
         self.model = model
@@ -77,17 +102,25 @@ class DeviceGuard:
         self.wait_timeout_s = wait_timeout_s
         self.residency = "offloaded"
         self.grant: Grant | None = None
+        self.ledger = ledger
+
+    def _report(self) -> None:
+        if self.ledger is not None:
+            self.ledger.report(self.device, self.residency,
+                               weight_bytes(self.model) if self.residency == "resident" else 0)
 
     def _run(self, fn: Callable[[list[ItemT]], list[ResultT]], items: list[ItemT]) -> list[ResultT]:
         if self.residency != "resident":
-            self.model.load_to_device()
             self.residency = "resident"
+            self._report()  # before the weights move in: the ledger never under-states who is on the device
+            self.model.load_to_device()
         try:
             return fn(items)
         finally:
             if self.lease is not None and self.policy != "keep":
                 self.model.offload(self.policy)
                 self.residency = "asleep" if self.policy == "sleep" else "offloaded"
+                self._report()  # after they have left, still under the lease
 
     async def run(self, executor: Executor, fn: Callable[[list[ItemT]], list[ResultT]],
                   items: list[ItemT]) -> list[ResultT]:
@@ -107,6 +140,11 @@ class DeviceGuard:
                 raise LeaseLost(f"lease of {self.device} lapsed during the batch; retry it")
             return results
 
+    def memory_state(self) -> list[common_pb2.DeviceMemory]:
+        """This process's entries of the device-memory ledger, for a GetServiceStatus reply."""
+        entries: list[LedgerEntry] = list(self.ledger.last.values()) if self.ledger is not None else []
+        return [memory_proto(e) for e in entries]
+
     def lease_state(self) -> common_pb2.LeaseState:
         """The lease part of a GetServiceStatus reply."""
         grant = self.grant
@@ -114,11 +152,18 @@ class DeviceGuard:
                                      fencing_token=grant.fence if grant else 0)
 
 
+def memory_proto(entry: LedgerEntry) -> common_pb2.DeviceMemory:
+    return common_pb2.DeviceMemory(device=entry.device, residency=entry.residency, weight_bytes=entry.weight_bytes,
+                                   allocated_bytes=entry.allocated_bytes, reserved_bytes=entry.reserved_bytes,
+                                   updated_unix_ms=int(entry.updated * 1000))
+
+
 def make_guard(config: ServerConfig, model: Residable, owner: str) -> DeviceGuard:
-    """The DeviceGuard a server's config asks for: leased when lease_device is set."""
-    lease = None
+    """The DeviceGuard a server's config asks for: leased, and reporting to the ledger, when lease_device is set."""
+    lease = ledger = None
     if config.lease_device:
         lease = GpuLease(lease_redis(config.redis_url), owner=owner,
                          settings=LeaseSettings(ttl_ms=config.lease_ttl_ms))
+        ledger = DeviceLedger(config.redis_url, owner)
     return DeviceGuard(model, lease=lease, device=config.lease_device or config.device, policy=config.residency,
-                       priority=config.lease_priority, wait_timeout_s=config.lease_wait_seconds)
+                       priority=config.lease_priority, wait_timeout_s=config.lease_wait_seconds, ledger=ledger)

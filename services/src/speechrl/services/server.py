@@ -83,7 +83,8 @@ def status_response(service: str, backend: str, model: str, config: ServerConfig
         residency=guard.residency if guard is not None else "resident",
         lease=guard.lease_state() if guard is not None else None,
         batching=common_pb2.BatchingConfig(max_batch_size=config.max_batch_size, max_wait_ms=int(config.max_wait_ms)),
-        items_processed=batcher.items_processed, items_failed=batcher.items_failed)
+        items_processed=batcher.items_processed, items_failed=batcher.items_failed,
+        device_memory=guard.memory_state() if guard is not None else [])
 
 
 class RunningServer:

@@ -18,7 +18,7 @@ import grpc
 
 from speechrl.services.audio import AudioInput
 from speechrl.services.batching import REQUEST_DEADLINE, DeadlineExpired, QueueFull
-from speechrl.services.errors import ItemFailure, RequestInvalid
+from speechrl.services.errors import ItemFailure, RequestInvalid, StaleFence
 from speechrl.services.lease import LeaseError
 from speechrl.v1 import common_pb2
 
@@ -68,6 +68,10 @@ async def _abort_for(name: str, exc: Exception, context: grpc.aio.ServicerContex
         await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
     if isinstance(exc, LeaseError):
         await context.abort(grpc.StatusCode.UNAVAILABLE, f"GPU lease: {exc}")
+    if isinstance(exc, StaleFence):
+        context.set_trailing_metadata((*(context.trailing_metadata() or ()), ("speechrl-error-code", "STALE_FENCE"),
+                                       ("speechrl-fence", str(exc.fence)), ("speechrl-accepted-fence", str(exc.accepted))))
+        await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
     log.error("%s failed", name, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"{type(exc).__name__}: {exc}")
 
@@ -83,7 +87,9 @@ def grpc_method(method: F) -> F:
 
     RequestInvalid -> INVALID_ARGUMENT, QueueFull -> RESOURCE_EXHAUSTED (with a retry hint),
     DeadlineExpired (the caller gave up before its items ran) -> DEADLINE_EXCEEDED,
-    LeaseError (Redis down, lease wait timed out) -> UNAVAILABLE with the reason, anything unexpected -> INTERNAL (logged with its traceback; the server stays up).
+    LeaseError (Redis down, lease wait timed out) -> UNAVAILABLE with the reason, StaleFence -> FAILED_PRECONDITION
+    (trailing speechrl-error-code STALE_FENCE, speechrl-fence, speechrl-accepted-fence), anything unexpected ->
+    INTERNAL (logged with its traceback; the server stays up).
     Works for unary methods and for server-streaming ones (async generators); a stream that fails
     midway keeps the replies already sent and then ends with the status.
     """

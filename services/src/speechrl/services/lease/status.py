@@ -1,4 +1,5 @@
-"""What the lease looks like right now, for `speechrl gpu status` and service status replies."""
+"""What the lease looks like right now, for `speechrl gpu status` and service status replies: each
+device's holder, queue and counters, and its device-memory ledger (what every process holds there)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 
 from speechrl.services.lease.lease import LeaseSettings, device_prefix, lease_redis
+from speechrl.services.ledger import LedgerEntry, ledger_devices, read_ledger
 
 
 @dataclass
@@ -26,6 +29,7 @@ class DeviceStatus:
     ttl_left_ms: int = 0
     queue: list[str] = field(default_factory=list)
     stats: dict[str, int] = field(default_factory=dict)
+    memory: list[LedgerEntry] = field(default_factory=list)  # the device's ledger, by owner
 
 
 def _text(value: Any) -> str:
@@ -61,8 +65,12 @@ async def known_devices(client: aioredis.Redis, namespace: str = LeaseSettings.n
     return sorted(devices)
 
 
+def _mib(value: int) -> str:
+    return "-" if value < 0 else f"{value / 2**20:.1f} MiB"
+
+
 def format_status(statuses: Sequence[DeviceStatus]) -> str:
-    """A table of devices, holders and queues."""
+    """A table of devices, holders and queues, each device's ledger below it."""
     if not statuses:
         return "no device has been leased yet"
     lines = [f"{'device':<10} {'holder':<22} {'fence':>16} {'held':>7} {'ttl':>7}  queue / counters"]
@@ -72,6 +80,11 @@ def format_status(statuses: Sequence[DeviceStatus]) -> str:
         counters = " ".join(f"{k}={v}" for k, v in sorted(s.stats.items()))
         lines.append(f"{s.device:<10} {s.holder or 'free':<22} {s.fence:>16} {held:>7} {ttl:>7}  "
                      f"[{', '.join(s.queue)}] {counters}")
+        for entry in s.memory:
+            age = time.time() - entry.updated
+            lines.append(f"{'':<10} {entry.owner:<22} {entry.residency:>16} {_mib(entry.weight_bytes):>12}  "
+                         f"allocated {_mib(entry.allocated_bytes)}, reserved {_mib(entry.reserved_bytes)}, "
+                         f"reported {age:.0f}s ago{' (stale)' if entry.stale() else ''}")
     return "\n".join(lines)
 
 
@@ -85,10 +98,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     async def run() -> str:
         client = lease_redis(args.redis_url)
+        ledger = redis.Redis.from_url(args.redis_url, socket_timeout=5)
         try:
-            devices = args.device or await known_devices(client)
-            return format_status([await device_status(client, d) for d in devices])
+            devices = args.device or sorted({*await known_devices(client), *ledger_devices(ledger)})
+            statuses = [await device_status(client, d) for d in devices]
+            for status in statuses:
+                status.memory = read_ledger(ledger, status.device)
+            return format_status(statuses)
         finally:
             await client.aclose()
+            ledger.close()
 
     print(asyncio.run(run()))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from speechrl.services.errors import ErrorCode, ItemFailure, RequestInvalid
+from speechrl.services.errors import ErrorCode, ItemFailure, RequestInvalid, StaleFence
 from speechrl.services.rollout.backends import GenerationRequest, RolloutBackend, Sampling
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class RolloutEngine:
         self.backend = backend
         self.max_samples_per_prompt = max_samples_per_prompt
         self._version = initial_version
+        self._fence = 0  # the fencing token of the last accepted weight push
         self._lock = threading.Lock()  # the model is not re-entrant: sampling and loading take turns
 
     @property
@@ -102,13 +103,19 @@ class RolloutEngine:
                             for c in next(completions)])
         return results
 
-    def update_weights(self, version: int, path: str, weights_format: str) -> int:
-        """Load new weights and make version current; RequestInvalid (naming the field) leaves the policy as it was."""
+    def update_weights(self, version: int, path: str, weights_format: str, fence: int = 0) -> int:
+        """Load new weights and make version current; RequestInvalid (naming the field) leaves the policy as it was.
+
+        fence: the pusher's GPU-lease fencing token; lower than the last accepted push's is StaleFence, so a
+        trainer whose lease lapsed cannot overwrite a newer policy (0: the pusher holds no lease; not checked).
+        """
         if weights_format not in WEIGHT_FORMATS:
             raise RequestInvalid("format", f"must be one of {WEIGHT_FORMATS}, got {weights_format!r}")
         if not path:
             raise RequestInvalid("path", "is required: a safetensors file (FULL) or a PEFT adapter folder (LORA)")
         with self._lock:
+            if fence and fence < self._fence:
+                raise StaleFence("weight push", fence, self._fence)
             if version <= self._version:
                 raise RequestInvalid("version", f"{version} is not greater than the current policy version "
                                                 f"{self._version}; versions must increase")
@@ -117,6 +124,7 @@ class RolloutEngine:
             else:
                 self.backend.load_lora(Path(path), version)
             self._version = version
+            self._fence = max(self._fence, fence)
         log.info("policy version %d loaded from %s (%s)", version, path, weights_format)
         return version
 

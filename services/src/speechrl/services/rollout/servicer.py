@@ -109,7 +109,7 @@ class RolloutServicer(rollout_pb2_grpc.RolloutGeneratorServicer):
             raise RequestInvalid("format", "must be WEIGHTS_FORMAT_FULL or WEIGHTS_FORMAT_LORA")
 
         def load(_: list[None]) -> list[int]:
-            return [self.engine.update_weights(request.version, request.path, weights_format)]
+            return [self.engine.update_weights(request.version, request.path, weights_format, request.fencing_token)]
 
         [version] = await self.guard.run(self.model_thread, load, [None])
         return rollout_pb2.UpdateWeightsResponse(version=version)

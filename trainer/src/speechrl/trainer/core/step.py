@@ -188,7 +188,8 @@ class _MetricSum:
 
 def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch.optim.Optimizer,
                 batch: RolloutBatch, config: GRPOConfig, *, shard_advantages: tuple[Tensor, Tensor] | None = None,
-                all_reduce: Callable[[Tensor], Tensor] | None = None) -> dict[str, float]:
+                all_reduce: Callable[[Tensor], Tensor] | None = None,
+                before_optimizer_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One policy update on a scored rollout batch; returns metrics averaged over the update.
 
     Every optimizer step sees mini_batch_size * gradient_accumulation_steps samples (all of them
@@ -198,6 +199,9 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
     For one rank of a data-parallel update (distributed.grpo_update_distributed): shard_advantages
     are (advantages [N], scored [N]) of this shard's samples, computed on the full batch, and
     all_reduce sums a tensor over the ranks (for each step's normaliser Z).
+
+    before_optimizer_step() runs before every optimizer step; an exception it raises ends the update
+    there (the trainer's turn checks that its GPU lease is still held, jobs/turn.py).
     """
     policy.train()
     params = trainable_parameters(policy)
@@ -262,6 +266,8 @@ def grpo_update(policy: nn.Module, reference: Reference | None, optimizer: torch
             max_norm = config.max_grad_norm or math.inf  # inf: measure the norm, clip nothing
             norm = torch.nn.utils.clip_grad_norm_(params, max_norm)  # [] a DTensor when FSDP shards the params
             grad_norms.append((norm.full_tensor() if isinstance(norm, DTensor) else norm).detach())
+            if before_optimizer_step is not None:
+                before_optimizer_step()
             warm_up_learning_rate(optimizer, config)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

@@ -5,11 +5,17 @@
                   optimizer; under torchrun a data-parallel update (core/distributed.py)
         connect   the kind's services; push the weights with a version newer than the rollout
                   service's and the checkpoint's, so every later sample is provably ours
-        per step  kind.collect (prompts -> rollouts -> rewards) -> update (on the trainer's device,
-                  under its GPU lease, priority "high") -> sync (new weights to the rollout service;
-                  its reply must echo the new version) -> kind.evaluate when due
+        per step  kind.collect (prompts -> rollouts -> rewards) -> update (the trainer's turn on its
+                  device, turn.py: under the device's GPU lease, priority "high", its memory moved in
+                  and out; a lost lease undoes the update, which is retried once from the same
+                  rollouts) -> sync (new weights to the rollout service with the update's fencing
+                  token; its reply must echo the new version) -> kind.evaluate when due
                   -> metrics.jsonl, TensorBoard, progress, a checkpoint every checkpoint_every steps
         finish    summary.json and training.png
+
+The lease is never optional where a device is shared: a job on cuda:N takes cuda:N's lease unless
+its lease_device says "none" (the device is its own), and between updates its policy, reference
+and optimizer state leave the device (residency "offload", the default on a leased CUDA device).
 
 Under torchrun with several processes (`torchrun --nproc-per-node 2 -m speechrl.trainer.jobs.cli
 train job.yaml`) rank 0 runs the job and ranks > 0 only their part of each update, each under the
@@ -22,6 +28,8 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
+import os
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, replace
@@ -30,11 +38,14 @@ from typing import Any
 
 import torch
 
+from speechrl.services.lease import GpuLease, LeaseLost, LeaseSettings, lease_redis
+from speechrl.services.ledger import DeviceLedger
+from speechrl.services.residency import DeviceGuard
 from speechrl.trainer.core import distributed
 from speechrl.trainer.core.advantages import reward_statistics
 from speechrl.trainer.core.config import LOGIT_LOSSES, GRPOConfig
 from speechrl.trainer.core.policy import Reference, apply_lora, make_optimizer, make_reference
-from speechrl.trainer.core.step import RolloutBatch, grpo_update
+from speechrl.trainer.core.step import grpo_update
 from speechrl.trainer.jobs.checkpoint import (
     OptimizerState,
     TrainState,
@@ -46,11 +57,16 @@ from speechrl.trainer.jobs.checkpoint import (
 from speechrl.trainer.jobs.kind import JobConfig, JobKind, Policy, Session
 from speechrl.trainer.jobs.plots import plot_run
 from speechrl.trainer.jobs.progress import MetricsLog, PhaseTimer, Progress
+from speechrl.trainer.jobs.turn import TrainerResidency, UpdateTurn
 from speechrl.trainer.jobs.weights import check_on_policy, push_weights, sync_dir
+
+log = logging.getLogger(__name__)
 
 ADAPTER_DIR = "adapter"  # a LoRA run's checkpoint holds only its adapters (the base is the warm start)
 
-Update = Callable[[RolloutBatch], dict[str, float]]  # grpo_update bound to the policy, or a DataParallelUpdate
+
+class LeaseLostTwice(RuntimeError):
+    """The update lost its GPU lease twice in a row: the device is contested or Redis unwell; the job stops."""
 
 
 async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str, Any]:
@@ -60,13 +76,14 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
     kind.check(config, distributed=launch is not None)
     if launch is not None:
         distributed.check_shardable(grpo, launch.world_size)
-        config = replace(config, device=launch.device(config.device),
-                         lease_device=launch.lease_device(config.lease_device))
+        device = launch.device(config.device)
+        config = replace(config, device=device,
+                         lease_device=launch.lease_device(lease_device_of(replace(config, device=device))) or "none")
         control = distributed.init_process_group(torch.device(config.device))
     torch.manual_seed(grpo.seed)
     if launch is not None and not launch.is_main:
         await distributed.follow(sharded_update(kind, config), control,
-                                 lambda: update_lease(config.lease_device, config.redis_url))
+                                 lambda: update_lease(lease_device_of(config), config.redis_url))
         return {}
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -78,14 +95,19 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
     # Data-parallel, rank 0's policy is the unsharded CPU mirror that the I/O reads (distributed.py).
     policy = load_policy(kind, config, resume, device="cpu" if launch else config.device)
     optimizer: OptimizerState
-    update: Update
     if launch is None:
         policy.model.train()
         reference = reference_of(kind, config, policy)
         optimizer = torch_optimizer = make_optimizer(policy.model, grpo)
-        update = functools.partial(grpo_update, policy.model, reference, torch_optimizer, config=grpo)
+        bound = functools.partial(grpo_update, policy.model, reference, torch_optimizer, config=grpo)
+        modules = [policy.model, *([reference.model] if reference is not None else [])]
+        turn = UpdateTurn(lambda batch, check: bound(batch, before_optimizer_step=check),
+                          trainer_guard(config, TrainerResidency(modules, torch_optimizer, config.device)),
+                          policy.model, torch_optimizer)
     else:
-        optimizer = update = distributed.DataParallelUpdate(sharded_update(kind, config), policy.model, control)
+        optimizer = parallel = distributed.DataParallelUpdate(sharded_update(kind, config), policy.model, control)
+        # Rank 0 takes its own device's lease around the whole update; the shards stay put (keep).
+        turn = UpdateTurn(lambda batch, check: parallel(batch), trainer_guard(config, None))
     state = TrainState()
     if resume is not None:
         state = TrainState.load(resume)
@@ -99,32 +121,50 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
                                      max(state.version, status.policy_version) + 1, grpo.lora)
 
         async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
-            return await train_step(session, index, version, update, policy, config)
+            metrics, version = await train_step(session, index, version, turn, policy, config)
+            state.fence = max(state.fence, int(metrics.get("fence", 0)))
+            return metrics, version
 
         await train_loop(out, state, config.steps, progress, step, lambda f: save_policy(policy, f / "policy", grpo.lora),
                          optimizer, version=version, checkpoint_every=config.checkpoint_every,
                          evaluate=session.evaluate)
-    if isinstance(update, distributed.DataParallelUpdate):
-        update.close()  # ranks > 0 return
+    turn.close()
+    if isinstance(optimizer, distributed.DataParallelUpdate):
+        optimizer.close()  # ranks > 0 return
     summary = summarize(out, kind)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
-async def train_step(session: Session, step: int, version: int, update: Update, policy: Policy,
+async def train_step(session: Session, step: int, version: int, turn: UpdateTurn, policy: Policy,
                      config: JobConfig) -> tuple[dict[str, Any], int]:
-    """collect (the kind's phases) -> update -> sync for one step; returns (metrics, version)."""
+    """collect (the kind's phases) -> update -> sync for one step; returns (metrics, version).
+
+    An update that lost its lease left nothing behind (turn.py) and runs again on the same rollouts;
+    a second loss in a row ends the job (LeaseLostTwice). Either way no weights were pushed.
+    """
     timer = PhaseTimer()
     collected = await session.collect(step, timer)
     check_on_policy(collected.sampled_versions, version)
+    lost = 0
     with timer("update"):
-        async with update_lease(config.lease_device, config.redis_url):
-            update_metrics = await asyncio.to_thread(update, collected.batch)
+        while True:
+            try:
+                update_metrics, fence = await turn.update(collected.batch)
+                break
+            except LeaseLost as exc:
+                lost += 1
+                if lost == 2:
+                    raise LeaseLostTwice(f"step {step + 1}: the update lost its GPU lease twice in a row ({exc}); "
+                                         "nothing of either attempt was kept or pushed. Is the device contested "
+                                         "past lease_ttl_ms, or Redis unreachable?") from exc
+                log.warning("step %d: %s; the update was undone and runs again on the same rollouts", step + 1, exc)
     with timer("sync"):
-        version = await push_weights(session.rollout, policy.model, sync_dir(config), version + 1, config.grpo.lora)
+        version = await push_weights(session.rollout, policy.model, sync_dir(config), version + 1, config.grpo.lora,
+                                     fence=fence)
     metrics: dict[str, Any] = {
         **update_metrics, **reward_statistics(collected.batch.rewards, config.grpo.group_size), **timer.seconds,
-        **collected.metrics, "policy_version": version,
+        **collected.metrics, "policy_version": version, "lease_lost": float(lost), "fence": fence,
     }
     return metrics, version
 
@@ -159,9 +199,55 @@ async def train_loop(out: Path, state: TrainState, steps: int, progress: Progres
         log.close()
 
 
+def lease_device_of(config: JobConfig) -> str:
+    """The device whose lease the update takes: lease_device, or for "auto" the update device when it is a
+    GPU; "" (none) for "none" and for "auto" on a CPU.
+
+    >>> from speechrl.trainer.jobs.kind import JobConfig
+    >>> [lease_device_of(JobConfig(policy="p", data="d", device=d, lease_device=l))
+    ...  for d, l in (("cuda:0", "auto"), ("cpu", "auto"), ("cuda:1", "none"), ("cpu", "cpu:0"))]
+    ['cuda:0', '', '', 'cpu:0']
+    """
+    if config.lease_device == "auto":
+        return config.device if config.device.startswith("cuda") else ""
+    return "" if config.lease_device == "none" else config.lease_device
+
+
+def residency_of(config: JobConfig) -> str:
+    """keep or offload: "auto" offloads when the update takes the lease of a CUDA device (it is shared)."""
+    if config.residency != "auto":
+        return config.residency
+    return "offload" if lease_device_of(config) and config.device.startswith("cuda") else "keep"
+
+
+def trainer_guard(config: JobConfig, residency: TrainerResidency | None) -> DeviceGuard:
+    """The DeviceGuard of the trainer's turn: the lease of lease_device_of(config) (priority high), the
+    trainer's memory moved per residency_of(config), reported to the device-memory ledger."""
+    device = lease_device_of(config)
+    owner = f"trainer-{os.getpid()}"
+    lease = ledger = None
+    if device:
+        lease = GpuLease(lease_redis(config.redis_url), owner=owner, settings=LeaseSettings(ttl_ms=config.lease_ttl_ms))
+        ledger = DeviceLedger(config.redis_url, owner)
+    model = residency if residency is not None else _Unmoved()
+    return DeviceGuard(model, lease=lease, device=device or config.device,
+                       policy=residency_of(config) if residency is not None else "keep", priority="high",
+                       wait_timeout_s=600, ledger=ledger)
+
+
+class _Unmoved:
+    """The Residable of an update whose memory does not move (a data-parallel update's shards)."""
+
+    def load_to_device(self) -> None:
+        pass
+
+    def offload(self, mode: str) -> None:
+        pass
+
+
 @contextlib.asynccontextmanager
 async def update_lease(lease_device: str, redis_url: str) -> AsyncIterator[None]:
-    """The trainer device's GPU lease (priority high) around the update, when lease_device is set."""
+    """The GPU lease (priority high) of a data-parallel follower rank around its part of each update."""
     if not lease_device:
         yield
         return

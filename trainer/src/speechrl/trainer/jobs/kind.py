@@ -21,10 +21,10 @@ from collections.abc import Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from speechrl.client import AsyncRolloutClient
-from speechrl.services.config import from_mapping, option
+from speechrl.services.config import check_choices, from_mapping, option
 from speechrl.trainer.core.config import GRPOConfig
 from speechrl.trainer.core.step import RolloutBatch
 from speechrl.trainer.jobs.progress import PhaseTimer
@@ -50,13 +50,25 @@ class JobConfig:
     sync_dir: str = option("", "Folder the rollout service reads new weights from; empty: <out_dir>/sync "
                                 "(a shared volume in a cluster).")
     device: str = option("cpu", "Device of the policy update: cpu, or cuda:N.")
-    lease_device: str = option("", "Take this device's GPU lease (priority high) around each update; empty: none.")
-    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease.")
+    lease_device: str = option("auto", "Whose GPU lease each update takes (priority high): auto (the update "
+                                       "device's when it is a GPU, none on a CPU), none (the device is this "
+                                       "job's alone), or a device name (e.g. cpu:0 to take turns on a CPU).")
+    residency: Literal["auto", "keep", "offload"] = option(
+        "auto", "Where the policy, reference and optimizer state wait between updates: keep (on the device), "
+                "offload (in pinned CPU memory, back at the next grant), auto (offload when the update leases a "
+                "CUDA device, else keep).")
+    lease_ttl_ms: int = option(10_000, "TTL of the update's lease: a trainer that stops renewing it (a long "
+                                       "pause, a partition) loses it this long after its last renewal, and its "
+                                       "update is then undone.")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease and the device-memory ledger.")
     seed: int = option(0, "Seed of prompt sampling and rollouts.")
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={
         "help": "GRPOConfig fields (group_size, batch_size, learning_rate, kl_beta, reward_weights, ...)."})
 
     def __post_init__(self) -> None:
+        check_choices(self)
+        if self.lease_device == "":  # job files from before "auto": an empty lease_device never meant "no lease
+            self.lease_device = "auto"  # on a shared GPU" on purpose
         if not self.policy or not self.data:
             raise ValueError("policy (a warm-start checkpoint) and data (a prompt file) are required")
         if self.steps < 1:

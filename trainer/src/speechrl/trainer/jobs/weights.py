@@ -28,9 +28,13 @@ def sync_dir(config: RunFolders) -> Path:
 
 
 async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: Path, version: int,
-                       lora: bool = False) -> int:
+                       lora: bool = False, fence: int = 0) -> int:
     """Push model's weights as `version` (a full safetensors file, or the LoRA adapter folder) to the
-    rollout service; returns the version it confirms (RuntimeError when it is another)."""
+    rollout service; returns the version it confirms (RuntimeError when it is another).
+
+    fence: the fencing token of the lease grant the weights were made under; the service refuses a push
+    older than its last accepted one (StaleFenceError), so a trainer whose lease lapsed cannot overwrite
+    a newer policy. 0: no lease."""
     sync_dir.mkdir(parents=True, exist_ok=True)
     if lora:
         path = sync_dir / f"adapter-v{version:06d}"
@@ -39,7 +43,7 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
         path = sync_dir / f"policy-v{version:06d}.safetensors"
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         await asyncio.to_thread(save_file, state, str(path))
-    confirmed = await rollout.update_weights(version, str(path), format="lora" if lora else "full")
+    confirmed = await rollout.update_weights(version, str(path), format="lora" if lora else "full", fence=fence)
     for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
         if old != path:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)

@@ -235,3 +235,6 @@ class TransformersBackend:
 
     def offload(self, mode: str) -> None:
         self._residency.offload(mode)
+
+    def weight_bytes(self) -> int:
+        return self._residency.weight_bytes()
