@@ -355,3 +355,33 @@ def test_tiny_default_model_is_built_once(tmp_path: Path, monkeypatch: pytest.Mo
     stamp = (folder / "model.safetensors").stat().st_mtime_ns
     assert resolve_model_path("tiny") == str(folder) and (folder / "model.safetensors").stat().st_mtime_ns == stamp
     assert resolve_model_path("/models/qwen") == "/models/qwen"
+
+
+def test_a_push_under_a_stale_fence_is_refused_and_changes_nothing(model_dir: Path, tmp_path: Path) -> None:
+    """A trainer whose lease lapsed (fence 7) comes back after a newer holder pushed (fence 9): refused,
+    with both fences named, and the newer policy keeps sampling."""
+    import asyncio
+
+    from speechrl.client import AsyncRolloutClient, StaleFenceError
+
+    state = load_file(str(model_dir / "model.safetensors"))
+    save_file({"lm_head.weight": state["lm_head.weight"] * 2}, str(tmp_path / "newer.safetensors"))
+    save_file({"lm_head.weight": state["lm_head.weight"] * 0}, str(tmp_path / "stale.safetensors"))
+    for channel in _serve(model_dir):
+        stub = rollout_pb2_grpc.RolloutGeneratorStub(channel)
+        endpoint = channel._channel.target().decode()  # type: ignore[attr-defined]
+
+        async def push(version: int, name: str, fence: int, endpoint: str = endpoint) -> int:
+            async with AsyncRolloutClient(endpoint) as rollout:
+                return await rollout.update_weights(version, str(tmp_path / name), fence=fence)
+
+        assert asyncio.run(push(1, "newer.safetensors", 9)) == 1
+        newer = greedy(stub)
+        with pytest.raises(StaleFenceError) as info:
+            asyncio.run(push(2, "stale.safetensors", 7))
+        error = info.value
+        assert error.code == grpc.StatusCode.FAILED_PRECONDITION and error.error_code == "STALE_FENCE"
+        assert (error.fence, error.accepted_fence) == (7, 9)
+        assert "stale fencing token 7" in error.details and "carried 9" in error.details
+        assert greedy(stub) == newer  # same tokens, still version 1
+        assert asyncio.run(push(2, "newer.safetensors", 0)) == 2  # a pusher without a lease is not fenced

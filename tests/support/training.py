@@ -4,7 +4,7 @@ the rule-reward, encoder and rollout services on loopback, a job over them, and 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,20 +35,33 @@ class Stack:
     rules: str
 
 
-def asr_stack(root: Path) -> Iterator[Stack]:
-    """A tiny corpus and warm start under root, and the services an asr-grpo job calls (a module fixture's body)."""
+def asr_warm_start(root: Path) -> tuple[Path, Path]:
+    """A tiny corpus and warm start under root: (policy folder, manifest)."""
     data = build_asr_dataset(DataConfig(out=str(root / "data"), train=6, dev=2, test=0, long_test=0), progress=False)
     policy = root / "policy"
     run_warmstart(WarmStartConfig(data=str(data.parent), out=str(policy), hidden_size=64, num_layers=1, epochs=1,
                                   batch_size=6, eval_splits="", threads=1))
+    return policy, data
+
+
+@contextmanager
+def asr_services(policy: Path, data: Path, **gpu_settings: Any) -> Iterator[Stack]:
+    """The services an asr-grpo job calls, on loopback; gpu_settings go to the encoder and the rollout
+    (e.g. lease_device, residency, redis_url: the two take turns on one leased device)."""
     configs = [(start_rules, RulesConfig(port=free_port())),
                (start_encoder, EncoderConfig(port=free_port(), backend="ct2-whisper", model_path=str(policy / "frontend"),
-                                             threads=1)),
-               (start_rollout, RolloutConfig(port=free_port(), model_path=str(policy), threads=1))]
+                                             threads=1, **gpu_settings)),
+               (start_rollout, RolloutConfig(port=free_port(), model_path=str(policy), threads=1, **gpu_settings))]
     with ExitStack() as servers:
         ports = [servers.enter_context(serve_in_thread(lambda s=start, c=cfg: s(c))).port for start, cfg in configs]
         yield Stack(policy, data, encoder=f"127.0.0.1:{ports[1]}", rollout=f"127.0.0.1:{ports[2]}",
                     rules=f"127.0.0.1:{ports[0]}")
+
+
+def asr_stack(root: Path) -> Iterator[Stack]:
+    """A tiny corpus and warm start under root, and the services an asr-grpo job calls (a module fixture's body)."""
+    with asr_services(*asr_warm_start(root)) as stack:
+        yield stack
 
 
 def asr_job(stack: Stack, out: Path, steps: int, redis_url: str) -> AsrJobConfig:

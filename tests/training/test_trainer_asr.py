@@ -89,10 +89,17 @@ def test_job_api_submit_watch_and_refuse_bad_jobs(stack: Stack, tmp_path: Path, 
         submitted = http.post("/v1/jobs", json=job_payload(stack, tmp_path / "api", 2, redis_server.url))
         assert submitted.status_code == 201
         job_id = submitted.json()["id"]
-        done = wait_for(lambda: (j := http.get(f"/v1/jobs/{job_id}").json())["status"] in ("succeeded", "failed") and j,
-                        300, "the job to finish")
+        memory: list[dict[str, Any]] = []  # what the running job reported holding on its device
+
+        def finished() -> Any:
+            job_status = http.get(f"/v1/jobs/{job_id}").json()
+            memory.extend(job_status["device_memory"])
+            return job_status["status"] in ("succeeded", "failed") and job_status
+
+        done = wait_for(finished, 300, "the job to finish")
         assert done["status"] == "succeeded", done["error"]
         assert [m["step"] for m in http.get(f"/v1/jobs/{job_id}/metrics").json()] == [1, 2]
+        assert any(e["device"] == "cpu:0" and e["owner"].startswith("trainer-") for e in memory), memory
         assert [m["step"] for m in http.get(f"/v1/jobs/{job_id}/metrics?since_step=1").json()] == [2]
         assert http.get("/v1/jobs").json()[0]["id"] == job_id
         assert http.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "succeeded"

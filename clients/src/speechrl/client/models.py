@@ -386,6 +386,28 @@ def prompt_result(result: rollout_pb2.PromptResult) -> PromptResult:
 
 
 @dataclass(frozen=True)
+class DeviceMemory:
+    """What a process holds on one device (its entry of the device-memory ledger)."""
+
+    device: str
+    residency: str
+    """Where its weights are: "resident", "offloaded" or "asleep"."""
+    weight_bytes: int
+    """Bytes of weights and buffers it holds on the device now (0 when offloaded)."""
+    allocated_bytes: int
+    """torch.cuda.memory_allocated of the device at the report; -1 when not known (not CUDA)."""
+    reserved_bytes: int
+    """torch.cuda.memory_reserved of the device at the report; -1 when not known."""
+    updated_unix_ms: int
+
+    @classmethod
+    def from_proto(cls, m: common_pb2.DeviceMemory) -> DeviceMemory:
+        return cls(device=m.device, residency=m.residency, weight_bytes=m.weight_bytes,
+                   allocated_bytes=m.allocated_bytes, reserved_bytes=m.reserved_bytes,
+                   updated_unix_ms=m.updated_unix_ms)
+
+
+@dataclass(frozen=True)
 class ServiceStatus:
     """What a server runs (GetServiceStatus)."""
 
@@ -405,6 +427,8 @@ class ServiceStatus:
     version: str
     policy_version: int = 0
     """The policy version a rollout generator samples with; 0 for other services."""
+    device_memory: tuple[DeviceMemory, ...] = ()
+    """What the server holds on each device it leases; empty without a lease."""
 
     @classmethod
     def from_proto(cls, s: common_pb2.GetServiceStatusResponse) -> ServiceStatus:
@@ -412,4 +436,5 @@ class ServiceStatus:
                    lease_device=s.lease.device, lease_held=s.lease.held, fencing_token=s.lease.fencing_token,
                    max_batch_size=s.batching.max_batch_size, max_wait_ms=s.batching.max_wait_ms,
                    items_processed=s.items_processed, items_failed=s.items_failed, version=s.version,
-                   policy_version=s.policy_version)
+                   policy_version=s.policy_version,
+                   device_memory=tuple(DeviceMemory.from_proto(m) for m in s.device_memory))

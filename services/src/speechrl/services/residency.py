@@ -52,12 +52,17 @@ def weight_bytes(model: object) -> int:
 
 
 def module_bytes(modules: Sequence[Any]) -> int:
-    """Bytes of the parameters and buffers of torch modules (each tensor once)."""
+    """Bytes of the parameters and buffers of torch modules (each tensor once); a stand-in without them (a
+    CTranslate2 model behind `.to()`) counts by its own weight_bytes(), else 0."""
     seen: dict[int, int] = {}
+    other = 0
     for module in modules:
+        if not hasattr(module, "parameters"):
+            other += weight_bytes(module)
+            continue
         for tensor in (*module.parameters(), *module.buffers()):
             seen[id(tensor)] = tensor.numel() * tensor.element_size()
-    return sum(seen.values())
+    return sum(seen.values()) + other
 
 
 class TorchResidency:

@@ -113,24 +113,26 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
         state = TrainState.load(resume)
         load_optimizer(resume, optimizer)
         restore_rng(state)
-    async with kind.connect(config, policy) as session:
-        status = await session.rollout.get_service_status()
-        # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
-        # weights with a version newer than both, so every later sample is provably ours.
-        version = await push_weights(session.rollout, policy.model, sync_dir(config),
-                                     max(state.version, status.policy_version) + 1, grpo.lora)
+    try:
+        async with kind.connect(config, policy) as session:
+            status = await session.rollout.get_service_status()
+            # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
+            # weights with a version newer than both, so every later sample is provably ours.
+            version = await push_weights(session.rollout, policy.model, sync_dir(config),
+                                         max(state.version, status.policy_version) + 1, grpo.lora)
 
-        async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
-            metrics, version = await train_step(session, index, version, turn, policy, config)
-            state.fence = max(state.fence, int(metrics.get("fence", 0)))
-            return metrics, version
+            async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
+                metrics, version = await train_step(session, index, version, turn, policy, config)
+                state.fence = max(state.fence, int(metrics.get("fence", 0)))
+                return metrics, version
 
-        await train_loop(out, state, config.steps, progress, step, lambda f: save_policy(policy, f / "policy", grpo.lora),
-                         optimizer, version=version, checkpoint_every=config.checkpoint_every,
-                         evaluate=session.evaluate)
-    turn.close()
-    if isinstance(optimizer, distributed.DataParallelUpdate):
-        optimizer.close()  # ranks > 0 return
+            await train_loop(out, state, config.steps, progress, step,
+                             lambda f: save_policy(policy, f / "policy", grpo.lora), optimizer, version=version,
+                             checkpoint_every=config.checkpoint_every, evaluate=session.evaluate)
+    finally:
+        await turn.aclose()
+        if isinstance(optimizer, distributed.DataParallelUpdate):
+            optimizer.close()  # ranks > 0 return
     summary = summarize(out, kind)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -16,6 +16,7 @@ update owns the trainer's device); run one trainer per device pool.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import traceback
 from collections.abc import AsyncIterator, Sequence
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
 from speechrl.services.config import ListenerConfig, option, parse_config
+from speechrl.services.ledger import ledger_devices, read_ledger
 from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
 from speechrl.trainer.jobs.journal import JobJournal, journal_folder
@@ -109,6 +111,19 @@ class Worker:
                               + "".join(traceback.format_exc(limit=5)))
 
 
+def device_memory(job: Job) -> list[dict[str, Any]]:
+    """This trainer's entries of the device-memory ledger (its update runs in this process), from the job's Redis."""
+    owner = f"trainer-{os.getpid()}"
+    client = redis.Redis.from_url(str(job.config.get("redis_url", "redis://127.0.0.1:6379/0")), socket_timeout=2)
+    try:
+        return [asdict(entry) for device in ledger_devices(client) for entry in read_ledger(client, device)
+                if entry.owner == owner]
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
+
+
 async def get_store(request: Request) -> JobStore:
     return request.app.state.store  # type: ignore[no-any-return]
 
@@ -167,9 +182,10 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
     def list_jobs(store: StoreDep) -> list[dict[str, Any]]:
         return [job.to_json() for job in store.list()]
 
-    @app.get("/v1/jobs/{job_id}", summary="One job's status and progress")
+    @app.get("/v1/jobs/{job_id}", summary="One job's status and progress, and what it holds on its devices")
     def get_job(job_id: str, store: StoreDep) -> dict[str, Any]:
-        return store.get(job_id).to_json()
+        job = store.get(job_id)
+        return {**job.to_json(), "device_memory": device_memory(job) if job.status == "running" else []}
 
     @app.get("/v1/jobs/{job_id}/metrics", summary="Per-step metrics of a job")
     def job_metrics(job_id: str, store: StoreDep, since_step: int = 0) -> list[dict[str, Any]]:

@@ -165,5 +165,10 @@ class UpdateTurn:
                 raise
         raise AssertionError("unreachable")
 
-    def close(self) -> None:
+    async def aclose(self) -> None:
+        """Release the turn's thread and Redis connections (its last ledger entry stays: what it left)."""
         self.executor.shutdown(wait=False)
+        if self.guard.lease is not None:
+            await self.guard.lease.client.aclose()
+        if self.guard.ledger is not None:
+            self.guard.ledger.client.close()
