@@ -46,7 +46,7 @@ from tests.support.servers import RedisServer
 
 SERVICES = tuple(service_modules())  # every `speechrl serve` service is deployed
 GPU_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer")  # reserve the GPU (gpu variants)
-# Services whose Config takes the lease per batch; the trainer's jobs name theirs (a job's lease_device).
+# Services whose Config takes the lease per batch; the trainer's jobs take theirs around each update (jobs/driver.py).
 LEASED_SERVICES = ("intelligibility", "speaker", "encoder", "rollout", "token2wav")
 # What the gateway calls: its readiness waits for each, and it renders speech tokens through token2wav.
 GATEWAY_BACKENDS = ("intelligibility", "speaker", "rules", "token2wav")
@@ -280,12 +280,14 @@ def test_manifests_run_what_compose_runs(compose: dict[str, dict[str, Any]],
             env = container_env(docs, container)
             k8s = dataclasses.asdict(service_config(name, env))
             ours = dataclasses.asdict(service_config(name, compose[overlay]["services"][name]["environment"]))
-            # The same settings, except the two Kubernetes sizes per pod: threads from the CPU limit,
-            # the lease named after the node's GPU.
-            for field in ("threads", "lease_device"):
+            # The same settings, except the Kubernetes sizes per pod: threads from the CPU limit, the
+            # lease named after the node's GPU (the trainer's jobs: their default lease's prefix).
+            for field in ("threads", "lease_device", "lease_prefix"):
                 k8s_value, compose_value = k8s.pop(field, None), ours.pop(field, None)
                 if field == "lease_device":
                     assert (k8s_value or "").endswith(compose_value or "") and bool(k8s_value) == bool(compose_value)
+                if field == "lease_prefix" and name == "trainer":
+                    assert k8s_value == ("node-a/" if overlay == "gpu" else "") and not compose_value, (overlay, k8s_value)
             assert k8s == ours, f"{overlay}/{name}: k8s and compose disagree"
             assert (container["resources"].get("limits", {}).get("nvidia.com/gpu") == 1) == gpu, (overlay, name)
             claims = {v["name"]: v["persistentVolumeClaim"] for v in pod["volumes"] if "persistentVolumeClaim" in v}

@@ -215,6 +215,19 @@ def lease_device_of(config: JobConfig) -> str:
     return "" if config.lease_device == "none" else config.lease_device
 
 
+def with_lease_prefix(config: JobConfig, prefix: str) -> JobConfig:
+    """config whose auto lease on a GPU is named prefix + device (Kubernetes names a node's GPU lease
+    <node name>/cuda:0, since every pod calls its GPU cuda:0); unchanged without a prefix.
+
+    >>> from speechrl.trainer.jobs.kind import JobConfig
+    >>> with_lease_prefix(JobConfig(policy="p", data="d", device="cuda:0"), "node-7/").lease_device
+    'node-7/cuda:0'
+    """
+    if prefix and lease_device_of(config) and config.lease_device == "auto":
+        return replace(config, lease_device=prefix + config.device)
+    return config
+
+
 def residency_of(config: JobConfig) -> str:
     """keep or offload: "auto" offloads when the update takes the lease of a CUDA device (it is shared)."""
     if config.residency != "auto":

@@ -35,6 +35,7 @@ from speechrl.services.config import ListenerConfig, option, parse_config
 from speechrl.services.ledger import ledger_devices, read_ledger
 from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
+from speechrl.trainer.jobs.driver import with_lease_prefix
 from speechrl.trainer.jobs.journal import JobJournal, journal_folder
 from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
 from speechrl.trainer.jobs.store import Job, JobNotFound, JobStore
@@ -51,6 +52,9 @@ class TrainerConfig(ListenerConfig):
     journal_dir: str = option("runs/jobs", "Folder of the trainer's own copy of its jobs (one sub-folder per Redis), "
                                            "re-published when Redis lost its data; empty: no journal.")
     poll_seconds: float = option(1.0, "How long the worker waits on the queue before checking for shutdown.")
+    lease_prefix: str = option("", "Prefix of the lease a job on a GPU takes by default (lease_device auto): "
+                                   "<prefix>cuda:0. Kubernetes sets <node name>/, the name the model services "
+                                   "on the node lease, since every pod calls its GPU cuda:0.")
 
 
 class StoreProgress:
@@ -73,9 +77,10 @@ class StoreProgress:
 class Worker:
     """Runs queued jobs one at a time in a background thread."""
 
-    def __init__(self, store: JobStore, poll_seconds: float):
+    def __init__(self, store: JobStore, poll_seconds: float, lease_prefix: str = ""):
         self.store = store
         self.poll_seconds = poll_seconds
+        self.lease_prefix = lease_prefix
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._loop, name="trainer-worker", daemon=True)
 
@@ -102,7 +107,7 @@ class Worker:
         self.store.update(job_id, status="running", error="")
         try:
             kind, config = parse_job({"kind": job.kind, **job.config})
-            run_job(kind, config, StoreProgress(self.store, job_id))
+            run_job(kind, with_lease_prefix(config, self.lease_prefix), StoreProgress(self.store, job_id))
             final = "cancelled" if self.store.cancel_requested(job_id) else "succeeded"
             self.store.update(job_id, status=final)
         except Exception as exc:
@@ -135,7 +140,7 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
     """The job API for config; the worker starts with the app."""
     folder = journal_folder(config.journal_dir, config.redis_url, "speechrl:jobs")
     store = JobStore(redis.Redis.from_url(config.redis_url), journal=JobJournal(folder) if folder else None)
-    worker = Worker(store, config.poll_seconds)
+    worker = Worker(store, config.poll_seconds, config.lease_prefix)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
