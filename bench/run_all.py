@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("scorers", "lease", "load", "trainer_step", "asr_repro", "tts_repro")  # *_repro: written from
+ORDER = ("scorers", "lease", "load", "trainer_step", "gpu", "asr_repro", "tts_repro")  # *_repro: written from
 # reproduce.py's and reproduce_tts.py's runs (no bench script: run_all never re-runs them)
 
 

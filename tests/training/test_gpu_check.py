@@ -1,0 +1,44 @@
+"""bench/gpu.py, the GPU check, runs its whole plan at tiny sizes on the CPU (so a lent GPU's minutes go
+to measuring, not to fixing it), and its check fails when an offload leaves memory behind."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def gpu_bench() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_plan_runs_end_to_end_on_the_cpu() -> None:
+    done = subprocess.run([sys.executable, "bench/gpu.py", "--check"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for phase in ("| encode |", "| rollout |", "| score |", "| update |", "| ASR scorer batch |"):
+        assert phase in done.stdout
+    assert "Check (sequenced peak within 15% of the largest phase and below all resident): passed" in done.stdout
+
+
+def test_the_check_fails_when_an_offload_leaves_memory_behind() -> None:
+    bench = gpu_bench()
+    moves = {name: (0.0, 0.0) for name in bench.PHASES}
+    clean = {"all_resident": {name: (0, 10) for name in bench.PHASES},
+             "sequenced": {"encode": (0, 2), "rollout": (0, 3), "score": (0, 1), "update": (0, 6)},
+             "moves": moves, "throughput": {1: 1.0}, "vllm": "-"}
+    assert bench.report(clean, "cpu")[1]
+    leaky = {**clean, "sequenced": {"encode": (0, 2), "rollout": (2, 5), "score": (5, 6), "update": (6, 12)}}
+    table, passed = bench.report(leaky, "cpu")
+    assert not passed and "FAILED" in table
+    assert bench.GPU_SIZES.policy_layers == 24 and bench.GPU_SIZES.vocab == 151_936  # Qwen2-0.5B's shape
