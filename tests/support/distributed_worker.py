@@ -64,6 +64,7 @@ class Scenario:
     updates: int
     optimizer: Callable[[torch.nn.Module, GRPOConfig], torch.optim.Optimizer] = sgd
     lora: bool = False
+    offload: bool = False  # FSDP2's CPU offload policy (the trainer's residency offload under torchrun)
 
 
 def settings(**overrides: Any) -> GRPOConfig:
@@ -82,6 +83,9 @@ SCENARIOS = {
     # LoRA: the reference is the sharded policy with its adapters off
     "lora": Scenario(settings(lora=True, lora_r=4), make_batch(True, [1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 1.0]),
                      updates=1, lora=True),
+    # the shards, their gradients and the optimizer state in host memory, the step on the CPU
+    "offload": Scenario(settings(), make_batch(True, [1.0, 0.0, 0.2, 0.9, 0.5, 0.5, 0.0, 1.0]), updates=2,
+                        offload=True),
 }
 DRIVER = Scenario(settings(), make_batch(True, [0.0, 1.0, 0.5, 0.1, 1.0, 0.0, 0.3, 0.6]),
                   updates=3, optimizer=make_optimizer)  # through DataParallelUpdate / follow, AdamW
@@ -104,8 +108,8 @@ def run_single(scenario: Scenario) -> tuple[list[dict[str, float]], dict[str, to
 def run_sharded(scenario: Scenario, out: Path) -> None:
     model = build(scenario)
     reference = make_reference(model)
-    policy = distributed.shard_model(model, torch.device("cpu"))
-    shard_reference = distributed.shard_reference(reference, policy, torch.device("cpu"))
+    policy = distributed.shard_model(model, torch.device("cpu"), scenario.offload)
+    shard_reference = distributed.shard_reference(reference, policy, torch.device("cpu"), scenario.offload)
     optimizer = scenario.optimizer(policy, scenario.config)
     metrics = []
     for _ in range(scenario.updates):

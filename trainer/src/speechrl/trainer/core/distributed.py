@@ -53,7 +53,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from speechrl.trainer.core.advantages import group_advantages, reward_statistics
 from speechrl.trainer.core.config import GRPOConfig
@@ -128,8 +128,13 @@ def init_process_group(device: torch.device) -> dist.ProcessGroup:
 # -- the model ---------------------------------------------------------------------------------
 
 
-def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
+def shard_model(model: nn.Module, device: torch.device, offload: bool = False) -> nn.Module:
     """Shard a HF causal LM (or a peft model around one) over all ranks with FSDP2, in place; returns it.
+
+    offload: FSDP2's CPU offload policy: the shards, their gradients and the optimizer state live in
+    (pinned, on CUDA) host memory, each layer is copied in for its forward and backward and freed
+    after, and the optimizer step runs on the CPU; so between updates the rank holds nothing on its
+    GPU (the trainer's residency "offload" under torchrun).
 
     Units: each decoder layer (the model's `_no_split_modules`), the input embedding on its own,
     and the rest (the root); fully_shard moves this rank's shards to device. The embedding is a
@@ -145,11 +150,12 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     base = cast(Any, model).get_base_model() if hasattr(model, "get_base_model") else model
     layer_classes = set(getattr(base, "_no_split_modules", None) or ())
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = CPUOffloadPolicy(pin_memory=device.type == "cuda") if offload else OffloadPolicy()
     for module in list(model.modules()):
         if type(module).__name__ in layer_classes:
-            fully_shard(module, mesh=mesh)
-    fully_shard(embedding, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, offload_policy=policy)
+    fully_shard(embedding, mesh=mesh, offload_policy=policy)
+    fully_shard(model, mesh=mesh, offload_policy=policy)
     for module in model.modules():
         if isinstance(module, FSDPModule):
             # Each rank's loss is already divided by the whole step's Z: the gradients add up.
@@ -169,11 +175,11 @@ def _reshard(model: nn.Module) -> None:
             module.reshard()
 
 
-def shard_reference(reference: Reference, policy: nn.Module, device: torch.device) -> Reference:
+def shard_reference(reference: Reference, policy: nn.Module, device: torch.device, offload: bool = False) -> Reference:
     """pi_ref next to a sharded policy: the policy itself for LoRA (adapters off), else a sharded copy."""
     if reference.adapters_off:
         return Reference(policy, adapters_off=True)
-    return Reference(shard_model(reference.model, device), adapters_off=False)
+    return Reference(shard_model(reference.model, device, offload), adapters_off=False)
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
@@ -345,10 +351,11 @@ class ShardedUpdate:
     DataParallelUpdate, the others through follow).
     """
 
-    def __init__(self, policy: nn.Module, reference: Reference | None, config: GRPOConfig, device: torch.device):
+    def __init__(self, policy: nn.Module, reference: Reference | None, config: GRPOConfig, device: torch.device,
+                 offload: bool = False):
         self.config, self.device = config, device
-        self.policy = shard_model(policy, device)
-        self.reference = None if reference is None else shard_reference(reference, self.policy, device)
+        self.policy = shard_model(policy, device, offload)
+        self.reference = None if reference is None else shard_reference(reference, self.policy, device, offload)
         self.optimizer = make_optimizer(self.policy, config)  # over the shards: after fully_shard
 
     def update(self, batch: RolloutBatch) -> dict[str, float]:

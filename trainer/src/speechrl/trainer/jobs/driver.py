@@ -106,7 +106,8 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
                           policy.model, torch_optimizer)
     else:
         optimizer = parallel = distributed.DataParallelUpdate(sharded_update(kind, config), policy.model, control)
-        # Rank 0 takes its own device's lease around the whole update; the shards stay put (keep).
+        # Rank 0 takes its own device's lease around the whole update; the shards' residency is FSDP2's
+        # (its CPU offload policy under residency offload, distributed.shard_model).
         turn = UpdateTurn(lambda batch, check: parallel(batch), trainer_guard(config, None))
     state = TrainState()
     if resume is not None:
@@ -326,7 +327,8 @@ def sharded_update(kind: JobKind, config: JobConfig) -> distributed.ShardedUpdat
     """This rank's part of the data-parallel update, from the warm-start weights (rank 0 then sends its own)."""
     model = kind.policy_class.load(config.policy).model
     reference = make_reference(model) if needs_reference(config.grpo) else None
-    return distributed.ShardedUpdate(model, reference, config.grpo, torch.device(config.device))
+    return distributed.ShardedUpdate(model, reference, config.grpo, torch.device(config.device),
+                                     offload=residency_of(config) == "offload")
 
 
 def summarize(out: Path, kind: JobKind) -> dict[str, Any]:
