@@ -2,6 +2,12 @@
 all are healthy and prints where they are; `speechrl down` stops them; `speechrl status` reports.
 
 State lives under SPEECHRL_HOME (default ./.speechrl): pid files in run/, logs in logs/.
+
+`speechrl up --rollout-backend vllm` runs the rollout service on vLLM. vLLM pins its own torch,
+transformers and numpy, so it lives in an environment of its own (scripts/bootstrap.sh makes
+.venv-vllm beside .venv, with speechrl's client and services installed); the rollout service is
+started with that environment's Python (SPEECHRL_VLLM_PYTHON names another), every other service
+and the trainer with this one.
 Each service reads its own SPEECHRL_<SERVICE>_* variables; the stack adds the process-level
 settings that must be set before Python starts (thread counts, allocator), see `service_env`.
 """
@@ -175,14 +181,33 @@ def ensure_redis(paths: StackPaths, url: str) -> str:
     raise SystemExit(f"redis-server did not answer on port {port}; see {paths.log_file('redis')}")
 
 
-def start_service(name: str, paths: StackPaths) -> int:
-    """Start one service in its own session, logging to a file; returns its pid."""
+def vllm_python(environ: Mapping[str, str] | None = None) -> str:
+    """The Python that runs vLLM: this one when it has vLLM, else SPEECHRL_VLLM_PYTHON, else the .venv-vllm
+    beside this environment (bootstrap.sh's). SystemExit naming what to do when there is none."""
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    candidate = env.get("SPEECHRL_VLLM_PYTHON") or str(Path(sys.prefix).parent / ".venv-vllm" / "bin" / "python")
+    if not os.access(candidate, os.X_OK):
+        raise SystemExit(f"--rollout-backend vllm: no vLLM here and no {candidate}; run scripts/bootstrap.sh (it makes "
+                         ".venv-vllm unless SPEECHRL_VLLM=0) or set SPEECHRL_VLLM_PYTHON")
+    return candidate
+
+
+def start_service(name: str, paths: StackPaths, rollout_backend: str = "") -> int:
+    """Start one service in its own session, logging to a file; returns its pid. rollout_backend "vllm"
+    runs the rollout service on vLLM, in vLLM's environment (vllm_python)."""
     existing = read_pid(paths.pid_file(name))
     if existing is not None:
         return existing
     log = paths.log_file(name).open("ab")
-    cmd = [sys.executable, "-m", "speechrl.services.cli", "serve", name, "--port", str(service_port(name))]
+    python = vllm_python() if name == "rollout" and rollout_backend == "vllm" else sys.executable
+    cmd = [python, "-m", "speechrl.services.cli", "serve", name, "--port", str(service_port(name))]
     env = service_env(dict(os.environ))
+    if name == "rollout" and rollout_backend:
+        env["SPEECHRL_ROLLOUT_BACKEND"] = rollout_backend
     if name in REDIS_CLIENTS:  # its own SPEECHRL_<NAME>_REDIS_URL, if set, wins
         env.setdefault(f"SPEECHRL_{name.upper()}_REDIS_URL", redis_url())
     # The gateway renders speech tokens through the stack's token2wav when one runs (it starts first);
@@ -229,12 +254,12 @@ def stop_pid(pid: int, grace: float) -> None:
             pass
 
 
-def up(names: Sequence[str], paths: StackPaths, timeout: float) -> None:
+def up(names: Sequence[str], paths: StackPaths, timeout: float, rollout_backend: str = "") -> None:
     paths.run.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(parents=True, exist_ok=True)
     print(f"redis: {ensure_redis(paths, redis_url())} ({redis_url()})", flush=True)
     for name in names:
-        pid = start_service(name, paths)
+        pid = start_service(name, paths, rollout_backend)
         print(f"  {name:<16} starting (pid {pid}, log {paths.log_file(name)})", flush=True)
     wait_healthy(names, paths, timeout)
     print(status_table(names, paths))
@@ -258,14 +283,15 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 @contextlib.contextmanager
-def running(names: Sequence[str], paths: StackPaths, timeout: float, grace: float = 10.0) -> Iterator[None]:
+def running(names: Sequence[str], paths: StackPaths, timeout: float, grace: float = 10.0,
+            rollout_backend: str = "") -> Iterator[None]:
     """The services up for the length of a with-block, and down after it: also when `up` fails
     halfway, on an exception, and on SIGTERM (`kill`, a CI timeout), which Python would otherwise
     end without running any cleanup, leaving the services running with their ports taken."""
     on_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if on_main_thread else None
     try:
-        up(names, paths, timeout)
+        up(names, paths, timeout, rollout_backend)
         yield
     finally:
         down(names, paths, grace)
@@ -294,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="state folder for pid files and logs (env SPEECHRL_HOME)")
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for health on up")
     parser.add_argument("--grace", type=float, default=15.0, help="seconds each service may drain on down")
+    parser.add_argument("--rollout-backend", choices=["transformers", "vllm"], default="",
+                        help="up: the rollout service's runtime (default: its SPEECHRL_ROLLOUT_BACKEND, else "
+                             "transformers); vllm runs it in vLLM's environment (.venv-vllm)")
     args = parser.parse_args(argv)
     names = [n for n in STACK_SERVICES if n in args.only.split(",")]
     unknown = set(args.only.split(",")) - set(STACK_SERVICES)
@@ -301,7 +330,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error(f"unknown services {sorted(unknown)}; choose from {', '.join(STACK_SERVICES)}")
     paths = StackPaths(Path(args.home).resolve())
     if args.command == "up":
-        up(names, paths, args.timeout)
+        up(names, paths, args.timeout, args.rollout_backend)
     elif args.command == "down":
         down(names, paths, args.grace)
     else:
