@@ -101,9 +101,12 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
         optimizer = torch_optimizer = make_optimizer(policy.model, grpo)
         bound = functools.partial(grpo_update, policy.model, reference, torch_optimizer, config=grpo)
         modules = [policy.model, *([reference.model] if reference is not None else [])]
-        turn = UpdateTurn(lambda batch, check: bound(batch, before_optimizer_step=check),
-                          trainer_guard(config, TrainerResidency(modules, torch_optimizer, config.device)),
-                          policy.model, torch_optimizer)
+        residency = TrainerResidency(modules, torch_optimizer, config.device)
+        guard = trainer_guard(config, residency)
+        if guard.lease is not None and guard.policy == "offload":
+            residency.offload("offload")  # nothing of ours on the shared device until our first grant
+        turn = UpdateTurn(lambda batch, check: bound(batch, before_optimizer_step=check), guard, policy.model,
+                          torch_optimizer)
     else:
         optimizer = parallel = distributed.DataParallelUpdate(sharded_update(kind, config), policy.model, control)
         # Rank 0 takes its own device's lease around the whole update; the shards' residency is FSDP2's
