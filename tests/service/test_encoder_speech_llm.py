@@ -14,10 +14,10 @@ import torch
 
 from speechrl.client import AudioEncoderClient
 from speechrl.services.encoder.server import EncoderConfig, start
-from speechrl.services.encoder.speech_llm import family_of
 from speechrl.services.ports import free_port
+from speechrl.services.speech_llm import family_of
 from tests.support.servers import serve_in_thread
-from tests.support.speech_llm import AUDIO_TOKEN, build_qwen2_audio, build_qwen3_asr
+from tests.support.speech_llm import audio_token_id, build_qwen2_audio, build_qwen3_asr
 
 FAMILIES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
     # family -> (builder, the library class, the name of its forward's feature-mask argument)
@@ -47,7 +47,7 @@ def library_audio_embeddings(folder: Path, class_name: str, mask_argument: str, 
         seen.setdefault("embeds", kwargs["inputs_embeds"])  # the decoder's input, audio spliced in
 
     model.model.language_model.register_forward_pre_hook(capture, with_kwargs=True)
-    input_ids = torch.tensor([[AUDIO_TOKEN] * count + [5, 6]])
+    input_ids = torch.tensor([[audio_token_id(folder)] * count + [5, 6]])
     with torch.no_grad():
         model(input_ids=input_ids, input_features=features["input_features"],
               **{mask_argument: features["attention_mask"]})

@@ -1,41 +1,65 @@
 """Tiny random checkpoints of the speech-LLM families, in the libraries' own format: built from their config
-classes, saved with `save_pretrained` (model and feature extractor), loaded back by path as a real one is."""
+classes, saved with `save_pretrained` (model, feature extractor, tokenizer), loaded back by path as a real
+one is. Their tokenizer is the tiny offline one of the rollout tests with the family's audio tokens added."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-AUDIO_TOKEN = 300  # the audio placeholder's id in the tiny vocabularies below
-VOCAB = 320
+from speechrl.services.rollout.tiny import _build_tokenizer
+
+AUDIO_TOKENS = {"qwen3_asr": ("<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"),
+                "qwen2_audio": ("<|audio_bos|>", "<|AUDIO|>", "<|audio_eos|>")}
+
+
+def audio_token_id(folder: Path) -> int:
+    """The id of the audio placeholder of a checkpoint folder (its config's audio_token_id / audio_token_index)."""
+    config = json.loads((folder / "config.json").read_text())
+    return int(config.get("audio_token_id", config.get("audio_token_index")))
+
+
+def _tokenizer(family: str):  # -> a transformers fast tokenizer
+    tokenizer = _build_tokenizer(0)
+    tokenizer.add_special_tokens({"additional_special_tokens": list(AUDIO_TOKENS[family])})
+    return tokenizer
 
 
 def build_qwen3_asr(folder: Path, hidden: int = 64) -> Path:
     from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
 
+    tokenizer = _tokenizer("qwen3_asr")
     config = Qwen3ASRConfig(
         audio_config={"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
                       "output_dim": hidden, "downsample_hidden_size": 32, "n_window": 50, "n_window_infer": 400},
         text_config={"hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "intermediate_size": 128, "vocab_size": VOCAB, "head_dim": 32},
-        audio_token_id=AUDIO_TOKEN, pad_token_id=0, eos_token_id=1)
+                     "intermediate_size": 128, "vocab_size": len(tokenizer), "head_dim": 32,
+                     "initializer_range": 0.3},  # clear argmax margins, as in the rollout tests
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     Qwen3ASRForConditionalGeneration(config).save_pretrained(folder)
     Qwen3ASRFeatureExtractor().save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder
 
 
 def build_qwen2_audio(folder: Path, hidden: int = 64) -> Path:
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
 
+    tokenizer = _tokenizer("qwen2_audio")
     config = Qwen2AudioConfig(
         audio_config={"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
                       "num_mel_bins": 128, "max_source_positions": 1500},
         text_config={"model_type": "qwen2", "hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2,
-                     "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": VOCAB},
-        audio_token_index=AUDIO_TOKEN, pad_token_id=0, eos_token_id=1)
+                     "num_key_value_heads": 1, "intermediate_size": 128, "vocab_size": len(tokenizer),
+                     "initializer_range": 0.3},
+        audio_token_index=tokenizer.convert_tokens_to_ids("<|AUDIO|>"), pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(0)
     Qwen2AudioForConditionalGeneration(config).save_pretrained(folder)
     WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
     return folder

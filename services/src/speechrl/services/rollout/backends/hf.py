@@ -1,4 +1,5 @@
-"""transformers backend: any causal-LM checkpoint folder (Qwen2 and kin), sampled with our own loop.
+"""transformers backend: any causal-LM checkpoint folder (Qwen2 and kin), or the text decoder of a speech-LLM
+checkpoint (Qwen3-ASR, Qwen2-Audio: speechrl.services.speech_llm), sampled with our own loop.
 
 generate() is not used because it draws every row from one global RNG; RL needs a seed per prompt
 (GRPO groups are re-sampled for debugging) and the sampled tokens' logprobs. The loop here
@@ -36,6 +37,7 @@ from speechrl.services.rollout.backends import (
     safetensors_files,
 )
 from speechrl.services.rollout.backends.sampling import RowParams, sample
+from speechrl.services.speech_llm import is_speech_llm, load_decoder
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +83,8 @@ class TransformersBackend:
         self.dtype = DTYPES[dtype_name]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         # sdpa handles left padding and the cache; "eager" would materialise [R, H, T, T] masks.
-        model: Any = AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype, attn_implementation="sdpa")
+        model: Any = load_decoder(self.model, self.dtype, attn_implementation="sdpa") if is_speech_llm(self.model) \
+            else AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype, attn_implementation="sdpa")
         self._base: Any = model.to(self.device).eval()
         # transformers 5.24 renamed forward's past_key_values to cache; vLLM's venv pins 5.19.
         forward = inspect.signature(type(self._base).forward).parameters

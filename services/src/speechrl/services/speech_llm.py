@@ -1,12 +1,17 @@
-"""The audio front-end of a speech LLM checkpoint in transformers' own format: Qwen3-ASR or Qwen2-Audio.
+"""Speech-LLM checkpoints in transformers' own format, Qwen3-ASR and Qwen2-Audio, split as the services
+serve them: the audio front-end in the encoder service, the text decoder in the rollout service.
 
 The folder is what the library's `save_pretrained` writes for `Qwen3ASRForConditionalGeneration` or
 `Qwen2AudioForConditionalGeneration` (config.json, the safetensors weights, the processor's
-preprocessor_config.json), e.g. a snapshot of Qwen/Qwen3-ASR-0.6B or Qwen/Qwen2-Audio-7B-Instruct.
-It loads through the library's own `from_pretrained`; the encoder service keeps its audio tower
-and multi-modal projector and drops the language model (the rollout service and the trainer hold
-that). Features come from the checkpoint's own feature extractor, and the embeddings are what the
-library's forward splices in place of the audio placeholder tokens, one per placeholder:
+preprocessor_config.json and tokenizer), e.g. a snapshot of Qwen/Qwen3-ASR-0.6B or
+Qwen/Qwen2-Audio-7B-Instruct. Both halves load through the library's own `from_pretrained`:
+
+- `load_speech_llm_encoder`: the audio tower and multi-modal projector, with the checkpoint's own
+  feature extractor; the embeddings are what the library's forward splices in place of the audio
+  placeholder tokens, one per placeholder;
+- `load_decoder`: the language model and its head as a plain causal LM of the text config's family
+  (Qwen3ForCausalLM, Qwen2ForCausalLM), fed those embeddings as input embeddings.
+
 
     Qwen3-ASR     model.get_audio_features(input_features, input_features_mask).pooler_output:
                   128 mel bins, chunks of 2 * n_window frames, about 13 embeddings a second
@@ -15,6 +20,7 @@ library's forward splices in place of the audio placeholder tokens, one per plac
 
     model = load_speech_llm_encoder("/models/Qwen3-ASR-0.6B", device="cuda:0", dtype="bfloat16")
     [embeddings] = model.encode([samples_16k])   # [T, D]: D = the decoder's hidden size
+    decoder = load_decoder("/models/Qwen3-ASR-0.6B", torch.bfloat16)   # a Qwen3ForCausalLM
 """
 
 from __future__ import annotations
@@ -154,3 +160,26 @@ def load_speech_llm_encoder(folder: str | Path, device: str = "cpu", dtype: str 
     inner.eval().requires_grad_(False)
     return SpeechLLMAudioEncoder(family, inner, AutoFeatureExtractor.from_pretrained(str(folder)), output_size,
                                  device=device, dtype=DTYPES[dtype])
+
+
+def is_speech_llm(folder: str | Path) -> bool:
+    """Whether folder is a checkpoint of a speech-LLM family served here (by its config.json's model_type)."""
+    path = Path(folder) / "config.json"
+    return path.is_file() and json.loads(path.read_text()).get("model_type", "") in FAMILIES
+
+
+def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
+    """The text decoder of a speech-LLM checkpoint as a causal LM of its text config's family: the library's
+    own language model and head, loaded by its from_pretrained (kwargs go there), the audio half dropped."""
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    family = FAMILIES[family_of(folder)]
+    model = getattr(transformers, family.model_class).from_pretrained(str(folder), dtype=dtype, **kwargs)
+    text_config = model.config.text_config
+    with torch.device("meta"):  # every parameter is replaced below: nothing is allocated twice
+        decoder = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
+    decoder.model = model.model.language_model
+    decoder.lm_head = model.lm_head
+    decoder.generation_config = model.generation_config
+    return decoder.eval()
