@@ -4,9 +4,7 @@ and forward on the same audio and text. Tiny random checkpoints in the libraries
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -19,29 +17,15 @@ from speechrl.services.ports import free_port
 from speechrl.services.rollout.server import RolloutConfig
 from speechrl.services.rollout.server import start as start_rollout
 from tests.support.servers import serve_in_thread
-from tests.support.speech_llm import audio_token_id, build_qwen2_audio, build_qwen3_asr
+from tests.support.speech_llm import BUILDERS, audio_token_id, library_inputs
 
-FAMILIES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
-    # family -> (builder, the library class, the name of its forward's feature-mask argument)
-    "qwen3_asr": (build_qwen3_asr, "Qwen3ASRForConditionalGeneration", "input_features_mask"),
-    "qwen2_audio": (build_qwen2_audio, "Qwen2AudioForConditionalGeneration", "feature_attention_mask"),
-}
 SUFFIX = [5, 6]  # text after the audio (an instruction), as token ids
 NEW_TOKENS = 4
 
 
-def library_greedy(folder: Path, class_name: str, mask_argument: str, clip: np.ndarray,
-                   count: int) -> tuple[list[int], float]:
+def library_greedy_and_logprob(folder: Path, clip: np.ndarray, count: int) -> tuple[list[int], float]:
     """The library's greedy tokens for [audio x count] + SUFFIX, and the first one's log-probability."""
-    import transformers
-    from transformers import AutoFeatureExtractor
-
-    model: Any = getattr(transformers, class_name).from_pretrained(str(folder)).eval()
-    extractor = AutoFeatureExtractor.from_pretrained(str(folder))
-    padding = "max_length" if class_name.startswith("Qwen2Audio") else True
-    features = extractor([clip], sampling_rate=16_000, return_tensors="pt", return_attention_mask=True, padding=padding)
-    inputs = {"input_ids": torch.tensor([[audio_token_id(folder)] * count + SUFFIX]),
-              "input_features": features["input_features"], mask_argument: features["attention_mask"]}
+    model, inputs = library_inputs(folder, clip, [audio_token_id(folder)] * count + SUFFIX)
     with torch.no_grad():
         logits = model(**inputs).logits[0, -1]  # [V]
         out = model.generate(**inputs, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
@@ -50,10 +34,9 @@ def library_greedy(folder: Path, class_name: str, mask_argument: str, clip: np.n
     return out[0, inputs["input_ids"].shape[1]:].tolist(), float(torch.log_softmax(logits.float(), -1)[first])
 
 
-@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("family", list(BUILDERS))
 def test_the_rollout_samples_the_checkpoints_own_decoder(family: str, tmp_path: Path) -> None:
-    build, class_name, mask_argument = FAMILIES[family]
-    folder = build(tmp_path / family)
+    folder = BUILDERS[family](tmp_path / family)
     clip = np.random.default_rng(0).standard_normal(int(16_000 * 2.5)).astype(np.float32) * 0.1
     encoder = EncoderConfig(port=free_port(), backend="speech-llm", model_path=str(folder), threads=1)
     rollout = RolloutConfig(port=free_port(), model_path=str(folder), threads=1, max_wait_ms=2)
@@ -64,6 +47,6 @@ def test_the_rollout_samples_the_checkpoints_own_decoder(family: str, tmp_path: 
         [result] = rollout_client.generate([embeddings], n=1, temperature=0.0, max_tokens=NEW_TOKENS,
                                            suffix_token_ids=SUFFIX)
         [sample] = result.unwrap()
-    tokens, first_logprob = library_greedy(folder, class_name, mask_argument, clip, embeddings.shape[0])
+    tokens, first_logprob = library_greedy_and_logprob(folder, clip, embeddings.shape[0])
     assert list(sample.token_ids[:len(tokens)]) == tokens[:len(sample.token_ids)] and sample.token_ids
     assert float(sample.logprobs[0]) == pytest.approx(first_logprob, abs=1e-4)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
 
 from speechrl.services.rollout.tiny import _build_tokenizer
@@ -28,6 +30,7 @@ def _tokenizer(family: str):  # -> a transformers fast tokenizer
 
 
 def build_qwen3_asr(folder: Path, hidden: int = 64) -> Path:
+    """hidden: the decoder's width, in two heads (vLLM's CPU attention needs a head dim of 64: hidden 128)."""
     from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
 
     tokenizer = _tokenizer("qwen3_asr")
@@ -35,7 +38,7 @@ def build_qwen3_asr(folder: Path, hidden: int = 64) -> Path:
         audio_config={"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
                       "output_dim": hidden, "downsample_hidden_size": 32, "n_window": 50, "n_window_infer": 400},
         text_config={"hidden_size": hidden, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-                     "intermediate_size": 128, "vocab_size": len(tokenizer), "head_dim": 32,
+                     "intermediate_size": 128, "vocab_size": len(tokenizer), "head_dim": hidden // 2,
                      "initializer_range": 0.3},  # clear argmax margins, as in the rollout tests
         audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"), pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id)
@@ -47,6 +50,7 @@ def build_qwen3_asr(folder: Path, hidden: int = 64) -> Path:
 
 
 def build_qwen2_audio(folder: Path, hidden: int = 64) -> Path:
+    """hidden: the decoder's width, in two heads."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor
 
     tokenizer = _tokenizer("qwen2_audio")
@@ -63,3 +67,38 @@ def build_qwen2_audio(folder: Path, hidden: int = 64) -> Path:
     WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+BUILDERS = {"qwen3_asr": build_qwen3_asr, "qwen2_audio": build_qwen2_audio}
+# family -> (the library class, the name of its forward's feature-mask argument)
+LIBRARY_CLASSES = {"qwen3_asr": ("Qwen3ASRForConditionalGeneration", "input_features_mask"),
+                   "qwen2_audio": ("Qwen2AudioForConditionalGeneration", "feature_attention_mask")}
+
+
+def library_inputs(folder: Path, clip: np.ndarray, input_ids: list[int]) -> tuple[Any, dict[str, torch.Tensor]]:
+    """The library's own model of a checkpoint folder, loaded by path, and its forward's inputs for one 16 kHz
+    clip and input_ids (the audio placeholders in it, one per embedding the encoder service gives)."""
+    import transformers
+    from transformers import AutoFeatureExtractor
+
+    family = json.loads((folder / "config.json").read_text())["model_type"]
+    class_name, mask_argument = LIBRARY_CLASSES[family]
+    model: Any = getattr(transformers, class_name).from_pretrained(str(folder)).eval()
+    extractor = AutoFeatureExtractor.from_pretrained(str(folder))
+    padding = "max_length" if family == "qwen2_audio" else True  # Qwen2-Audio's tower reads a fixed 30 s window
+    features = extractor([clip], sampling_rate=16_000, return_tensors="pt", return_attention_mask=True, padding=padding)
+    return model, {"input_ids": torch.tensor([input_ids]), "input_features": features["input_features"],
+                   mask_argument: features["attention_mask"]}
+
+
+def library_greedy(folder: Path, clip: np.ndarray, prefix: list[int], count: int, suffix: list[int],
+                   new_tokens: int) -> list[int]:
+    """The library model's greedy tokens (its generate) for prefix + count audio placeholders + suffix, up to
+    its end-of-sequence."""
+    model, inputs = library_inputs(folder, clip, [*prefix, *[audio_token_id(folder)] * count, *suffix])
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or ())
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    tokens = out[0, inputs["input_ids"].shape[1]:].tolist()
+    return tokens[:next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]

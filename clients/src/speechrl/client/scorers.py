@@ -354,7 +354,7 @@ class AsyncAudioEncoderClient(AsyncClient):
         return [r for r in results if r is not None]
 
 
-def _prompt(prompt: PromptLike, suffix: Sequence[int] | None) -> rollout_pb2.Prompt:
+def _prompt(prompt: PromptLike, suffix: Sequence[int] | None, prefix: Sequence[int] | None = None) -> rollout_pb2.Prompt:
     if isinstance(prompt, rollout_pb2.Prompt):
         return prompt
     if isinstance(prompt, str):
@@ -363,6 +363,8 @@ def _prompt(prompt: PromptLike, suffix: Sequence[int] | None) -> rollout_pb2.Pro
         message = rollout_pb2.Prompt(embeddings=numpy_to_tensor(prompt))
         if suffix:
             message.suffix_token_ids.ids.extend(suffix)
+        if prefix:
+            message.prefix_token_ids.ids.extend(prefix)
         return message
     return rollout_pb2.Prompt(token_ids=rollout_pb2.TokenIds(ids=[int(t) for t in prompt]))
 
@@ -376,19 +378,23 @@ class AsyncRolloutClient(AsyncClient):
     async def generate(self, prompts: Sequence[PromptLike], *, max_tokens: int, n: int = 1,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
                        stop: Sequence[str] = (), seed: int | None = None, speech_token_range: tuple[int, int] | None = None,
-                       suffix_token_ids: Sequence[int] | None = None, timeout_s: float | None = None) -> list[PromptResult]:
+                       suffix_token_ids: Sequence[int] | None = None, prefix_token_ids: Sequence[int] | None = None,
+                       timeout_s: float | None = None) -> list[PromptResult]:
         """Sample n completions per prompt.
 
         Args:
             prompts: text, token ids, float [T, D] embeddings or Prompt messages.
             speech_token_range: [begin, end) ids; when set, only speech tokens are generated (TTS).
             suffix_token_ids: token ids appended after every embeddings prompt (e.g. an instruction).
+            prefix_token_ids: token ids put before every embeddings prompt (a speech LLM's chat template up to
+                its audio placeholder).
         """
         sampling = rollout_pb2.SamplingParams(n=n, temperature=temperature, top_p=top_p, top_k=top_k,
                                               max_tokens=max_tokens, stop=list(stop))
         if seed is not None:
             sampling.seed = seed
-        request = rollout_pb2.GenerateRequest(prompts=[_prompt(p, suffix_token_ids) for p in prompts], sampling=sampling)
+        request = rollout_pb2.GenerateRequest(prompts=[_prompt(p, suffix_token_ids, prefix_token_ids) for p in prompts],
+                                              sampling=sampling)
         if speech_token_range is not None:
             request.mode = rollout_pb2.GENERATION_MODE_SPEECH_TOKENS
             request.speech_token_range.begin, request.speech_token_range.end = speech_token_range

@@ -25,39 +25,39 @@ _sym_db = _symbol_database.Default()
 from speechrl.v1 import common_pb2 as speechrl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19speechrl/v1/rollout.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xab\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.speechrl.v1.TokenIdsH\x00\x12)\n\nembeddings\x18\x03 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12/\n\x10suffix_token_ids\x18\x04 \x01(\x0b\x32\x15.speechrl.v1.TokenIdsB\t\n\x07\x63ontent\"\x8c\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"*\n\x0cTokenIdRange\x12\r\n\x05\x62\x65gin\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\xc8\x01\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.speechrl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.speechrl.v1.SamplingParams\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.speechrl.v1.GenerationMode\x12\x35\n\x12speech_token_range\x18\x04 \x01(\x0b\x32\x19.speechrl.v1.TokenIdRange\"\xb0\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12%\n\x08logprobs\x18\x04 \x01(\x0b\x32\x13.speechrl.v1.Tensor\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.speechrl.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\"[\n\x0cPromptResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.speechrl.v1.Sample\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemError\">\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.speechrl.v1.PromptResult\"x\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.speechrl.v1.WeightsFormat\x12\x15\n\rfencing_token\x18\x04 \x01(\x03\"(\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03*n\n\x0eGenerationMode\x12\x1f\n\x1bGENERATION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATION_MODE_TEXT\x10\x01\x12!\n\x1dGENERATION_MODE_SPEECH_TOKENS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*a\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHTS_FORMAT_FULL\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_LORA\x10\x02\x32\xb3\x01\n\x10RolloutGenerator\x12G\n\x08Generate\x12\x1c.speechrl.v1.GenerateRequest\x1a\x1d.speechrl.v1.GenerateResponse\x12V\n\rUpdateWeights\x12!.speechrl.v1.UpdateWeightsRequest\x1a\".speechrl.v1.UpdateWeightsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19speechrl/v1/rollout.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xdc\x01\n\x06Prompt\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12*\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x15.speechrl.v1.TokenIdsH\x00\x12)\n\nembeddings\x18\x03 \x01(\x0b\x32\x13.speechrl.v1.TensorH\x00\x12/\n\x10suffix_token_ids\x18\x04 \x01(\x0b\x32\x15.speechrl.v1.TokenIds\x12/\n\x10prefix_token_ids\x18\x05 \x01(\x0b\x32\x15.speechrl.v1.TokenIdsB\t\n\x07\x63ontent\"\x8c\x01\n\x0eSamplingParams\x12\t\n\x01n\x18\x01 \x01(\x05\x12\x13\n\x0btemperature\x18\x02 \x01(\x02\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\x05\x12\x12\n\nmax_tokens\x18\x05 \x01(\x05\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x03H\x00\x88\x01\x01\x42\x07\n\x05_seed\"*\n\x0cTokenIdRange\x12\r\n\x05\x62\x65gin\x18\x01 \x01(\x05\x12\x0b\n\x03\x65nd\x18\x02 \x01(\x05\"\xc8\x01\n\x0fGenerateRequest\x12$\n\x07prompts\x18\x01 \x03(\x0b\x32\x13.speechrl.v1.Prompt\x12-\n\x08sampling\x18\x02 \x01(\x0b\x32\x1b.speechrl.v1.SamplingParams\x12)\n\x04mode\x18\x03 \x01(\x0e\x32\x1b.speechrl.v1.GenerationMode\x12\x35\n\x12speech_token_range\x18\x04 \x01(\x0b\x32\x19.speechrl.v1.TokenIdRange\"\xb0\x01\n\x06Sample\x12\x14\n\x0cprompt_index\x18\x01 \x01(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12%\n\x08logprobs\x18\x04 \x01(\x0b\x32\x13.speechrl.v1.Tensor\x12\x30\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x19.speechrl.v1.FinishReason\x12\x16\n\x0epolicy_version\x18\x06 \x01(\x03\"[\n\x0cPromptResult\x12$\n\x07samples\x18\x01 \x03(\x0b\x32\x13.speechrl.v1.Sample\x12%\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemError\">\n\x10GenerateResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.speechrl.v1.PromptResult\"x\n\x14UpdateWeightsRequest\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0c\n\x04path\x18\x02 \x01(\t\x12*\n\x06\x66ormat\x18\x03 \x01(\x0e\x32\x1a.speechrl.v1.WeightsFormat\x12\x15\n\rfencing_token\x18\x04 \x01(\x03\"(\n\x15UpdateWeightsResponse\x12\x0f\n\x07version\x18\x01 \x01(\x03*n\n\x0eGenerationMode\x12\x1f\n\x1bGENERATION_MODE_UNSPECIFIED\x10\x00\x12\x18\n\x14GENERATION_MODE_TEXT\x10\x01\x12!\n\x1dGENERATION_MODE_SPEECH_TOKENS\x10\x02*_\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02*a\n\rWeightsFormat\x12\x1e\n\x1aWEIGHTS_FORMAT_UNSPECIFIED\x10\x00\x12\x17\n\x13WEIGHTS_FORMAT_FULL\x10\x01\x12\x17\n\x13WEIGHTS_FORMAT_LORA\x10\x02\x32\xb3\x01\n\x10RolloutGenerator\x12G\n\x08Generate\x12\x1c.speechrl.v1.GenerateRequest\x1a\x1d.speechrl.v1.GenerateResponse\x12V\n\rUpdateWeights\x12!.speechrl.v1.UpdateWeightsRequest\x1a\".speechrl.v1.UpdateWeightsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speechrl.v1.rollout_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GENERATIONMODE']._serialized_start=1157
-  _globals['_GENERATIONMODE']._serialized_end=1267
-  _globals['_FINISHREASON']._serialized_start=1269
-  _globals['_FINISHREASON']._serialized_end=1364
-  _globals['_WEIGHTSFORMAT']._serialized_start=1366
-  _globals['_WEIGHTSFORMAT']._serialized_end=1463
+  _globals['_GENERATIONMODE']._serialized_start=1206
+  _globals['_GENERATIONMODE']._serialized_end=1316
+  _globals['_FINISHREASON']._serialized_start=1318
+  _globals['_FINISHREASON']._serialized_end=1413
+  _globals['_WEIGHTSFORMAT']._serialized_start=1415
+  _globals['_WEIGHTSFORMAT']._serialized_end=1512
   _globals['_TOKENIDS']._serialized_start=68
   _globals['_TOKENIDS']._serialized_end=91
   _globals['_PROMPT']._serialized_start=94
-  _globals['_PROMPT']._serialized_end=265
-  _globals['_SAMPLINGPARAMS']._serialized_start=268
-  _globals['_SAMPLINGPARAMS']._serialized_end=408
-  _globals['_TOKENIDRANGE']._serialized_start=410
-  _globals['_TOKENIDRANGE']._serialized_end=452
-  _globals['_GENERATEREQUEST']._serialized_start=455
-  _globals['_GENERATEREQUEST']._serialized_end=655
-  _globals['_SAMPLE']._serialized_start=658
-  _globals['_SAMPLE']._serialized_end=834
-  _globals['_PROMPTRESULT']._serialized_start=836
-  _globals['_PROMPTRESULT']._serialized_end=927
-  _globals['_GENERATERESPONSE']._serialized_start=929
-  _globals['_GENERATERESPONSE']._serialized_end=991
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=993
-  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1113
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1115
-  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1155
-  _globals['_ROLLOUTGENERATOR']._serialized_start=1466
-  _globals['_ROLLOUTGENERATOR']._serialized_end=1645
+  _globals['_PROMPT']._serialized_end=314
+  _globals['_SAMPLINGPARAMS']._serialized_start=317
+  _globals['_SAMPLINGPARAMS']._serialized_end=457
+  _globals['_TOKENIDRANGE']._serialized_start=459
+  _globals['_TOKENIDRANGE']._serialized_end=501
+  _globals['_GENERATEREQUEST']._serialized_start=504
+  _globals['_GENERATEREQUEST']._serialized_end=704
+  _globals['_SAMPLE']._serialized_start=707
+  _globals['_SAMPLE']._serialized_end=883
+  _globals['_PROMPTRESULT']._serialized_start=885
+  _globals['_PROMPTRESULT']._serialized_end=976
+  _globals['_GENERATERESPONSE']._serialized_start=978
+  _globals['_GENERATERESPONSE']._serialized_end=1040
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_start=1042
+  _globals['_UPDATEWEIGHTSREQUEST']._serialized_end=1162
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_start=1164
+  _globals['_UPDATEWEIGHTSRESPONSE']._serialized_end=1204
+  _globals['_ROLLOUTGENERATOR']._serialized_start=1515
+  _globals['_ROLLOUTGENERATOR']._serialized_end=1694
 # @@protoc_insertion_point(module_scope)

@@ -47,6 +47,8 @@ class Family:
     window_seconds: float | None  # longest clip one forward sees (None: any length, chunked by the tower)
     embed: Callable[[Any, dict[str, torch.Tensor]], list[torch.Tensor]]  # (inner model, features) -> [T_i, D] each
     lengths: Callable[[Any, torch.Tensor], torch.Tensor]  # (inner model, valid mel frames [B]) -> embeddings [B]
+    embeddings_per_second: float  # about how many embeddings a second of audio gives (a generation budget)
+    asr_prompt: str  # the family's transcription prompt, AUDIO where the embeddings go (ASR_PROMPTS)
 
 
 def _qwen3_asr_lengths(model: Any, frames: torch.Tensor) -> torch.Tensor:
@@ -82,9 +84,23 @@ def _qwen2_audio_embed(model: Any, features: dict[str, torch.Tensor]) -> list[to
     return [embeddings[i, : int(out_lengths[i])] for i in range(batch)]
 
 
+AUDIO = "{audio}"
+
+# The transcription prompt each family was trained with, AUDIO standing for the audio placeholder tokens:
+# Qwen3-ASR's chat turn with an empty system context, its answer started with the language forced
+# ("language English<asr_text>", as qwen-asr does for a known language) so that the completion is the
+# transcript alone; Qwen2-Audio's (base) speech-recognition prompt with the language tag.
+ASR_PROMPTS = {
+    "qwen3_asr": ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|audio_start|>" + AUDIO
+                  + "<|audio_end|><|im_end|>\n<|im_start|>assistant\nlanguage English<asr_text>"),
+    "qwen2_audio": "<|audio_bos|>" + AUDIO + "<|audio_eos|>Detect the language and recognize the speech: <|en|>",
+}
+
 FAMILIES = {
-    "qwen3_asr": Family("Qwen3ASRForConditionalGeneration", None, _qwen3_asr_embed, _qwen3_asr_lengths),
-    "qwen2_audio": Family("Qwen2AudioForConditionalGeneration", 30.0, _qwen2_audio_embed, _qwen2_audio_lengths),
+    "qwen3_asr": Family("Qwen3ASRForConditionalGeneration", None, _qwen3_asr_embed, _qwen3_asr_lengths, 13.0,
+                        ASR_PROMPTS["qwen3_asr"]),
+    "qwen2_audio": Family("Qwen2AudioForConditionalGeneration", 30.0, _qwen2_audio_embed, _qwen2_audio_lengths, 25.0,
+                          ASR_PROMPTS["qwen2_audio"]),
 }
 
 
@@ -168,18 +184,145 @@ def is_speech_llm(folder: str | Path) -> bool:
     return path.is_file() and json.loads(path.read_text()).get("model_type", "") in FAMILIES
 
 
-def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
-    """The text decoder of a speech-LLM checkpoint as a causal LM of its text config's family: the library's
-    own language model and head, loaded by its from_pretrained (kwargs go there), the audio half dropped."""
+@dataclass
+class SpeechLLM:
+    """A whole speech-LLM checkpoint and its text decoder as a causal LM that shares the checkpoint's language
+    model and head (the same modules: training the decoder trains the checkpoint), with the folder's other
+    files (tokenizer, processor, feature extractor, chat template) kept in memory, so that `save` writes a folder
+    the library's from_pretrained loads as the same family even after the source folder is gone."""
+
+    whole: Any  # the family's *ForConditionalGeneration
+    decoder: Any  # a causal LM of the text config's family (Qwen3ForCausalLM, Qwen2ForCausalLM)
+    files: dict[str, bytes]  # file name -> contents, weights and configs excepted
+
+    def save(self, folder: str | Path) -> Path:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, contents in self.files.items():
+            (folder / name).write_bytes(contents)
+        self.whole.save_pretrained(str(folder))  # config.json, generation_config.json and the weights
+        return folder
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".safetensors.index.json", ".bin.index.json")
+WRITTEN_BY_SAVE = ("config.json", "generation_config.json")
+
+
+def load_speech_llm(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> SpeechLLM:
+    """A speech-LLM checkpoint folder loaded by the library's own from_pretrained (kwargs go there), its text
+    decoder split out as a causal LM over the same modules."""
     import transformers
     from transformers import AutoModelForCausalLM
 
     family = FAMILIES[family_of(folder)]
-    model = getattr(transformers, family.model_class).from_pretrained(str(folder), dtype=dtype, **kwargs)
-    text_config = model.config.text_config
+    whole = getattr(transformers, family.model_class).from_pretrained(str(folder), dtype=dtype, **kwargs)
     with torch.device("meta"):  # every parameter is replaced below: nothing is allocated twice
-        decoder = AutoModelForCausalLM.from_config(text_config, dtype=dtype)
-    decoder.model = model.model.language_model
-    decoder.lm_head = model.lm_head
-    decoder.generation_config = model.generation_config
-    return decoder.eval()
+        decoder = AutoModelForCausalLM.from_config(whole.config.text_config, dtype=dtype)
+    decoder.model = whole.model.language_model
+    decoder.lm_head = whole.lm_head
+    decoder.generation_config = whole.generation_config
+    files = {f.name: f.read_bytes() for f in sorted(Path(folder).iterdir())
+             if f.is_file() and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in WRITTEN_BY_SAVE}
+    return SpeechLLM(whole, decoder.eval(), files)
+
+
+def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, **kwargs: Any) -> Any:
+    """The text decoder of a speech-LLM checkpoint as a causal LM of its text config's family: the library's
+    own language model and head, loaded by its from_pretrained (kwargs go there), the audio half dropped."""
+    return load_speech_llm(folder, dtype, **kwargs).decoder
+
+
+def asr_prompt_ids(folder: str | Path, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prefix ids, suffix ids): the family's transcription prompt (ASR_PROMPTS) tokenised by the checkpoint's
+    tokenizer around the audio, whose embeddings the encoder service gives, one per placeholder token."""
+    prompt = FAMILIES[family_of(folder)].asr_prompt
+    head, tail = prompt.split(AUDIO)
+    return (tuple(tokenizer(head, add_special_tokens=False)["input_ids"]),
+            tuple(tokenizer(tail, add_special_tokens=False)["input_ids"]))
+
+
+
+# Where a family checkpoint keeps its text decoder's tensors (transformers' own save format, and the legacy
+# one Qwen2-Audio is saved back in), and the name each has in a plain causal LM of the text config's family.
+DECODER_PREFIXES = (("model.language_model.", "model."), ("language_model.model.", "model."),
+                    ("language_model.lm_head.", "lm_head."), ("lm_head.", "lm_head."))
+CAUSAL_LM_CLASSES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+EXPORTED = ".speechrl-decoder-complete"
+
+
+def decoder_name(name: str) -> str | None:
+    """The plain causal-LM name of a family checkpoint's tensor, None for the audio half.
+
+    >>> decoder_name("model.language_model.layers.0.mlp.up_proj.weight"), decoder_name("language_model.lm_head.weight")
+    ('model.layers.0.mlp.up_proj.weight', 'lm_head.weight')
+    >>> decoder_name("model.audio_tower.conv2d1.weight") is None
+    True
+    """
+    for old, new in DECODER_PREFIXES:
+        if name.startswith(old):
+            return new + name[len(old):]
+    return None
+
+
+def export_decoder(folder: str | Path, out: str | Path) -> Path:
+    """The text decoder of a speech-LLM checkpoint folder written as a plain causal-LM checkpoint folder (the
+    text config as config.json, tensors renamed by decoder_name, one file per source shard, the tokenizer and
+    generation config copied): what an engine that serves text LMs from prompt embeddings (vLLM) loads, with
+    the tensor names the trainer pushes. Reads only JSON and safetensors, so any transformers version does."""
+    import os
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder, final = Path(folder), Path(out)
+    family_of(folder)
+    if (final / EXPORTED).is_file():
+        return final
+    out = final.with_name(f"{final.name}.partial-{os.getpid()}")  # renamed into place when whole: servers
+    shutil.rmtree(out, ignore_errors=True)  # exporting the same folder at once each write their own
+    out.mkdir(parents=True)
+    config = json.loads((folder / "config.json").read_text())
+    text = dict(config["text_config"])
+    if text.get("model_type") not in CAUSAL_LM_CLASSES:
+        raise ValueError(f"{folder}: text model_type {text.get('model_type')!r} has no causal-LM export; known: "
+                         f"{', '.join(sorted(CAUSAL_LM_CLASSES))}")
+    text["architectures"] = [CAUSAL_LM_CLASSES[text["model_type"]]]
+    for key in ("eos_token_id", "pad_token_id", "bos_token_id"):
+        if text.get(key) is None and config.get(key) is not None:
+            text[key] = config[key]
+    has_head = False
+    for index, file in enumerate(sorted(folder.glob("*.safetensors"))):
+        with safe_open(str(file), framework="pt") as handle:
+            tensors = {new: handle.get_tensor(name) for name in handle.keys() if (new := decoder_name(name))}
+        has_head = has_head or "lm_head.weight" in tensors
+        if tensors:
+            save_file(tensors, str(out / f"model-{index:05d}.safetensors"), metadata={"format": "pt"})
+    text["tie_word_embeddings"] = not has_head  # a checkpoint without a head ties it to the embedding table
+    (out / "config.json").write_text(json.dumps(text, indent=2) + "\n")
+    for file in folder.iterdir():
+        if file.is_file() and (file.name.startswith("tokenizer") or file.name in (
+                "generation_config.json", "special_tokens_map.json", "vocab.json", "merges.txt", "added_tokens.json")):
+            shutil.copy(file, out / file.name)
+    (out / EXPORTED).write_text(str(folder.resolve()) + "\n")
+    shutil.rmtree(final, ignore_errors=True)  # an export cut short earlier (no EXPORTED marker)
+    try:
+        out.rename(final)
+    except OSError:  # another process finished first: use its copy
+        shutil.rmtree(out, ignore_errors=True)
+    return final
+
+
+def exported_decoder_dir(folder: str | Path) -> Path:
+    """Where export_decoder's copy of folder's decoder is kept: $SPEECHRL_CACHE_DIR (else ~/.cache/speechrl)
+    /decoders/<a hash of the folder's path and its weights' sizes and times>, reused while they stay the same."""
+    import hashlib
+    import os
+
+    folder = Path(folder).resolve()
+    digest = hashlib.sha1(str(folder).encode())
+    for file in sorted(folder.glob("*.safetensors")) + [folder / "config.json"]:
+        stat = file.stat()
+        digest.update(f"{file.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+    root = Path(os.environ.get("SPEECHRL_CACHE_DIR") or Path.home() / ".cache" / "speechrl")
+    return root / "decoders" / digest.hexdigest()[:16]

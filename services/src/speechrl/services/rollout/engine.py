@@ -31,6 +31,7 @@ class PromptInput:
     token_ids: tuple[int, ...] | None = None
     embeddings: np.ndarray | None = field(default=None, repr=False)  # [T, D] float32
     suffix_token_ids: tuple[int, ...] = ()  # after the embeddings
+    prefix_token_ids: tuple[int, ...] = ()  # before the embeddings
 
 
 @dataclass(frozen=True)
@@ -132,11 +133,17 @@ class RolloutEngine:
         """The backend request of a prompt, or why it cannot be sampled."""
         prompt = item.prompt
         embeds = None
+        prefix: tuple[int, ...] = ()
         if prompt.embeddings is not None:
             failure = self._check_embeddings(prompt.embeddings)
             if failure is not None:
                 return failure
             embeds = np.asarray(prompt.embeddings, dtype=np.float32)
+            prefix = prompt.prefix_token_ids
+            bad = [i for i in prefix if not 0 <= i < self.backend.vocab_size]
+            if bad:
+                return ItemFailure(ErrorCode.INVALID_TENSOR, f"token ids {bad[:8]} are outside the vocabulary "
+                                                             f"[0, {self.backend.vocab_size})", "prefix_token_ids")
             ids, ids_field = prompt.suffix_token_ids, "suffix_token_ids"
         elif prompt.token_ids is not None:
             ids, ids_field = prompt.token_ids, "token_ids.ids"
@@ -152,7 +159,8 @@ class RolloutEngine:
         if bad:
             return ItemFailure(ErrorCode.INVALID_TENSOR, f"token ids {bad[:8]} are outside the vocabulary "
                                                          f"[0, {self.backend.vocab_size})", ids_field)
-        request = GenerationRequest(tuple(int(i) for i in ids), item.sampling, embeds, item.speech_range)
+        request = GenerationRequest(tuple(int(i) for i in ids), item.sampling, embeds, item.speech_range,
+                                    prefix_ids=tuple(int(i) for i in prefix) if embeds is not None else ())
         room = self.backend.max_model_len - item.sampling.max_tokens
         if request.prompt_len > room:
             return ItemFailure(ErrorCode.TEXT_TOO_LONG, f"the prompt has {request.prompt_len} positions; with max_tokens "

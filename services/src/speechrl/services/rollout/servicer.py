@@ -54,7 +54,8 @@ def prompt_from_proto(prompt: rollout_pb2.Prompt) -> PromptInput | ItemFailure:
             return ItemFailure(ErrorCode.INVALID_TENSOR, f"embeddings must be float, got {embeddings.dtype}",
                                "embeddings")
         return PromptInput(embeddings=embeddings.astype(np.float32, copy=False),
-                           suffix_token_ids=tuple(prompt.suffix_token_ids.ids))
+                           suffix_token_ids=tuple(prompt.suffix_token_ids.ids),
+                           prefix_token_ids=tuple(prompt.prefix_token_ids.ids))
     return PromptInput()  # the engine answers EMPTY_TEXT
 
 

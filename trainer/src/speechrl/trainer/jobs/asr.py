@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import random
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -30,7 +30,7 @@ from speechrl.trainer.core.step import RolloutBatch, pad_right, sampled_sequence
 from speechrl.trainer.jobs.datasets import Row, read_manifest
 from speechrl.trainer.jobs.kind import Collected, JobConfig
 from speechrl.trainer.jobs.progress import PhaseTimer, mean_of
-from speechrl.trainer.models.asr_policy import AsrPolicy
+from speechrl.trainer.models.asr_policy import AsrPolicy, PromptLayout
 
 REWARD_COMPONENTS = ("accuracy", "hallucination", "keyword")
 
@@ -154,13 +154,13 @@ def rollout_batch(policy: AsrPolicy, audio: Sequence[torch.Tensor], samples: Seq
                         prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
 
 
-async def evaluate(services: Services, rows: Sequence[Row], layout_budget: Callable[[int], int],
-                   instruction_ids: Sequence[int], cache: EmbeddingCache | None = None) -> dict[str, float]:
+async def evaluate(services: Services, rows: Sequence[Row], layout: PromptLayout,
+                   cache: EmbeddingCache | None = None) -> dict[str, float]:
     """Greedy transcripts of rows from the rollout service (current weights), scored by the rule rewards."""
     audio = await encode(services, rows, cache)
     results = await services.rollout.generate(
-        [a.numpy() for a in audio], n=1, temperature=0.0, max_tokens=max(layout_budget(a.shape[0]) for a in audio),
-        suffix_token_ids=list(instruction_ids))
+        [a.numpy() for a in audio], n=1, temperature=0.0,
+        max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), **layout.token_ids_around_audio())
     components = await score(services, [r.unwrap()[0].text for r in results], rows)
     return {"eval/wer": mean_of(components["wer"]), "eval/insertions": mean_of(components["insertions"]),
             "eval/hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]])}
@@ -195,7 +195,7 @@ class AsrSession:
             budget = max(layout.max_new_tokens(a.shape[0]) for a in audio)
             results = await self.services.rollout.generate(
                 [a.numpy() for a in audio], n=grpo.group_size, max_tokens=budget, temperature=grpo.temperature,
-                seed=self.config.seed * 100_003 + step, suffix_token_ids=list(layout.instruction_ids))
+                seed=self.config.seed * 100_003 + step, **layout.token_ids_around_audio())
             samples = [s for r in results for s in r.unwrap()]  # P * G, group order
         group_rows = [row for row in rows for _ in range(grpo.group_size)]
         with timer("score"):
@@ -213,9 +213,7 @@ class AsrSession:
 
     async def evaluate(self, step: int, last: bool) -> dict[str, float]:
         if self.eval_rows and (last or (self.config.eval_every and step % self.config.eval_every == 0)):
-            layout = self.policy.layout
-            return await evaluate(self.services, self.eval_rows, layout.max_new_tokens, layout.instruction_ids,
-                                  self.cache)
+            return await evaluate(self.services, self.eval_rows, self.policy.layout, self.cache)
         return {}
 
 

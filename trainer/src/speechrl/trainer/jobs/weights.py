@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from safetensors.torch import save_file
 from torch import nn
 
@@ -41,8 +42,7 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
         await asyncio.to_thread(model.save_pretrained, str(path))  # type: ignore[operator,arg-type]  # a peft model
     else:
         path = sync_dir / f"policy-v{version:06d}.safetensors"
-        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-        await asyncio.to_thread(save_file, state, str(path))
+        await asyncio.to_thread(save_file, untied_state(model), str(path))
     confirmed = await rollout.update_weights(version, str(path), format="lora" if lora else "full", fence=fence)
     for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
         if old != path:
@@ -50,6 +50,20 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
     if confirmed != version:
         raise RuntimeError(f"rollout service confirmed policy version {confirmed}, expected {version}")
     return confirmed
+
+
+def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """model's state on the CPU with each tied tensor once, under its first name (a tied head is its embedding
+    table: safetensors refuses aliases, and the receiver's tied head follows its table)."""
+    seen: set[tuple[int, torch.device]] = set()
+    state = {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.device)
+        if key in seen:
+            continue
+        seen.add(key)
+        state[name] = tensor.detach().to("cpu").contiguous()
+    return state
 
 
 def check_on_policy(versions: Sequence[int], version: int) -> None:

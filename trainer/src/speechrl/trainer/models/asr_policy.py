@@ -23,6 +23,15 @@ files), so it is everything the encoder and rollout services need:
 
     speechrl serve encoder --backend ct2-whisper --model-path CKPT/frontend
     speechrl serve rollout --model-path CKPT        (prompts: embeddings + suffix_token_ids = instruction_ids)
+
+The same class trains a real speech LLM (speechrl.services.speech_llm: Qwen3-ASR, Qwen2-Audio) from
+its transformers checkpoint folder: the model is the checkpoint's text decoder, the layout is derived
+from the family (its transcription prompt split around the audio: prefix ids, audio, suffix ids),
+the encoder service serves the folder's own audio tower (`--backend speech-llm --model-path CKPT`),
+and save writes the whole checkpoint back in the library's format:
+
+    position:  0 ... P-1 | P ... P+T-1 | P+T ... P+T+I-1 | transcript | EOS
+    input:     prefix    | audio        | suffix (instruction_ids)     | y_1..y_N   | EOS
 """
 
 from __future__ import annotations
@@ -48,6 +57,15 @@ from speechrl.services.encoder.ct2 import (
     resolve_whisper_path,
 )
 from speechrl.services.encoder.model import ADAPTOR_CONFIG, ADAPTOR_WEIGHTS, AudioEncoderModel, load_audio_encoder
+from speechrl.services.speech_llm import (
+    FAMILIES,
+    SpeechLLM,
+    asr_prompt_ids,
+    family_of,
+    is_speech_llm,
+    load_speech_llm,
+    load_speech_llm_encoder,
+)
 
 EOS_TOKEN = "<|endoftext|>"  # Qwen2's end-of-text token
 PAD_TOKEN = "<|pad|>"
@@ -69,21 +87,48 @@ class PromptLayout:
     frontend_backend: str = "ct2-whisper"  # the encoder service's --backend
     frontend_path: str = FRONTEND_DIR  # the front-end folder, relative to the checkpoint
     max_tokens_per_second: float = 8.0  # generation budget: espeak's fastest speech is ~3.5 tokens/s
+    prefix_ids: tuple[int, ...] = ()  # token ids before the audio embeddings (a speech LLM's prompt head)
+    transcript_prefix: str = " "  # put before a transcript when it is tokenised as a training target
 
     def max_new_tokens(self, num_embeddings: int) -> int:
         """Generation budget for a prompt of num_embeddings audio positions (room for runaway repeats)."""
         return math.ceil(num_embeddings / self.embeddings_per_second * self.max_tokens_per_second) + 8
 
+    def token_ids_around_audio(self) -> dict[str, list[int]]:
+        """The rollout client's keyword arguments that put this layout's ids around each embeddings prompt."""
+        return {"prefix_token_ids": list(self.prefix_ids), "suffix_token_ids": list(self.instruction_ids)}
+
     def save(self, folder: str | Path) -> None:
         values = asdict(self)
         values["instruction_ids"] = list(self.instruction_ids)
+        values["prefix_ids"] = list(self.prefix_ids)
         (Path(folder) / LAYOUT_FILE).write_text(json.dumps(values, indent=2) + "\n")
 
     @classmethod
     def load(cls, folder: str | Path) -> PromptLayout:
+        """asr_layout.json of a folder AsrPolicy.save wrote, or the layout of a speech-LLM checkpoint folder."""
+        if not (Path(folder) / LAYOUT_FILE).is_file() and is_speech_llm(folder):
+            return cls.of_speech_llm(folder)
         values = json.loads((Path(folder) / LAYOUT_FILE).read_text())
         values["instruction_ids"] = tuple(values["instruction_ids"])
+        values["prefix_ids"] = tuple(values.get("prefix_ids", ()))
         return cls(**values)
+
+    @classmethod
+    def of_speech_llm(cls, folder: str | Path, tokenizer: Any = None) -> PromptLayout:
+        """The layout of a Qwen3-ASR / Qwen2-Audio checkpoint folder: its family's transcription prompt
+        around the audio, its tokenizer's EOS, its own audio tower in the encoder service."""
+        from transformers import AutoConfig, AutoTokenizer
+
+        tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(folder))
+        prefix, suffix = asr_prompt_ids(folder, tokenizer)
+        text_config = AutoConfig.from_pretrained(str(folder)).text_config
+        eos = int(tokenizer.eos_token_id)
+        return cls(instruction_ids=suffix, eos_token_id=eos,
+                   pad_token_id=int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos),
+                   hidden_size=int(text_config.hidden_size),
+                   embeddings_per_second=FAMILIES[family_of(folder)].embeddings_per_second,
+                   frontend_backend="speech-llm", frontend_path=".", prefix_ids=prefix, transcript_prefix="")
 
 
 @dataclass
@@ -94,7 +139,7 @@ class AsrBatch:
     attention_mask: Tensor  # [B, L] 1 on real positions
     position_ids: Tensor  # [B, L] 0 at each row's first real position
     labels: Tensor | None  # [B, L] completion ids at completion positions, IGNORE_INDEX elsewhere
-    prompt_lengths: Tensor  # [B] T_i + I: audio plus instruction positions
+    prompt_lengths: Tensor  # [B] P + T_i + I: prefix, audio and instruction positions
 
     def model_inputs(self) -> dict[str, Tensor]:
         """Keyword arguments of the LM's forward (labels included when set)."""
@@ -106,8 +151,9 @@ class AsrBatch:
 
 
 def asr_inputs(embed_tokens: nn.Module, audio: Sequence[Tensor], instruction_ids: Sequence[int],
-               completions: Sequence[Sequence[int]] | None = None, *, padding_side: str = "right") -> AsrBatch:
-    """Build [audio][instruction][completion] rows: the one implementation of the prompt layout.
+               completions: Sequence[Sequence[int]] | None = None, *, padding_side: str = "right",
+               prefix_ids: Sequence[int] = ()) -> AsrBatch:
+    """Build [prefix][audio][instruction][completion] rows: the one implementation of the prompt layout.
 
     audio: per row [T_i, D] front-end embeddings; completions: per row token ids (transcript +
     EOS for training, sampled ids for scoring), or None for prompts only. embed_tokens is the LM's
@@ -119,6 +165,8 @@ def asr_inputs(embed_tokens: nn.Module, audio: Sequence[Tensor], instruction_ids
     (torch.Size([2, 6, 4]), [[-100, -100, -100, -100, 1, 2], [-100, -100, 3, -100, -100, -100]])
     >>> asr_inputs(table, [torch.zeros(3, 4), torch.zeros(1, 4)], [7], padding_side="left").position_ids.tolist()
     [[0, 1, 2, 3], [0, 0, 0, 1]]
+    >>> asr_inputs(table, [torch.zeros(1, 4)], [7], [[1]], prefix_ids=[8, 9]).labels.tolist()
+    [[-100, -100, -100, -100, 1]]
     """
     if padding_side not in ("left", "right"):
         raise ValueError(f"padding_side must be left or right, got {padding_side!r}")
@@ -127,10 +175,11 @@ def asr_inputs(embed_tokens: nn.Module, audio: Sequence[Tensor], instruction_ids
     weight = next(embed_tokens.parameters())
     device, dtype = weight.device, weight.dtype
     instruction = embed_tokens(torch.tensor(list(instruction_ids), dtype=torch.long, device=device))  # [I, D]
+    prefix = embed_tokens(torch.tensor(list(prefix_ids), dtype=torch.long, device=device))  # [P, D]
     rows, labels = [], []
     for i, embeddings in enumerate(audio):
-        parts = [embeddings.to(device, dtype), instruction]  # [T_i, D], [I, D]
-        prompt = embeddings.shape[0] + len(instruction_ids)
+        parts = [prefix, embeddings.to(device, dtype), instruction]  # [P, D], [T_i, D], [I, D]
+        prompt = len(prefix_ids) + embeddings.shape[0] + len(instruction_ids)
         ids = list(completions[i]) if completions is not None else []
         if ids:
             parts.append(embed_tokens(torch.tensor(ids, dtype=torch.long, device=device)))  # [N_i, D]
@@ -146,7 +195,8 @@ def asr_inputs(embed_tokens: nn.Module, audio: Sequence[Tensor], instruction_ids
         mask[i, span] = 1
         label_tensor[i, span] = torch.tensor(labels[i], dtype=torch.long, device=device)
     positions = (mask.cumsum(1) - 1).clamp(min=0)  # [B, L]
-    prompt_lengths = torch.tensor([a.shape[0] + len(instruction_ids) for a in audio], device=device)  # [B]
+    prompt_lengths = torch.tensor([len(prefix_ids) + a.shape[0] + len(instruction_ids) for a in audio],
+                                  device=device)  # [B]
     return AsrBatch(embeds, mask, positions, label_tensor if completions is not None else None, prompt_lengths)
 
 
@@ -200,9 +250,10 @@ def build_asr_lm(tokenizer: PreTrainedTokenizerFast, *, hidden_size: int = 256, 
 class AsrPolicy:
     """The trainable half of the LLM-ASR (LM + tokenizer + layout); the front-end is loaded apart."""
 
-    model: Any  # a transformers causal LM (Qwen2ForCausalLM here)
+    model: Any  # a transformers causal LM (Qwen2ForCausalLM; a speech LLM's decoder, e.g. Qwen3ForCausalLM)
     tokenizer: Any
     layout: PromptLayout
+    speech_llm: SpeechLLM | None = None  # the whole checkpoint when model is a speech LLM's decoder (save writes it)
 
     @classmethod
     def create(cls, tokenizer: PreTrainedTokenizerFast, model: Qwen2ForCausalLM, embeddings_per_second: float,
@@ -215,14 +266,15 @@ class AsrPolicy:
 
     def completion_ids(self, text: str) -> list[int]:
         """The training target of a transcript: its tokens (with the leading space) then EOS."""
-        return [*self.tokenizer(" " + text.strip(), add_special_tokens=False)["input_ids"], self.layout.eos_token_id]
+        target = self.layout.transcript_prefix + text.strip()
+        return [*self.tokenizer(target, add_special_tokens=False)["input_ids"], self.layout.eos_token_id]
 
     def inputs(self, audio: Sequence[Tensor], texts: Sequence[str] | None = None,
                padding_side: str = "right") -> AsrBatch:
         """asr_inputs with this policy's embedding table and instruction (targets from texts when given)."""
         completions = [self.completion_ids(t) for t in texts] if texts is not None else None
         return asr_inputs(self.model.get_input_embeddings(), audio, self.layout.instruction_ids, completions,
-                          padding_side=padding_side)
+                          padding_side=padding_side, prefix_ids=self.layout.prefix_ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self.tokenizer.decode(list(ids), skip_special_tokens=True)).strip()
@@ -236,7 +288,10 @@ class AsrPolicy:
                                                           budgets, self.layout.eos_token_id)]
 
     def save(self, folder: str | Path, frontend: str | Path | None = None) -> Path:
-        """Write the checkpoint folder (module docstring); frontend's adaptor files go to folder/frontend."""
+        """Write the checkpoint folder (module docstring); frontend's adaptor files go to folder/frontend.
+        A speech LLM's is the whole checkpoint in the library's format (its audio half unchanged)."""
+        if self.speech_llm is not None:
+            return self.speech_llm.save(folder)
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
@@ -261,9 +316,13 @@ class AsrPolicy:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> AsrPolicy:
-        """A checkpoint folder written by save (the LM in float32 on device)."""
+        """A checkpoint folder written by save, or a speech-LLM checkpoint folder (the LM in float32 on device)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if is_speech_llm(folder):
+            whole = load_speech_llm(folder, torch.float32, attn_implementation="sdpa")
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            return cls(whole.decoder.to(device).eval(), tokenizer, PromptLayout.of_speech_llm(folder, tokenizer), whole)
         model: Any = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa")
         return cls(model.to(device).eval(), AutoTokenizer.from_pretrained(folder), PromptLayout.load(folder))
 
@@ -272,6 +331,8 @@ def load_frontend(checkpoint: str | Path, device: str = "cpu", threads: int = 0)
     """The audio front-end a checkpoint names (layout.frontend_backend / frontend_path)."""
     layout = PromptLayout.load(checkpoint)
     folder = Path(checkpoint) / layout.frontend_path
+    if layout.frontend_backend == "speech-llm":
+        return load_speech_llm_encoder(folder, device=device)
     if not (folder / ADAPTOR_CONFIG).exists():
         raise FileNotFoundError(f"{folder} has no {ADAPTOR_CONFIG}: the checkpoint was saved without its front-end")
     if layout.frontend_backend == "ct2-whisper":

@@ -192,7 +192,7 @@ async def evaluate_splits(job: AsrJobConfig, policy: Path, manifest: Path,
         for split in ("test_recorded", "test", "long"):
             part = [r for r in rows if r.split == split]
             if part:
-                scores = await evaluate(services, part, layout.max_new_tokens, layout.instruction_ids, cache)
+                scores = await evaluate(services, part, layout, cache)
                 results.update({key.replace("eval/", f"{split}/"): value for key, value in scores.items()})
     return results
 
@@ -211,7 +211,7 @@ async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache
             results = await services.rollout.generate(
                 [a.numpy() for a in audio], n=grpo.group_size, temperature=grpo.temperature,
                 max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), seed=job.seed * 7919 + start,
-                suffix_token_ids=list(layout.instruction_ids))
+                **layout.token_ids_around_audio())
             texts = [s.text for r in results for s in r.unwrap()]  # P * G, group order
             components = await asr.score(services, texts, [row for row in batch for _ in range(grpo.group_size)])
             rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)

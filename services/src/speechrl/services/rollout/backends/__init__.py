@@ -76,16 +76,17 @@ class Sampling:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One checked prompt: embeds (if any) come first, then token_ids."""
+    """One checked prompt: prefix_ids, then embeds (if any), then token_ids."""
 
     token_ids: tuple[int, ...]
     sampling: Sampling
     embeds: np.ndarray | None = None  # float32 [T, hidden_size]
     allowed: range | None = None  # speech-token ids; end-of-sequence stays allowed too
+    prefix_ids: tuple[int, ...] = ()  # before embeds (only with embeds): a chat template's head
 
     @property
     def prompt_len(self) -> int:
-        return len(self.token_ids) + (0 if self.embeds is None else int(self.embeds.shape[0]))
+        return len(self.prefix_ids) + len(self.token_ids) + (0 if self.embeds is None else int(self.embeds.shape[0]))
 
 
 @dataclass

@@ -155,6 +155,8 @@ class TransformersBackend:
         prompts = []
         for request in requests:
             parts = []
+            if request.prefix_ids:
+                parts.append(table(torch.tensor(request.prefix_ids, dtype=torch.long, device=self.device)))
             if request.embeds is not None:
                 parts.append(torch.tensor(request.embeds, dtype=self.dtype, device=self.device))
             if request.token_ids:

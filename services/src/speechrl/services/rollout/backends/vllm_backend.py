@@ -7,8 +7,8 @@ spawned from the gRPC server. Set it to 1 on a GPU box to overlap scheduling wit
 
 Sampling matches the transformers backend: per-request SamplingParams, logprobs_mode
 "processed_logprobs" (the drawn-from distribution), allowed_token_ids for speech tokens plus EOS.
-Embedding prompts are EmbedsPrompt; a suffix is sent in vLLM's mixed form (full-length embeddings
-with prompt_is_token_ids marking the suffix, which vLLM embeds itself).
+Embedding prompts are EmbedsPrompt; a prefix and suffix are sent in vLLM's mixed form (full-length
+embeddings with prompt_is_token_ids marking the prefix and suffix rows, which vLLM embeds itself).
 
 UpdateWeights: FULL goes through WeightSyncExtension.speechrl_reload in the worker
 (`collective_rpc`), which feeds the tensors to vLLM's in-place `reload_weights` in checkpoint
@@ -16,6 +16,14 @@ format: names map onto vLLM's fused layers and each layer's post-load processing
 CPU the linear weights are repacked, so writing into parameters directly, as RLHF frameworks do on
 GPU, fails there). Then the prefix cache is reset.
 LORA registers a LoRARequest (needs max_lora_rank > 0) that every later Generate uses, unmerged.
+
+A speech-LLM checkpoint (Qwen3-ASR, Qwen2-Audio: speechrl.services.speech_llm) is served as its text
+decoder alone, exported once as a plain Qwen3 / Qwen2 causal-LM folder (export_decoder), fed the
+encoder service's embeddings as prompt embeds between the family prompt's token ids. Not vLLM's
+native audio input: the audio tower is the encoder service's, on its own turn of the GPU, so a GRPO
+group of G samples does not run it G times; the weights the trainer pushes are the decoder's own
+names; and vLLM's qwen3_asr loader reads only the original hub layout (thinker_config), not the
+transformers format these folders are in.
 
 Residency: offload and sleep both use vLLM's sleep mode level 1 (weights to CPU memory, KV cache
 dropped), which needs enable_sleep_mode and so cuda. vLLM's CPU worker has no sleep mode: on CPU
@@ -132,11 +140,16 @@ class VllmBackend:
             os.environ.setdefault("CUDA_VISIBLE_DEVICES", index)
         from vllm import LLM
 
+        from speechrl.services.speech_llm import export_decoder, exported_decoder_dir, is_speech_llm
+
         self.model = options.model_path
+        served = self.model
+        if is_speech_llm(self.model):  # its text decoder, fed the encoder service's embeddings (module docstring)
+            served = str(export_decoder(self.model, exported_decoder_dir(self.model)))
         self.sleep_mode = options.sleep_mode and kind == "cuda"
         self.max_lora_rank = options.max_lora_rank
         args: dict[str, Any] = dict(
-            model=self.model, dtype=AUTO_DTYPES[kind] if options.dtype == "auto" else options.dtype,
+            model=served, dtype=AUTO_DTYPES[kind] if options.dtype == "auto" else options.dtype,
             seed=options.seed, enable_prompt_embeds=True, logprobs_mode="processed_logprobs",
             enforce_eager=options.enforce_eager, enable_sleep_mode=self.sleep_mode,
             worker_extension_cls=f"{__name__}.WeightSyncExtension")
@@ -157,11 +170,11 @@ class VllmBackend:
         self.vocab_size = int(model_config.get_vocab_size())
         self.hidden_size = int(model_config.get_hidden_size())
         self.max_model_len = int(model_config.max_model_len)
-        self.eos_token_ids = eos_ids(self.model, self.tokenizer.eos_token_id)
+        self.eos_token_ids = eos_ids(served, self.tokenizer.eos_token_id)
         self._dtype = model_config.dtype
         tied = bool(getattr(model_config.hf_config, "tie_word_embeddings", False))
         # Where each weight now in use can be read in checkpoint format (see load_full).
-        self._sources = tensor_files(Path(self.model))
+        self._sources = tensor_files(Path(served))
         self._shapes = tensor_shapes(self._sources, tied)
         self._lora: Any = None  # the LoRARequest every Generate uses, if any
         self._lora_ids = 0
@@ -192,13 +205,14 @@ class VllmBackend:
         if request.embeds is None:
             return {"prompt_token_ids": list(request.token_ids)}
         embeds = torch.from_numpy(np.array(request.embeds, dtype=np.float32)).to(self._dtype)  # [T, D]
-        if not request.token_ids:
+        if not request.token_ids and not request.prefix_ids:
             return {"prompt_embeds": embeds}
-        # Mixed form: placeholder rows where the suffix ids go; vLLM embeds those ids itself.
-        suffix = torch.zeros(len(request.token_ids), self.hidden_size, dtype=self._dtype)  # [S, D]
-        return {"prompt_embeds": torch.cat([embeds, suffix]),  # [T + S, D]
-                "prompt_token_ids": [0] * embeds.shape[0] + list(request.token_ids),
-                "prompt_is_token_ids": [False] * embeds.shape[0] + [True] * len(request.token_ids)}
+        # Mixed form: placeholder rows where the prefix and suffix ids go; vLLM embeds those ids itself.
+        prefix, suffix = list(request.prefix_ids), list(request.token_ids)
+        placeholders = torch.zeros(len(prefix) + len(suffix), self.hidden_size, dtype=self._dtype)  # [P + S, D]
+        return {"prompt_embeds": torch.cat([placeholders[:len(prefix)], embeds, placeholders[len(prefix):]]),
+                "prompt_token_ids": prefix + [0] * embeds.shape[0] + suffix,  # [P + T + S]
+                "prompt_is_token_ids": [True] * len(prefix) + [False] * embeds.shape[0] + [True] * len(suffix)}
 
     def _params(self, request: GenerationRequest, n: int) -> Any:
         from vllm import SamplingParams
