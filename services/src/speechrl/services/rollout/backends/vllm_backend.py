@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 # bfloat16 on GPU.
 AUTO_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
 CPU_KV_CACHE_MB = 256
+EMBEDDING = "model.embed_tokens.weight"  # the input embedding table's name in a Qwen2 / Qwen3 checkpoint
 
 
 class WeightSyncExtension:
@@ -177,6 +178,7 @@ class VllmBackend:
         self._sources = tensor_files(Path(served))
         self._shapes = tensor_shapes(self._sources, tied)
         self._lora: Any = None  # the LoRARequest every Generate uses, if any
+        self._embedding: Any = None  # the input embedding table, read on first use under LoRA (_prompt)
         self._lora_ids = 0
         self._asleep = False
         log.info("vLLM policy %s (%s), vocab %d, hidden %d, max_model_len %d", self.model, args["dtype"],
@@ -207,12 +209,28 @@ class VllmBackend:
         embeds = torch.from_numpy(np.array(request.embeds, dtype=np.float32)).to(self._dtype)  # [T, D]
         if not request.token_ids and not request.prefix_ids:
             return {"prompt_embeds": embeds}
-        # Mixed form: placeholder rows where the prefix and suffix ids go; vLLM embeds those ids itself.
         prefix, suffix = list(request.prefix_ids), list(request.token_ids)
+        if self._lora is not None:
+            # vLLM 0.32 fails a step that embeds some token ids of a prompt-embeds batch while a LoRA adapter is
+            # active (its LoRA embedding layer is handed the ids of those positions but the adapter mapping of
+            # every position: an einsum shape error). So the ids are embedded here, from the base table (the
+            # adapters train linear layers only, never the embedding), and the prompt goes as embeddings alone.
+            return {"prompt_embeds": torch.cat([self._embed_ids(prefix), embeds, self._embed_ids(suffix)])}
+        # Mixed form: placeholder rows where the prefix and suffix ids go; vLLM embeds those ids itself.
         placeholders = torch.zeros(len(prefix) + len(suffix), self.hidden_size, dtype=self._dtype)  # [P + S, D]
         return {"prompt_embeds": torch.cat([placeholders[:len(prefix)], embeds, placeholders[len(prefix):]]),
                 "prompt_token_ids": prefix + [0] * embeds.shape[0] + suffix,  # [P + T + S]
                 "prompt_is_token_ids": [True] * len(prefix) + [False] * embeds.shape[0] + [True] * len(suffix)}
+
+    def _embed_ids(self, ids: list[int]) -> Any:
+        """Rows of the input embedding table [len(ids), D], read from where it was last loaded and kept."""
+        import torch
+        from safetensors import safe_open
+
+        if self._embedding is None:
+            with safe_open(str(self._sources[EMBEDDING]), framework="pt", device="cpu") as handle:
+                self._embedding = handle.get_tensor(EMBEDDING).to(self._dtype)
+        return self._embedding[torch.tensor(ids, dtype=torch.long)]
 
     def _params(self, request: GenerationRequest, n: int) -> Any:
         from vllm import SamplingParams
@@ -240,6 +258,8 @@ class VllmBackend:
         self.llm.collective_rpc("speechrl_reload", args=(self._reload_plan(new),))
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self._sources.update(new)
+        if EMBEDDING in new:
+            self._embedding = None
         self._drop_lora()
         log.info("reloaded %d tensors from %s", len(names), path)
 
