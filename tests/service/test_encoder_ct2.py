@@ -132,3 +132,14 @@ def test_default_folder_is_seeded_and_cached(tmp_path: Path, monkeypatch: pytest
     loaded = load_model(config)
     assert isinstance(loaded, CT2WhisperEncoderModel) and loaded.output_size == 32
     assert Path(loaded.whisper_path).name == "model" and (tmp_path / "xdg" / "speechrl").is_dir()
+
+
+def test_the_ledger_counts_the_ct2_weights(model: CT2WhisperEncoderModel) -> None:
+    """CTranslate2 reports no memory figure: the device-memory ledger counts its weights file, beside the adaptor's
+    tensors (before, the Whisper encoder counted 0 and the ledger under-stated what the encoder holds)."""
+    from speechrl.services.residency import module_bytes
+
+    adaptor = sum(t.numel() * t.element_size() for t in (*model.adaptor.parameters(), *model.adaptor.buffers()))
+    weights_file = Path(model.whisper_path) / "model.bin"
+    assert weights_file.stat().st_size > 1_000_000  # tiny.en
+    assert module_bytes(model.modules()) == adaptor + weights_file.stat().st_size

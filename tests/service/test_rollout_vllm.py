@@ -25,7 +25,7 @@ from speechrl.services.ports import free_port
 from speechrl.services.rollout.server import RolloutConfig, start
 from speechrl.services.rollout.tiny import build_tiny_qwen2, first_speech_id
 from speechrl.v1 import common_pb2, common_pb2_grpc, rollout_pb2, rollout_pb2_grpc
-from tests.support.servers import serve_in_thread
+from tests.support.servers import RedisServer, serve_in_thread
 
 SPEECH_TOKENS = 32
 PROMPTS = ["the cat sat on the mat", "hello world", "good morning to you", "a b c"]
@@ -51,10 +51,19 @@ def hf(model_dir: Path) -> Iterator[rollout_pb2_grpc.RolloutGeneratorStub]:
 
 
 @pytest.fixture(scope="module")
-def vllm_channel(model_dir: Path) -> Iterator[grpc.Channel]:
-    # LoRA on: it is tested below, and on CPU it also turns torch.compile off, which halves start-up.
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server.url
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def vllm_channel(model_dir: Path, redis_url: str) -> Iterator[grpc.Channel]:
+    # LoRA on: it is tested below, and on CPU it also turns torch.compile off, which halves start-up. Each batch
+    # takes cpu:0's lease, so the service reports its weights to the device-memory ledger.
     config = RolloutConfig(port=free_port(), model_path=str(model_dir), backend="vllm", max_lora_rank=8,
-                           max_wait_ms=2, kv_cache_mb=64)
+                           max_wait_ms=2, kv_cache_mb=64, lease_device="cpu:0", redis_url=redis_url)
     began = time.perf_counter()
     for channel in _serve(config):
         print(f"vLLM server started in {time.perf_counter() - began:.1f} s")
@@ -174,3 +183,14 @@ def test_full_and_lora_updates_agree_with_transformers(hf: rollout_pb2_grpc.Roll
 def test_status_names_the_vllm_backend(vllm_channel: grpc.Channel, model_dir: Path) -> None:
     status = common_pb2_grpc.ServiceStatusStub(vllm_channel).GetServiceStatus(common_pb2.GetServiceStatusRequest())
     assert (status.backend, status.model, status.residency) == ("vllm", str(model_dir), "resident")
+
+
+def test_the_ledger_counts_the_vllm_weights(vllm: rollout_pb2_grpc.RolloutGeneratorStub, vllm_channel: grpc.Channel,
+                                            model_dir: Path) -> None:
+    """vLLM reports no figure of its own to the services' residency: the backend counts the served checkpoint's
+    tensors in the serving dtype, so the device-memory ledger shows what the rollout service holds (it showed 0)."""
+    greedy_ids(vllm, max_tokens=2)  # a batch under the lease: the ledger entry is written
+    status = common_pb2_grpc.ServiceStatusStub(vllm_channel).GetServiceStatus(common_pb2.GetServiceStatusRequest())
+    [entry] = status.device_memory
+    checkpoint = sum(t.numel() * t.element_size() for t in load_file(str(model_dir / "model.safetensors")).values())
+    assert entry.residency == "resident" and entry.weight_bytes == checkpoint  # float32 on a CPU, as stored

@@ -119,9 +119,17 @@ class _CT2Weights:
     (unload_model(to_cpu=True)) so the next grant reloads them quickly.
     """
 
-    def __init__(self, model: ctranslate2.models.Whisper, on_gpu: bool):
+    def __init__(self, model: ctranslate2.models.Whisper, on_gpu: bool, path: str = ""):
         self.model = model
         self.on_gpu = on_gpu
+        self.path = path  # the CTranslate2 model folder
+
+    def weight_bytes(self) -> int:
+        """The size of the model's weights file: CTranslate2 reports no memory figure, and its weights in memory
+        are this file's tensors (converted to the compute type when it differs from the stored one); 0 when
+        the folder is not known."""
+        weights = Path(self.path) / "model.bin"
+        return weights.stat().st_size if self.path and weights.is_file() else 0
 
     def to(self, device: str) -> _CT2Weights:
         if not self.on_gpu:
@@ -162,7 +170,7 @@ class CT2WhisperEncoderModel(AudioEncoderModel):
         self.hop_length = features.hop_length
         self.window_samples = features.n_samples  # 480_000: 30 s at 16 kHz
         self.window_frames = features.nb_max_frames  # 3000 mel frames
-        self._weights = _CT2Weights(whisper, on_gpu=not device.startswith("cpu"))
+        self._weights = _CT2Weights(whisper, on_gpu=not device.startswith("cpu"), path=whisper_path)
         self._bucket_samples = round(settings.pad_seconds * self.sample_rate)
 
     def modules(self) -> Sequence[Any]:

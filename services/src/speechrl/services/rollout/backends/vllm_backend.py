@@ -33,6 +33,7 @@ the model stays where it is.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -84,6 +85,13 @@ class WeightSyncExtension:
             self.reload_weights(weights_iterator=tensors(), is_checkpoint_format=True)
         finally:
             layerwise.setLevel(level)
+
+
+def torch_dtype_size(dtype: Any) -> int:
+    """Bytes of one element of a torch dtype."""
+    import torch
+
+    return int(torch.empty((), dtype=dtype).element_size())
 
 
 def layer_group(name: str) -> str:
@@ -181,6 +189,12 @@ class VllmBackend:
         self._embedding: Any = None  # the input embedding table, read on first use under LoRA (_prompt)
         self._lora_ids = 0
         self._asleep = False
+        # The device-memory ledger's figure (residency.DeviceGuard), from the checkpoint's tensors in the serving
+        # dtype: vLLM reports none, and on CPU its repacked linear weights are not torch parameters to count.
+        # Updates keep every shape, so the figure holds for the whole run.
+        element = torch_dtype_size(self._dtype)
+        self._weight_bytes = sum(math.prod(self._shapes[name]) * element
+                                 for name in self._sources if name in self._shapes)
         log.info("vLLM policy %s (%s), vocab %d, hidden %d, max_model_len %d", self.model, args["dtype"],
                  self.vocab_size, self.hidden_size, self.max_model_len)
 
@@ -314,6 +328,10 @@ class VllmBackend:
         if self._asleep:
             self.llm.wake_up()
             self._asleep = False
+
+    def weight_bytes(self) -> int:
+        """Bytes of the weights on the device now: 0 while asleep (sleep level 1 moves them to CPU memory)."""
+        return 0 if self._asleep else self._weight_bytes
 
     def offload(self, mode: str) -> None:
         if not self.sleep_mode:
