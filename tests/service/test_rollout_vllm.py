@@ -194,3 +194,26 @@ def test_the_ledger_counts_the_vllm_weights(vllm: rollout_pb2_grpc.RolloutGenera
     [entry] = status.device_memory
     checkpoint = sum(t.numel() * t.element_size() for t in load_file(str(model_dir / "model.safetensors")).values())
     assert entry.residency == "resident" and entry.weight_bytes == checkpoint  # float32 on a CPU, as stored
+
+
+def test_cosyvoice2_llm_is_served_with_its_head_bias(tmp_path: Path) -> None:
+    """A converted CosyVoice2 LLM (architecture CosyVoice2ForCausalLM, registered by SpeechRL's vLLM plugin):
+    vLLM's greedy speech tokens are the original module's, so the head's bias is applied (without it they differ)."""
+    from speechrl.services.cosyvoice2 import CosyVoice2Layout, import_llm
+    from tests.support.cosyvoice2 import build_cosyvoice2_folder
+
+    original = build_cosyvoice2_folder(tmp_path / "CosyVoice2", 40)
+    folder = import_llm(tmp_path / "CosyVoice2", tmp_path / "policy")
+    layout = CosyVoice2Layout.load(folder)
+    texts = ["hello world", "the cat sat on the mat"]
+    begin, end = layout.speech_range()
+    config = RolloutConfig(port=free_port(), model_path=folder, backend="vllm", dtype="float32", max_wait_ms=2,
+                           kv_cache_mb=64)
+    for channel in _serve(config):
+        reply = generate(rollout_pb2_grpc.RolloutGeneratorStub(channel),
+                         [rollout_pb2.Prompt(token_ids=rollout_pb2.TokenIds(ids=layout.prompt_ids(t))) for t in texts],
+                         rollout_pb2.SamplingParams(temperature=0.0, max_tokens=16),
+                         mode=rollout_pb2.GENERATION_MODE_SPEECH_TOKENS,
+                         speech_token_range=rollout_pb2.TokenIdRange(begin=begin, end=end))
+    for text, result in zip(texts, reply.results, strict=True):
+        assert layout.speech_tokens(result.samples[0].token_ids) == original.greedy(layout.text_ids(text), 16)

@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from speechrl.client import RolloutClient
+from speechrl.services.cosyvoice2 import CosyVoice2Layout, export_llm, import_llm
 from speechrl.services.intelligibility.server import IntelligibilityConfig
 from speechrl.services.intelligibility.server import start as start_intelligibility
 from speechrl.services.ports import free_port
@@ -32,6 +34,7 @@ from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
 from speechrl.trainer.jobs.tts import TtsJobConfig
 from speechrl.trainer.recipes.token2reward import train as train_token2reward
 from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
+from tests.support.cosyvoice2 import OriginalLLM, build_cosyvoice2_folder, load_original
 from tests.support.servers import RedisServer, serve_in_thread
 from tests.support.training import Recorder, assert_most_weights_moved
 
@@ -48,6 +51,7 @@ class Stack:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The warm-started policy and corpus, a Token2Reward, and every service the TTS kinds call."""
     root = tmp_path_factory.mktemp("tts-rl")
     summary = run_tts_warmstart(TtsWarmStartConfig(out=str(root / "warm"), train=6, dev=2, test=0, hidden_size=64,
                                                    num_layers=1, steps=15, batch_size=6, threads=1))
@@ -65,12 +69,26 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(Path(summary["policy"]), Path(summary["corpus"]), root / "t2r", endpoints)
 
 
-def job(stack: Stack, out: Path, redis_url: str, kind: str, **grpo: Any) -> TtsJobConfig:
+@pytest.fixture(scope="module")
+def cosyvoice2_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, OriginalLLM]]:
+    """A tiny random CosyVoice2 LLM converted from llm.pt, served by its own rollout service beside stack's
+    other services. Its speech tokens are espeak's phonemes (K = len(VOCABULARY)), so token2wav renders them."""
+    root = tmp_path_factory.mktemp("cosyvoice2")
+    original = build_cosyvoice2_folder(root / "CosyVoice2", len(VOCABULARY))
+    policy = Path(import_llm(root / "CosyVoice2", root / "policy"))
+    with serve_in_thread(lambda: start_rollout(RolloutConfig(port=free_port(), model_path=str(policy), threads=1))) \
+            as rollout:
+        yield Stack(policy, stack.corpus, stack.reward_model,
+                    {**stack.endpoints, "rollout": f"127.0.0.1:{rollout.port}"}), original
+
+
+def job(stack: Stack, out: Path, redis_url: str, kind: str, speakers: dict[str, str] | None = None,
+        **grpo: Any) -> TtsJobConfig:
     """A two-step job of kind, read as a job file is (the kind sets grpo.loss)."""
     _, config = parse_job(dict(
         kind=kind, policy=str(stack.policy), data=str(stack.corpus), token2reward=str(stack.reward_model),
-        voices="en-us,en-gb+f3", steps=2, checkpoint_every=1, out_dir=str(out), lease_device="cpu:0",
-        redis_url=redis_url, **stack.endpoints,
+        **(speakers or {"voices": "en-us,en-gb+f3"}), steps=2, checkpoint_every=1, out_dir=str(out),
+        lease_device="cpu:0", redis_url=redis_url, **stack.endpoints,
         grpo={"group_size": 2, "batch_size": 2, "mini_batch_size": 4, "learning_rate": 1e-2,
               "max_completion_length": 48, "kl_beta": 0.05, "diffro_beta": 0.05, **grpo}))
     assert isinstance(config, TtsJobConfig)
@@ -108,5 +126,40 @@ def test_the_kind_sets_the_loss(stack: Stack) -> None:
     assert kind == "tts-grpo+diffro" and isinstance(config, TtsJobConfig)
     with pytest.raises(JobConfigError, match="reward_weights names 'wer'"):
         parse_job({"kind": "tts-grpo", **values, "grpo": {"reward_weights": {"wer": 1.0}}})
+    with pytest.raises(FileNotFoundError, match=r"prompt_audio names files that do not exist: \['/no/such.wav'\]"):
+        TtsJobConfig(**values, prompt_audio="/no/such.wav")
     with pytest.raises(ValueError, match="tts-diffro jobs use loss 'diffro'"):
         run_job("tts-diffro", TtsJobConfig(**values, grpo={"loss": "grpo"}), Recorder())
+
+
+@pytest.mark.parametrize("kind", ["tts-grpo", "tts-grpo+diffro"])
+def test_cosyvoice2_llm_trains_through_the_services(cosyvoice2_stack: tuple[Stack, OriginalLLM], tmp_path: Path,
+                                                    redis_server: RedisServer, speech: Any, kind: str) -> None:
+    """CosyVoice2's LLM, converted from llm.pt, as the policy: speakers given as prompt audio (what the
+    cosyvoice2 token2wav backend renders with; espeak ignores it, the speaker reward compares with it), two
+    steps move the weights and the rollout version, and the trained folder exported back to llm.pt is a
+    CosyVoice2 LLM whose greedy synthesis is the served policy's."""
+    stack, original = cosyvoice2_stack
+    prompts = ",".join(str(speech.path("This is how I sound.", voice)) for voice in ("en-us", "en-gb+f3"))
+    out = tmp_path / kind
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        before = rollout.get_service_status().policy_version
+    recorder = Recorder()
+    run_job(kind, job(stack, out, redis_server.url, kind, {"prompt_audio": prompts}, diffro_filter=False), recorder)
+    for _, metrics in recorder.steps:
+        for key in ("reward/intelligibility", "reward/speaker", "reward/duration", "reward_mean", "sim", "loss"):
+            assert math.isfinite(metrics[key]), (key, metrics.get(key))
+        assert metrics["render_failures"] == 0 and metrics["completion_tokens"] > 0
+    assert_most_weights_moved(stack.policy, out, "step-000002")
+
+    trained = export_llm(out / "checkpoints" / "step-000002" / "policy", tmp_path / "llm.pt")
+    exported = load_original(trained, len(VOCABULARY))  # strict: every tensor of Qwen2LM, nothing else
+    assert not torch.equal(exported.llm_decoder.weight, original.llm_decoder.weight)
+    layout = CosyVoice2Layout.load(stack.policy)
+    texts = [r["text"] for r in read_corpus(stack.corpus, "train")[:2]]
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        assert rollout.get_service_status().policy_version == before + 3
+        served = rollout.generate([layout.prompt_ids(t) for t in texts], n=1, max_tokens=24, temperature=0.0,
+                                  speech_token_range=layout.speech_range())
+    for text, result in zip(texts, served, strict=True):
+        assert layout.speech_tokens(result.unwrap()[0].token_ids) == exported.greedy(layout.text_ids(text), 24)

@@ -424,7 +424,8 @@ class AsyncToken2WavClient(AsyncClient):
     DEFAULT_ENDPOINT = f"127.0.0.1:{DEFAULT_PORTS['token2wav']}"
 
     async def synthesize(self, token_lists: Sequence[Sequence[int]], *, voice: str | Sequence[str] = "",
-                         rate_wpm: int | Sequence[int] = 0, prompt_audio: AudioLike | None = None,
+                         rate_wpm: int | Sequence[int] = 0,
+                         prompt_audio: AudioLike | list[AudioLike] | None = None,
                          timeout_s: float | None = None) -> list[SynthesizedSpeech]:
         """Render each token sequence as a WAV file.
 
@@ -434,15 +435,23 @@ class AsyncToken2WavClient(AsyncClient):
             voice: backend voice for all items or one per item (espeak-phonemes: "en-us"); "" is the
                 server's default.
             rate_wpm: speaking rate for all items or one per item (espeak-phonemes); 0 is the server's.
-            prompt_audio: a prompt utterance of the target speaker for every item (cosyvoice2).
+            prompt_audio: a prompt utterance of the target speaker (cosyvoice2), for every item or,
+                as a list, one per item (None entries: no prompt).
         """
         count = len(token_lists)
         voices = _per_item(voice, count, "voice")
         rates = _per_item(rate_wpm, count, "rate_wpm")
-        prompt = to_audio(prompt_audio) if prompt_audio is not None else None
+        # A tuple is one (samples, rate) clip, so only a list means "one per item".
+        prompts = _per_item(prompt_audio, count, "prompt_audio") if isinstance(prompt_audio, list) \
+            else [prompt_audio] * count
+        encoded: dict[int, common_pb2.Audio] = {}  # a group's items share one prompt: encode it once
+        for prompt in prompts:
+            if prompt is not None and id(prompt) not in encoded:
+                encoded[id(prompt)] = to_audio(prompt)
         request = token2wav_pb2.SynthesizeRequest(items=[
-            token2wav_pb2.SynthesisItem(tokens=[int(t) for t in tokens], voice=v, rate_wpm=int(r), prompt_audio=prompt)
-            for tokens, v, r in zip(token_lists, voices, rates, strict=True)])
+            token2wav_pb2.SynthesisItem(tokens=[int(t) for t in tokens], voice=v, rate_wpm=int(r),
+                                        prompt_audio=None if p is None else encoded[id(p)])
+            for tokens, v, r, p in zip(token_lists, voices, rates, prompts, strict=True)])
         reply = await self.connection.unary(token2wav_pb2_grpc.Token2WavStub, "Synthesize", request, timeout_s)
         _check_count(reply.results, count, "Synthesize")
         return [synthesized_speech(r) for r in reply.results]

@@ -35,6 +35,7 @@ COMMAND_MODULES = {
 # Subcommands whose module takes the rest of the line as is, e.g. `speechrl gpu status`.
 GROUP_MODULES = {
     "gpu": "speechrl.services.lease.status",
+    "cosyvoice2": "speechrl.services.cosyvoice2",
 }
 
 

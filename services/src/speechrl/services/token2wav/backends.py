@@ -10,6 +10,7 @@ prompt WAV for CosyVoice2 (its speaker embedding and prompt mel condition the fl
 
 from __future__ import annotations
 
+import hashlib
 import io
 import subprocess
 import tempfile
@@ -102,13 +103,18 @@ class EspeakPhonemeBackend:
         return Waveform(samples.astype(np.float32), int(rate_hertz))
 
 
+PROMPT_CACHE_SIZE = 64  # prompt speakers whose frontend features cosyvoice2 keeps
+
+
 class CosyVoice2Backend:
     """CosyVoice2's token2wav: flow matching (speech tokens -> mel) + HiFT vocoder, from a local folder.
 
     Needs the `cosyvoice` package (github.com/FunAudioLLM/CosyVoice, on PYTHONPATH with its
     third_party/Matcha-TTS) and a CosyVoice2 folder (cosyvoice2.yaml, flow.pt, hift.pt,
     campplus.onnx, speech_tokenizer_v2.onnx). Tokens are CosyVoice2's 6561 speech-token ids.
-    Cannot run on these machines: there is neither the package nor the weights.
+    Written against CosyVoice's code of March 2026 (frontend_zero_shot reading a wav file, the flow's
+    inference taking streaming / finalize); it cannot run on these machines: there is neither the
+    package nor the weights.
     """
 
     num_tokens = 6561
@@ -125,9 +131,10 @@ class CosyVoice2Backend:
                               "put it and third_party/Matcha-TTS on PYTHONPATH") from error
         self.options = options
         self.cosyvoice = CosyVoice2(str(folder), load_jit=False, load_trt=False, fp16=options.device != "cpu")
-        self.model = self.cosyvoice.model  # CosyVoice2Model: .flow, .hift, .token2wav
+        self.model = self.cosyvoice.model  # CosyVoice2Model: .flow, .hift, .device
         self.frontend = self.cosyvoice.frontend
         self.sample_rate_hertz = int(self.cosyvoice.sample_rate)
+        self._prompts: dict[str, dict[str, Any]] = {}  # sha1 of a prompt WAV -> its frontend features, oldest first
 
     def modules(self) -> list[Any]:
         return [self.model.flow, self.model.hift]
@@ -140,17 +147,37 @@ class CosyVoice2Backend:
 
         if item.prompt_audio is None:
             return ValueError("cosyvoice2 needs a prompt WAV (the speaker prompt)")
-        samples, rate = sf.read(io.BytesIO(item.prompt_audio), dtype="float32")
-        prompt = torch.from_numpy(samples if samples.ndim == 1 else samples.mean(1))[None]  # [1, S]
-        # The frontend gives the prompt's speech tokens, mel and speaker embedding, as in zero-shot TTS.
-        model_input = self.frontend.frontend_zero_shot("", "", prompt, self.sample_rate_hertz, "")
-        tokens = torch.tensor(list(item.tokens), dtype=torch.int32)[None]  # [1, T]
-        with torch.inference_mode():
-            speech = self.model.token2wav(token=tokens, prompt_token=model_input["flow_prompt_speech_token"],
-                                          prompt_feat=model_input["prompt_speech_feat"],
-                                          embedding=model_input["flow_embedding"], token_offset=0,
-                                          uuid="speechrl", finalize=True)  # [1, S]
+        prompt = self._prompt(item.prompt_audio)
+        device = self.model.device
+        tokens = torch.tensor([list(item.tokens)], dtype=torch.int32, device=device)  # [1, T]
+
+        def length(tensor: Any) -> Any:
+            return torch.tensor([tensor.shape[1]], dtype=torch.int32, device=device)  # [1]
+
+        # The flow and HiFT directly, as the GRPO recipe's reward server does: model.token2wav is the
+        # streaming path and needs per-request (uuid) caches set up and torn down around each call. Autocast
+        # as token2wav does: with fp16 the flow's weights are half, the prompt features float32.
+        with torch.inference_mode(), torch.autocast(device.type, enabled=bool(self.model.fp16)):
+            mel, _ = self.model.flow.inference(
+                token=tokens, token_len=length(tokens), prompt_token=prompt["flow_prompt_speech_token"].to(device),
+                prompt_token_len=length(prompt["flow_prompt_speech_token"]),
+                prompt_feat=prompt["prompt_speech_feat"].to(device), prompt_feat_len=length(prompt["prompt_speech_feat"]),
+                embedding=prompt["flow_embedding"].to(device), streaming=False, finalize=True)  # [1, 80, frames]
+            speech, _ = self.model.hift.inference(speech_feat=mel, cache_source=torch.zeros(1, 1, 0))  # [1, S]
         return Waveform(speech.squeeze(0).float().cpu().numpy(), self.sample_rate_hertz)
+
+    def _prompt(self, wav: bytes) -> dict[str, Any]:
+        """The frontend's prompt features (speech tokens, mel, speaker embedding) of a prompt WAV, cached: a
+        group's samples share their prompt. The frontend reads a wav file (load_wav), at >= 16 kHz."""
+        key = hashlib.sha1(wav).hexdigest()
+        if key not in self._prompts:
+            with tempfile.NamedTemporaryFile(suffix=".wav") as file:
+                file.write(wav)
+                file.flush()
+                self._prompts[key] = self.frontend.frontend_zero_shot("", "", file.name, self.sample_rate_hertz, "")
+            while len(self._prompts) > PROMPT_CACHE_SIZE:
+                self._prompts.pop(next(iter(self._prompts)))
+        return self._prompts[key]
 
 
 BACKENDS: dict[str, Callable[[BackendOptions], Token2WavBackend]] = {

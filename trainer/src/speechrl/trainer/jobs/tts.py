@@ -1,7 +1,7 @@
 """The TTS job kinds: RL of the LLM-TTS policy through the services, by GRPO, DiffRO, or both combined.
 
     rollout  (G speech-token samples per text, rollout service in SPEECH_TOKENS mode)
-    -> token2wav (each sample rendered in its prompt's voice, the speaker prompt)
+    -> token2wav (each sample rendered with its prompt's speaker: an espeak voice, or prompt audio)
     -> score  (intelligibility: Whisper's WER as a reward; speaker: cosine to the prompt voice's
                reference; duration vs the group median; token diversity; F0 spread; token2reward:
                the token2wav service's ScoreTokens, Token2Reward's exp(log P(text | tokens) / chars),
@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import io
 import random
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -48,7 +50,7 @@ from speechrl.trainer.jobs.kind import Collected, JobConfig
 from speechrl.trainer.jobs.progress import PhaseTimer, mean_of
 from speechrl.trainer.models.token2reward import diffro_reward as token_reward
 from speechrl.trainer.models.token2reward import load_frozen
-from speechrl.trainer.models.tts_policy import EOS_ID, PAD_ID, TtsLayout, TtsPolicy
+from speechrl.trainer.models.tts_policy import SpeechLayout, TtsPolicy
 
 REWARD_COMPONENTS = ("intelligibility", "speaker", "duration", "diversity", "f0", "token2reward")
 # Weights of components not named in a job; the others weigh 1. Diversity and F0 spread reward
@@ -72,11 +74,15 @@ class TtsJobConfig(JobConfig):
     REWARD_COMPONENTS: ClassVar[tuple[str, ...]] = REWARD_COMPONENTS
     DEFAULT_WEIGHTS: ClassVar[Mapping[str, float]] = DEFAULT_WEIGHTS
 
-    policy: str = option("", "Warm-start checkpoint folder (TtsPolicy.save).")
+    policy: str = option("", "Policy folder: a TtsPolicy.save folder, or CosyVoice2's LLM converted by "
+                             "`speechrl cosyvoice2 import`.")
     data: str = option("", "corpus.jsonl (jobs/datasets.py) whose rows are the text prompts.")
     train_split: str = option("train", "Corpus split(s) to sample prompts from, comma-separated.")
     voices: str = option("en-us,en-gb+f3,en-us+m7", "espeak voices, the speaker prompts: prompt i speaks with "
-                                                   "voices[i % n] (cosyvoice2 backends take prompt audio instead).")
+                                                   "voices[i % n]; ignored when prompt_audio is set.")
+    prompt_audio: str = option("", "Speaker prompts as WAV files, comma-separated, in place of voices: prompt i is "
+                                   "spoken like file i % n. token2wav gets the audio (the cosyvoice2 backend's "
+                                   "zero-shot speaker; espeak ignores it) and the speaker reward compares with it.")
     reference_text: str = option(REFERENCE_TEXT, "Sentence each voice's reference audio says (the speaker "
                                                  "scorer's reference), rendered once by token2wav at the start.")
     token2reward: str = option("", "Token2Reward folder (token2reward.py): DiffRO's reward model; required by "
@@ -90,20 +96,28 @@ class TtsJobConfig(JobConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.voice_list:
-            raise ValueError("voices must name at least one espeak voice")
+        if not self.speaker_list:
+            raise ValueError("voices must name at least one espeak voice (or prompt_audio one WAV file)")
+        missing = [p for p in self.prompt_audio_list if not Path(p).is_file()]
+        if missing:
+            raise FileNotFoundError(f"prompt_audio names files that do not exist: {missing}")
 
     @property
-    def voice_list(self) -> list[str]:
-        return [v.strip() for v in self.voices.split(",") if v.strip()]
+    def prompt_audio_list(self) -> list[str]:
+        return [p.strip() for p in self.prompt_audio.split(",") if p.strip()]
+
+    @property
+    def speaker_list(self) -> list[str]:
+        """The speaker prompts prompts are spoken in turn by: prompt_audio's files, else voices."""
+        return self.prompt_audio_list or [v.strip() for v in self.voices.split(",") if v.strip()]
 
 
 @dataclass(frozen=True)
 class Prompt:
-    """One text prompt and the voice it is to be spoken in."""
+    """One text prompt and the speaker it is to be spoken by (an espeak voice or a prompt WAV's path)."""
 
     text: str
-    voice: str
+    speaker: str
 
 
 @dataclass
@@ -125,19 +139,33 @@ class TtsServices:
             yield cls(rollout, token2wav, intelligibility, speaker)
 
 
-async def voice_references(services: TtsServices, config: TtsJobConfig) -> dict[str, np.ndarray]:
-    """Each voice's speaker embedding, from token2wav's rendering of reference_text's clean phonemes."""
-    voices = config.voice_list
-    tokens = PhonemeVocabulary().text_to_ids(config.reference_text)
-    speech = await services.token2wav.synthesize([tokens] * len(voices), voice=voices)
-    embeddings = await services.speaker.embed([s.unwrap() for s in speech])
-    return {v: e.unwrap() for v, e in zip(voices, embeddings, strict=True)}
+@functools.cache
+def prompt_audio_bytes(path: str) -> bytes:
+    """A prompt WAV's bytes, read once per run (every rendering of every step sends it)."""
+    return Path(path).read_bytes()
 
 
-async def render(services: TtsServices, token_lists: Sequence[Sequence[int]],
-                 voices: Sequence[str]) -> list[SynthesizedSpeech]:
-    """token2wav of each sample in its voice; an empty sample gets its own error, not a crash."""
-    return await services.token2wav.synthesize([list(t) for t in token_lists], voice=list(voices))
+async def speaker_references(services: TtsServices, config: TtsJobConfig) -> dict[str, np.ndarray]:
+    """Each speaker's embedding: of the prompt audio itself, or of token2wav's rendering of reference_text's
+    clean phonemes in each espeak voice."""
+    speakers = config.speaker_list
+    if config.prompt_audio_list:
+        references = [prompt_audio_bytes(p) for p in speakers]
+    else:
+        tokens = PhonemeVocabulary().text_to_ids(config.reference_text)
+        speech = await services.token2wav.synthesize([tokens] * len(speakers), voice=speakers)
+        references = [s.unwrap() for s in speech]
+    embeddings = await services.speaker.embed(references)
+    return {v: e.unwrap() for v, e in zip(speakers, embeddings, strict=True)}
+
+
+async def render(services: TtsServices, config: TtsJobConfig, token_lists: Sequence[Sequence[int]],
+                 speakers: Sequence[str]) -> list[SynthesizedSpeech]:
+    """token2wav of each sample by its speaker; an empty sample gets its own error, not a crash."""
+    tokens = [list(t) for t in token_lists]
+    if config.prompt_audio_list:
+        return await services.token2wav.synthesize(tokens, prompt_audio=[prompt_audio_bytes(s) for s in speakers])
+    return await services.token2wav.synthesize(tokens, voice=list(speakers))
 
 
 def _per_group(values: Sequence[float | None], group_size: int,
@@ -178,7 +206,7 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
         if weight_of(weights, "speaker") == 0 or not rendered:
             return
         results = await services.speaker.score([speech[i].unwrap() for i in rendered],
-                                               [references[prompts[i].voice] for i in rendered])
+                                               [references[prompts[i].speaker] for i in rendered])
         for i, r in zip(rendered, results, strict=True):
             out["speaker"][i], out["sim"][i] = r.reward, r.score.cosine if r.score else None
 
@@ -199,13 +227,14 @@ async def score(services: TtsServices, config: TtsJobConfig, weights: dict[str, 
 def rollout_batch(policy: TtsPolicy, prompts: Sequence[Prompt], samples: Sequence[Any],
                   rewards: Sequence[float | None], diffro_reward: TokenReward | None) -> RolloutBatch:
     """The GRPO batch: word-id prompts once each (right-padded), completions with <eos> where sampled."""
-    ids, mask = pad_right(sampled_sequences(samples, EOS_ID), PAD_ID)  # [N, T] each
-    prompt_ids, prompt_mask = pad_right([policy.layout.prompt_ids(p.text) for p in prompts], PAD_ID)  # [P, S] each
+    layout = policy.layout
+    ids, mask = pad_right(sampled_sequences(samples, layout.eos_id), layout.pad_id)  # [N, T] each
+    prompt_ids, prompt_mask = pad_right([layout.prompt_ids(p.text) for p in prompts], layout.pad_id)  # [P, S] each
     return RolloutBatch(completion_ids=ids, completion_mask=mask, rewards=list(rewards), prompt_mask=prompt_mask,
                         prompt_ids=prompt_ids, diffro_reward=diffro_reward)
 
 
-async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequence[Prompt], layout: TtsLayout,
+async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequence[Prompt], layout: SpeechLayout,
                    references: dict[str, np.ndarray], temperature: float = 0.0) -> dict[str, float]:
     """Synthesis of prompts by the rollout service's current weights (greedy by default), rendered by
     token2wav and judged by the real scorers: WER (mean per utterance) and SIM (raw cosine)."""
@@ -214,7 +243,7 @@ async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequenc
                                               temperature=temperature, seed=config.seed,
                                               speech_token_range=layout.speech_range())
     tokens = [layout.speech_tokens(r.unwrap()[0].token_ids) for r in results]
-    speech = await render(services, tokens, [p.voice for p in prompts])
+    speech = await render(services, config, tokens, [p.speaker for p in prompts])
     components = await score(services, config, {}, speech, tokens, prompts, references, group_size=1)
     # An utterance that could not be rendered (no speech tokens) said nothing: WER 1, not a skipped item.
     wers = [1.0 if w is None else w for w in components["wer"]]
@@ -224,9 +253,10 @@ async def evaluate(services: TtsServices, config: TtsJobConfig, prompts: Sequenc
 
 
 def read_prompts(config: TtsJobConfig) -> list[Prompt]:
-    """The corpus rows of train_split as prompts, voices assigned round-robin by row."""
-    voices = config.voice_list
-    return [Prompt(r["text"], voices[i % len(voices)]) for i, r in enumerate(read_corpus(config.data, config.train_split))]
+    """The corpus rows of train_split as prompts, speakers assigned round-robin by row."""
+    speakers = config.speaker_list
+    return [Prompt(r["text"], speakers[i % len(speakers)])
+            for i, r in enumerate(read_corpus(config.data, config.train_split))]
 
 
 def load_reward_model(config: TtsJobConfig) -> Token2Reward | None:
@@ -263,7 +293,7 @@ class TtsSession:
         group_prompts = [p for p in prompts for _ in range(grpo.group_size)]
         tokens = [layout.speech_tokens(s.token_ids) for s in samples]
         with timer("token2wav"):
-            speech = await render(self.services, tokens, [p.voice for p in group_prompts])
+            speech = await render(self.services, self.config, tokens, [p.speaker for p in group_prompts])
         with timer("score"):
             components = await score(self.services, self.config, grpo.reward_weights, speech, tokens, group_prompts,
                                      self.references, grpo.group_size)
@@ -271,7 +301,7 @@ class TtsSession:
         diffro_reward = None
         if self.reward_model is not None:
             diffro_reward = token_reward(self.reward_model, [p.text for p in group_prompts], layout.speech_range(),
-                                         (EOS_ID,))
+                                         (layout.eos_id,))
         metrics: dict[str, Any] = {
             **{f"reward/{k}": mean_of(components[k]) for k in REWARD_COMPONENTS},
             "wer": mean_of(components["wer"]), "sim": mean_of(components["sim"]),
@@ -317,7 +347,7 @@ class TtsRl:
     @contextlib.asynccontextmanager
     async def connect(self, config: TtsJobConfig, policy: TtsPolicy) -> AsyncIterator[TtsSession]:
         async with TtsServices.connect(config) as services:
-            yield TtsSession(config, policy, services, await voice_references(services, config),
+            yield TtsSession(config, policy, services, await speaker_references(services, config),
                              load_reward_model(config))
 
 

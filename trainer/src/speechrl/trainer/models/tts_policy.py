@@ -23,6 +23,10 @@ rollout service takes from it, are right); PreTrainedTokenizerFast.from_pretrain
 >>> from transformers import PreTrainedTokenizerFast
 >>> PreTrainedTokenizerFast.from_pretrained(folder)("hello world")["input_ids"]
 [4, 5]
+
+The same class holds CosyVoice2's LLM, converted from its llm.pt: its layout is CosyVoice2's
+merged vocabulary, its model a CosyVoice2ForCausalLM (services/cosyvoice2.py); `load` tells them apart by
+the layout file.
 """
 
 from __future__ import annotations
@@ -33,10 +37,12 @@ import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from transformers import GenerationConfig, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from speechrl.services.cosyvoice2 import CosyVoice2Layout, is_converted, load_causal_lm
 
 SPECIALS = ("<pad>", "<eos>", "<speech>", "<unk>")
 PAD_ID, EOS_ID, SPEECH_ID, UNK_ID = range(len(SPECIALS))
@@ -63,6 +69,14 @@ class TtsLayout:
     @property
     def vocab_size(self) -> int:
         return self.speech_offset + self.num_speech
+
+    @property
+    def eos_id(self) -> int:
+        return EOS_ID
+
+    @property
+    def pad_id(self) -> int:
+        return PAD_ID
 
     def speech_range(self) -> tuple[int, int]:
         """[begin, end) of the speech ids: the rollout service's speech_token_range."""
@@ -94,6 +108,11 @@ class TtsLayout:
         values = json.loads(path.read_text())
         return cls(words=tuple(values.pop("words")), **values)
 
+    def save(self, folder: str | Path) -> None:
+        """Write the layout file and its word-level tokenizer into folder."""
+        build_tokenizer(self).save_pretrained(folder)
+        Path(folder, LAYOUT_FILE).write_text(json.dumps(asdict(self)) + "\n")
+
     def token_strings(self) -> list[str]:
         """Every id's string, in id order (the tokenizer's vocabulary)."""
         return [*SPECIALS, *self.words, *(f"<|s_{i}|>" for i in range(self.num_speech))]
@@ -110,10 +129,26 @@ def build_tokenizer(layout: TtsLayout) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
+class SpeechLayout(Protocol):
+    """What the TTS job and its trainer read of a policy's vocabulary (TtsLayout, CosyVoice2Layout)."""
+
+    @property
+    def speech_offset(self) -> int: ...
+    @property
+    def eos_id(self) -> int: ...
+    @property
+    def pad_id(self) -> int: ...
+    def prompt_ids(self, text: str) -> list[int]: ...
+    def speech_range(self) -> tuple[int, int]: ...
+    def speech_tokens(self, completion: Sequence[int]) -> list[int]: ...
+    def max_new_tokens(self, text: str) -> int: ...
+    def save(self, folder: str | Path) -> None: ...
+
+
 class TtsPolicy:
     """The causal LM and its layout."""
 
-    def __init__(self, model: Qwen2ForCausalLM, layout: TtsLayout):
+    def __init__(self, model: Qwen2ForCausalLM, layout: SpeechLayout):
         self.model = model
         self.layout = layout
 
@@ -133,8 +168,9 @@ class TtsPolicy:
 
     @classmethod
     def load(cls, folder: str | Path, device: str = "cpu") -> TtsPolicy:
-        layout = TtsLayout.load(folder)
-        model: Any = Qwen2ForCausalLM.from_pretrained(str(folder), dtype=torch.float32)
+        """A TtsPolicy.save folder or a converted CosyVoice2 LLM (models/cosyvoice2.py import_llm)."""
+        layout: SpeechLayout = CosyVoice2Layout.load(folder) if is_converted(folder) else TtsLayout.load(folder)
+        model: Any = load_causal_lm(folder, torch.float32)
         return cls(model.to(device), layout)
 
     def save(self, folder: str | Path) -> str:
@@ -142,9 +178,8 @@ class TtsPolicy:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder)
-        build_tokenizer(self.layout).save_pretrained(folder)
-        GenerationConfig(eos_token_id=EOS_ID, pad_token_id=PAD_ID).save_pretrained(folder)
-        (folder / LAYOUT_FILE).write_text(json.dumps(asdict(self.layout)) + "\n")
+        self.layout.save(folder)
+        GenerationConfig(eos_token_id=self.layout.eos_id, pad_token_id=self.layout.pad_id).save_pretrained(folder)
         return str(folder)
 
     def sequences(self, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]]
@@ -153,10 +188,11 @@ class TtsPolicy:
 
         Returns ids [B, L], attention mask [B, L] and labels [B, L] (-100 on prompt and padding).
         """
-        rows = [(list(p), [t + self.layout.speech_offset for t in c] + [EOS_ID]) for p, c in zip(
+        layout = self.layout
+        rows = [(list(p), [t + layout.speech_offset for t in c] + [layout.eos_id]) for p, c in zip(
             prompts, completions, strict=True)]
         length = max(len(p) + len(c) for p, c in rows)
-        ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)  # [B, L]
+        ids = torch.full((len(rows), length), layout.pad_id, dtype=torch.long)  # [B, L]
         labels = torch.full((len(rows), length), -100, dtype=torch.long)  # [B, L]
         mask = torch.zeros(len(rows), length, dtype=torch.long)  # [B, L]
         for i, (p, c) in enumerate(rows):

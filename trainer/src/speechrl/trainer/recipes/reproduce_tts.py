@@ -37,7 +37,7 @@ from speechrl.services.token2wav import token2reward
 from speechrl.trainer.jobs.datasets import read_corpus
 from speechrl.trainer.jobs.progress import LineProgress, mean_of
 from speechrl.trainer.jobs.registry import parse_job, run_job
-from speechrl.trainer.jobs.tts import Prompt, TtsJobConfig, TtsServices, evaluate, render, score, voice_references
+from speechrl.trainer.jobs.tts import Prompt, TtsJobConfig, TtsServices, evaluate, render, score, speaker_references
 from speechrl.trainer.models.tts_policy import TtsLayout
 from speechrl.trainer.recipes.reporting import stage_timer, write_results
 from speechrl.trainer.recipes.token2reward import train as train_token2reward
@@ -154,7 +154,7 @@ async def evaluate_system(job: TtsJobConfig, prompts: Sequence[Prompt], temperat
     for WER and SIM."""
     layout = TtsLayout.load(job.policy)
     async with TtsServices.connect(job) as services:
-        return await evaluate(services, job, prompts, layout, await voice_references(services, job), temperature)
+        return await evaluate(services, job, prompts, layout, await speaker_references(services, job), temperature)
 
 
 def run(config: TtsReproConfig) -> dict[str, Any]:
@@ -208,8 +208,8 @@ async def evaluate_ceiling(job: TtsJobConfig, prompts: Sequence[Prompt], tokens:
                            ) -> dict[str, float]:
     """WER and SIM of espeak's own phonemes of the test sentences: what a perfect policy would score here."""
     async with TtsServices.connect(job) as services:
-        references = await voice_references(services, job)
-        speech = await render(services, tokens, [p.voice for p in prompts])
+        references = await speaker_references(services, job)
+        speech = await render(services, job, tokens, [p.speaker for p in prompts])
         scores = await score(services, job, {"f0": 0.0}, speech, tokens, prompts, references, group_size=1)
     return {"wer": mean_of(scores["wer"]), "sim": mean_of(scores["sim"]),
             "speech_tokens": sum(len(t) for t in tokens) / len(tokens)}

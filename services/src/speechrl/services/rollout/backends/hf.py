@@ -23,8 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoTokenizer, DynamicCache
 
+from speechrl.services.cosyvoice2 import load_causal_lm
 from speechrl.services.errors import RequestInvalid
 from speechrl.services.residency import TorchResidency
 from speechrl.services.rollout.backends import (
@@ -84,7 +85,7 @@ class TransformersBackend:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model)
         # sdpa handles left padding and the cache; "eager" would materialise [R, H, T, T] masks.
         model: Any = load_decoder(self.model, self.dtype, attn_implementation="sdpa") if is_speech_llm(self.model) \
-            else AutoModelForCausalLM.from_pretrained(self.model, dtype=self.dtype, attn_implementation="sdpa")
+            else load_causal_lm(self.model, self.dtype, attn_implementation="sdpa")
         self._base: Any = model.to(self.device).eval()
         # transformers 5.24 renamed forward's past_key_values to cache; vLLM's venv pins 5.19.
         forward = inspect.signature(type(self._base).forward).parameters
