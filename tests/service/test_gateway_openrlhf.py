@@ -95,7 +95,8 @@ async def test_batched_queries_labels_as_dicts_and_unscorable_samples(rules: str
     async with asgi(app) as http:
         reply = await http.post("/v1/openrlhf/reward?keyword_weight=0.5", json=body)
         mismatched = await http.post("/v1/openrlhf/rules", json={"query": ["a", "b"], "labels": ["a"]})
-        unknown = await http.post("/v1/openrlhf/nope", json={"query": ["a"]})
+        unknown = await http.post("/v1/openrlhf/nope", json={"query": ["a"], "labels": ["a"]})
+        unlabelled = await http.post("/v1/openrlhf/rules", json={"query": [PROMPT + "turn on the light"]})
     await app.state.scorers.close()
     with RuleRewardsClient(rules) as client:
         want = client.score(["turn on the light"] * 2, ["turn on the kitchen light", "turn on the light"], keywords=[["kitchen"], []],
@@ -107,6 +108,8 @@ async def test_batched_queries_labels_as_dicts_and_unscorable_samples(rules: str
     assert got["extra_logs"]["keyword"][:2] == [0.5, 1.0]  # the dict label's keywords reached the scorer
     assert mismatched.status_code == 422 and "labels has 1 entries for 2 queries" in mismatched.text
     assert unknown.status_code == 422
+    # No labels at all is the caller's bug, not a batch of failed samples: refused, the field named.
+    assert unlabelled.status_code == 422 and "labels" in unlabelled.text, unlabelled.text
 
 
 async def test_in_flight_bound_answers_429_with_retry_after() -> None:

@@ -41,6 +41,21 @@ def test_up_starts_redis_and_services_then_down_stops_them(tmp_path: Path) -> No
     assert "serving speechrl.v1.RuleRewards" in log
 
 
+def test_up_refuses_a_port_another_process_answers_on(tmp_path: Path) -> None:
+    """A second checkout's stack (its own SPEECHRL_HOME) on the same ports is refused, the holder named,
+    rather than started beside the first."""
+    redis_port, rules_port = free_port(), free_port()
+    first = {**os.environ, "SPEECHRL_HOME": str(tmp_path / "first"),
+             "SPEECHRL_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "SPEECHRL_RULES_PORT": str(rules_port)}
+    assert run_cli("up", "--only", "rules", env=first).returncode == 0
+    try:
+        second = run_cli("up", "--only", "rules", env={**first, "SPEECHRL_HOME": str(tmp_path / "second")})
+        assert second.returncode != 0
+        assert f"rules: port {rules_port} is already taken by pid" in second.stderr, second.stdout + second.stderr
+    finally:
+        run_cli("down", "--only", "rules", env=first)
+
+
 def test_unknown_service_is_refused(tmp_path: Path) -> None:
     result = run_cli("up", "--only", "nonsense", env={**os.environ, "SPEECHRL_HOME": str(tmp_path)})
     assert result.returncode != 0 and "unknown services" in result.stderr

@@ -2,7 +2,8 @@
 
 For each call, in order: health checks and reflection pass untouched (probes and grpcurl need no
 token); a call without an accepted bearer token ends UNAUTHENTICATED (logged with method, peer and
-reason, never the payload); a call past `max_concurrent_requests` ends RESOURCE_EXHAUSTED with a
+reason, never the payload); request bytes that are not the method's message end INVALID_ARGUMENT
+naming it; a call past `max_concurrent_requests` ends RESOURCE_EXHAUSTED with a
 `retry-after-ms` trailer (the client SDK waits that long and retries); then the call runs with its
 `x-request-id` (the caller's, or a new one) in the logging contextvar and in its trailing metadata,
 and is counted by method and status code with its latency.
@@ -17,6 +18,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from speechrl.client import REQUEST_ID
@@ -70,7 +72,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             return handler
         denied = self.tokens.check(_metadata(handler_call_details, "authorization"))
         request_id = clean_request_id(_metadata(handler_call_details, "x-request-id"))
-        return _wrap(handler, lambda context: _Call(self, context, method, denied, request_id))
+        return _wrap(handler, lambda context: _Call(self, context, method, denied, request_id), method)
 
 
 class _Call:
@@ -126,19 +128,44 @@ class _Call:
         REQUEST_ID.reset(self.token)
 
 
-def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[grpc.aio.ServicerContext], Any]) -> grpc.RpcMethodHandler:
-    """The same handler with its behaviour run inside `guard(context)`."""
+async def _parsed(raw: Any, deserialize: Callable[[bytes], Any] | None, context: grpc.aio.ServicerContext,
+                  method: str) -> Any:
+    """The request message of raw bytes; bytes that are not one end the call INVALID_ARGUMENT.
 
-    def unary_result(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    gRPC would deserialize before the handler runs and answer UNKNOWN ("Unexpected error"), which a
+    caller cannot tell from a fault of the server's own.
+    """
+    if deserialize is None:
+        return raw
+    try:
+        return deserialize(raw)
+    except DecodeError as error:
+        message = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+        name = message.full_name if message is not None else "request message"
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                            f"{method}: the request bytes are not a {name} ({error})")
+
+
+def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[grpc.aio.ServicerContext], Any],
+          method: str = "") -> grpc.RpcMethodHandler:
+    """The same handler with its behaviour run inside `guard(context)`; a unary request is parsed there too
+    (after the token check, so unauthenticated garbage is still UNAUTHENTICATED)."""
+    deserialize = handler.request_deserializer
+
+    def unary_result(behaviour: Callable[..., Any], parse: bool) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> Any:
             async with guard(context):
+                if parse:
+                    request = await _parsed(request, deserialize, context, method)
                 result = behaviour(request, context)
                 return await result if inspect.isawaitable(result) else result
         return run
 
-    def stream_result(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+    def stream_result(behaviour: Callable[..., Any], parse: bool) -> Callable[..., Any]:
         async def run(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with guard(context):
+                if parse:
+                    request = await _parsed(request, deserialize, context, method)
                 result = behaviour(request, context)
                 if inspect.isawaitable(result):  # a coroutine that writes with context.write()
                     await result
@@ -151,15 +178,16 @@ def _wrap(handler: grpc.RpcMethodHandler, guard: Callable[[grpc.aio.ServicerCont
                         yield reply
         return run
 
+    # Unary requests arrive as bytes (no deserializer) and are parsed in the guard; streamed ones keep theirs.
     if handler.unary_unary:
-        return grpc.unary_unary_rpc_method_handler(unary_result(handler.unary_unary), handler.request_deserializer,
+        return grpc.unary_unary_rpc_method_handler(unary_result(handler.unary_unary, True), None,
                                                    handler.response_serializer)
     if handler.unary_stream:
-        return grpc.unary_stream_rpc_method_handler(stream_result(handler.unary_stream), handler.request_deserializer,
+        return grpc.unary_stream_rpc_method_handler(stream_result(handler.unary_stream, True), None,
                                                     handler.response_serializer)
     if handler.stream_unary:
-        return grpc.stream_unary_rpc_method_handler(unary_result(handler.stream_unary), handler.request_deserializer,
+        return grpc.stream_unary_rpc_method_handler(unary_result(handler.stream_unary, False), deserialize,
                                                     handler.response_serializer)
     assert handler.stream_stream is not None
-    return grpc.stream_stream_rpc_method_handler(stream_result(handler.stream_stream), handler.request_deserializer,
+    return grpc.stream_stream_rpc_method_handler(stream_result(handler.stream_stream, False), deserialize,
                                                  handler.response_serializer)

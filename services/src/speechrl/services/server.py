@@ -25,6 +25,7 @@ from speechrl.services.auth import TokenStore
 from speechrl.services.config import ServerConfig, parse_config
 from speechrl.services.interceptor import ServerInterceptor
 from speechrl.services.logs import configure_logging
+from speechrl.services.ports import port_holder
 from speechrl.v1 import common_pb2, common_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,10 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, int]]:
         # ~5 min (gRPC adds jitter; calls in flight finish) lets round_robin clients of a
         # Kubernetes headless Service find the pods a scale-up added.
         ("grpc.max_connection_age_ms", 300_000),
+        # Bind the port alone: with gRPC's default SO_REUSEPORT a second server on the same port
+        # starts "healthy" and takes a share of new connections (a stale scorer of an older version
+        # answering part of a run's rewards), where it should fail at start.
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -125,9 +130,14 @@ async def start_server(config: ServerConfig, default_port: int, services: Sequen
         [*names, "speechrl.v1.ServiceStatus", health.SERVICE_NAME, reflection.SERVICE_NAME], server)
     address = f"{config.host}:{config.port or default_port}"
     credentials = server_credentials(config)
-    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    except RuntimeError:  # grpc.aio raises "Failed to bind to address" where grpc returns 0
+        port = 0
     if port == 0:
-        raise OSError(f"cannot listen on {config.host}:{config.port or default_port}")
+        wanted = config.port or default_port
+        raise OSError(f"cannot listen on {address}: port {wanted} is taken by {port_holder(wanted)}; stop that "
+                      "process or choose another --port")
     await server.start()
     for name in ("", *names, "speechrl.v1.ServiceStatus"):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

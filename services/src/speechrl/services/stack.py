@@ -32,7 +32,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from speechrl.services.ports import DEFAULT_PORTS
+from speechrl.services.ports import DEFAULT_PORTS, port_answers, port_holder
 
 # Every `speechrl serve` service, in start order: the gateway last, since its readiness needs the scorers.
 STACK_SERVICES = ("rules", "intelligibility", "speaker", "encoder", "rollout", "token2wav", "trainer", "gateway")
@@ -202,6 +202,10 @@ def start_service(name: str, paths: StackPaths, rollout_backend: str = "") -> in
     existing = read_pid(paths.pid_file(name))
     if existing is not None:
         return existing
+    port = service_port(name)
+    if port_answers(port):  # not this stack's (it has no pid file): another checkout's stack, a stale server
+        raise SystemExit(f"{name}: port {port} is already taken by {port_holder(port)}; stop it (`speechrl down` "
+                         f"in its checkout) or give this stack another port (SPEECHRL_{name.upper()}_PORT)")
     log = paths.log_file(name).open("ab")
     python = vllm_python() if name == "rollout" and rollout_backend == "vllm" else sys.executable
     cmd = [python, "-m", "speechrl.services.cli", "serve", name, "--port", str(service_port(name))]

@@ -80,8 +80,10 @@ class OpenRLHFRewardBody(BaseModel):
 
     query: list[str] = Field(min_length=1, description="Prompt + response of each sample, decoded with special tokens.")
     prompts: list[str] | None = Field(default=None, description="The prompt of each sample; cut from the query.")
-    labels: list[Any] | None = Field(default=None, description="Reference text per sample, or a dict "
-                                     '{"reference", "keywords", "language"} (or its JSON).')
+    # Required: every scorer compares with a reference, and a missing one would score every sample as
+    # adapter_failure_reward with status 200, which an RL run reads as real rewards.
+    labels: list[Any] = Field(description="Required. Reference text per sample, or a dict "
+                                          '{"reference", "keywords", "language"} (or its JSON).')
 
     @model_validator(mode="after")
     def _same_lengths(self) -> OpenRLHFRewardBody:
@@ -96,7 +98,7 @@ class OpenRLHFRewardBody(BaseModel):
         return [completion_of(q, p) for q, p in zip(self.query, prompts, strict=True)]
 
     def label_fields(self) -> list[tuple[str | None, list[str], str]]:
-        return [label_fields(label) for label in (self.labels or [None] * len(self.query))]
+        return [label_fields(label) for label in self.labels]
 
 
 class OpenRLHFRewardReply(BaseModel):
