@@ -173,3 +173,16 @@ def test_adapters_do_not_import_torch() -> None:
     probe = "import sys, speechrl.adapters, speechrl.adapters.trl, speechrl.adapters.verl; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "False"
+
+
+def test_async_rewards_refuse_a_trl_that_would_not_await_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TRL below 1.14.0 calls an async reward object without awaiting it ("'coroutine' object is not iterable"
+    mid-training): the Async* classes refuse to be built there, naming both versions; the sync ones work."""
+    import speechrl.adapters.trl as adapter
+
+    monkeypatch.setattr(adapter, "installed_trl", lambda: "1.13.0")
+    with pytest.raises(RuntimeError, match=r"AsyncRuleReward needs TRL >= 1\.14\.0.*trl 1\.13\.0 is installed"):
+        AsyncRuleReward("127.0.0.1:1")
+    RuleReward("127.0.0.1:1")
+    monkeypatch.setattr(adapter, "installed_trl", lambda: "1.14.0")
+    AsyncRuleReward("127.0.0.1:1")

@@ -3,8 +3,11 @@
 Each is a callable object with TRL's reward signature,
 `(prompts, completions, completion_ids=None, **kwargs) -> list[float | None]`, where kwargs carry
 the dataset's other columns (one value per completion) plus TRL's `trainer_state`, `log_extra` and
-`log_metric`. The `Async*` variants have `async def __call__`; TRL (>= 1.0, `is_async_callable`)
-awaits them on its own event loop, concurrently with the other async reward functions.
+`log_metric`. The `Async*` variants have `async def __call__`; TRL awaits them on its own event loop,
+concurrently with the other async reward functions, since 1.14.0 (its `is_async_callable`, which
+looks at a callable object's `__call__`; earlier releases call them without awaiting and fail with
+"'coroutine' object is not iterable", so constructing one under an older TRL raises). The sync
+classes work with TRL >= 1.0.
 
 - Every item is scored on its own: a process that holds only a slice of a group gets the same
   rewards for its items as one holding the whole group.
@@ -25,6 +28,7 @@ awaits them on its own event loop, concurrently with the other async reward func
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -114,7 +118,38 @@ class _SyncCall(TrlReward):
         return run_sync(self.rewards(prompts, completions, completion_ids, **kwargs))
 
 
+# The first TRL release whose GRPOTrainer awaits an async callable object (trl.trainer.utils.is_async_callable).
+TRL_AWAITS_CALLABLE_OBJECTS = (1, 14)
+
+
+def installed_trl() -> str | None:
+    """The installed TRL's version, None without TRL."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("trl")
+    except PackageNotFoundError:
+        return None
+
+
+def check_trl_awaits(reward: str) -> None:
+    """Raise, naming both versions, when the installed TRL would call reward's async __call__ without awaiting."""
+    installed = installed_trl()
+    if installed is None:  # used outside TRL (awaited by its caller)
+        return
+    numbers = tuple(int(part) for part in re.findall(r"\d+", installed)[:2])
+    if numbers < TRL_AWAITS_CALLABLE_OBJECTS:
+        floor = ".".join(map(str, TRL_AWAITS_CALLABLE_OBJECTS))
+        raise RuntimeError(f"{reward} needs TRL >= {floor}.0, which awaits async reward objects; trl {installed} is "
+                           f"installed and would fail with \"'coroutine' object is not iterable\". Upgrade TRL "
+                           f"(pip install 'trl>={floor}') or use the sync class ({reward.removeprefix('Async')}).")
+
+
 class _AsyncCall(TrlReward):
+    def __init__(self, name: str, policy: CallPolicy, log_components: bool):
+        check_trl_awaits(type(self).__name__)
+        super().__init__(name, policy, log_components)
+
     async def __call__(self, prompts: Sequence[Any], completions: Sequence[Any],
                        completion_ids: Sequence[Sequence[int]] | None = None, **kwargs: Any) -> list[float | None]:
         return await self.rewards(prompts, completions, completion_ids, **kwargs)
