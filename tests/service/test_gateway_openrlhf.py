@@ -151,4 +151,4 @@ async def test_speech_tokens_need_a_token2wav_backend() -> None:
     assert missing.status_code == 503 and "token2wav backend not configured" in missing.json()["detail"]
     # with a token2wav the audio reaches the intelligibility scorer, which is down here: flagged, not fatal
     assert attached.status_code == 200 and attached.json()["extra_logs"]["scored"] == [0.0]
-    assert set(attached.json()["extra_logs"]) == {"scored", "wer", "cer"}
+    assert set(attached.json()["extra_logs"]) == {"scored", "wer", "cer", "error_rate"}

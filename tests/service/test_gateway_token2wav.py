@@ -8,7 +8,11 @@ service as they are (0-based within the service's vocabulary, as CosyVoice numbe
 
 from __future__ import annotations
 
+import logging
+import math
+import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -17,6 +21,7 @@ import pytest
 from speechrl.client import Token2WavClient
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.main import create_app
+from speechrl.services.gateway.prompts import PromptPool
 from speechrl.services.intelligibility.server import IntelligibilityConfig
 from speechrl.services.intelligibility.server import start as start_intelligibility
 from speechrl.services.ports import free_port
@@ -28,6 +33,9 @@ from tests.support.servers import serve_in_thread, uvicorn_in_thread
 
 SENTENCE = "Please turn on the kitchen lights."
 WRONG = "Yesterday my neighbour painted the old wooden fence green."
+# SENTENCE with its last word in Chinese: its pinyin is "please turn on the kitchen deng1", six words,
+# so a transcript of SENTENCE differs from it in one word of six under the pinyin unit.
+HALF_CHINESE = "please turn on the kitchen 灯"
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +55,15 @@ def gateway(backends: dict[str, str]) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def tokens() -> list[int]:
     return PhonemeVocabulary().text_to_ids(SENTENCE)
+
+
+@pytest.fixture(scope="module")
+def prompt_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two prompt speakers, spoken by espeak-ng (22.05 kHz), as the recipe's pool of prompt utterances."""
+    folder = tmp_path_factory.mktemp("prompts")
+    for name, voice in (("alice.wav", "en-us"), ("bob.wav", "en-gb")):
+        subprocess.run(["espeak-ng", "-v", voice, "-w", str(folder / name), "This is my voice."], check=True)
+    return folder
 
 
 def openrlhf_body(token_lists: list[list[int]], labels: list[str]) -> dict[str, Any]:
@@ -74,6 +91,64 @@ def test_triton_token2wav_asr_rewards_the_right_text_higher(gateway: str, tokens
     transcript = {o["name"]: o for o in right.json()["outputs"]}["TRANSCRIPTS"]["data"][0]
     assert "kitchen" in transcript.lower(), transcript
     assert rewards[0] > 0.5 and rewards[0] > rewards[1] + 0.3, rewards
+
+
+def test_token2wav_asr_scores_the_recipes_pinyin_error_rate(gateway: str, tokens: list[int]) -> None:
+    payload = cosyvoice_payload(tokens, HALF_CHINESE) | {"parameters": {"error_unit": "pinyin"}}
+    with httpx.Client(base_url=gateway, timeout=120) as http:
+        reply = http.post("/v2/models/token2wav_asr/infer", json=payload)
+    assert reply.status_code == 200, reply.text
+    outputs = {o["name"]: o["data"][0] for o in reply.json()["outputs"]}
+    assert outputs["TRANSCRIPTS"].strip() == SENTENCE, outputs  # the case below is worked out for this transcript
+    # hypothesis "please turn on the kitchen lights" (TN drops the full stop) against
+    # "please turn on the kitchen deng1": one substitution in six words.
+    assert outputs["ERROR_RATE"] == pytest.approx(1 / 6, abs=1e-6)
+    assert outputs["REWARDS"] == pytest.approx(max(0.0, 1 - math.tanh(3 / 6)), abs=1e-6)  # the recipe's reward
+
+
+def test_the_recipes_own_request_gets_the_recipes_reward_from_a_gateway_set_up_as_its_server(
+        backends: dict[str, str], tokens: list[int], prompt_folder: Path) -> None:
+    # reward_tts.py sends no parameters, so the recipe's settings are the gateway's: pinyin and a prompt pool.
+    config = GatewayConfig(rules="", speaker="", token2wav_prompts=str(prompt_folder), token2wav_asr_error_unit="pinyin",
+                           **backends)
+    with uvicorn_in_thread(create_app(config)) as url, httpx.Client(base_url=url, timeout=120) as http:
+        reply = http.post("/v2/models/token2wav_asr/infer", json=cosyvoice_payload(tokens, HALF_CHINESE),
+                          params={"request_id": "0"})  # as reward_tts.py posts it
+    assert reply.status_code == 200, reply.text
+    outputs = {o["name"]: o["data"][0] for o in reply.json()["outputs"]}
+    assert outputs["TRANSCRIPTS"].strip() == SENTENCE, outputs
+    assert reply.json()["outputs"][0]["data"][0] == pytest.approx(1 - math.tanh(3 / 6), abs=1e-6)
+
+
+def test_token2wav_asr_draws_a_prompt_speaker_per_item(backends: dict[str, str], tokens: list[int],
+                                                        prompt_folder: Path, caplog: pytest.LogCaptureFixture) -> None:
+    config = GatewayConfig(rules="", speaker="", token2wav_prompts=str(prompt_folder), token2wav_prompt_seed=7,
+                           **backends)
+    payload = cosyvoice_payload(tokens, SENTENCE)
+    payload["inputs"][0]["data"] *= 3  # three items: the same tokens three times
+    payload["inputs"][0]["shape"][0] = payload["inputs"][1]["shape"][0] = payload["inputs"][2]["shape"][0] = 3
+    payload["inputs"][1]["data"] *= 3
+    payload["inputs"][2]["data"] *= 3
+    with caplog.at_level(logging.DEBUG, logger="speechrl.services.gateway.scoring"), \
+            uvicorn_in_thread(create_app(config)) as url, httpx.Client(base_url=url, timeout=120) as http:
+        reply = http.post("/v2/models/token2wav_asr/infer", json=payload)
+    assert reply.status_code == 200, reply.text
+    assert min(reply.json()["outputs"][0]["data"]) > 0.5  # rendered (the prompts sent along) and scored
+    expected = [p.name for p in PromptPool.from_folder(prompt_folder, seed=7).draw(3)]  # the same seeded draws
+    assert f"token2wav prompt speakers: {expected}" in caplog.text
+    assert {p.name for p in PromptPool.from_folder(prompt_folder).draw(40)} == {"alice.wav", "bob.wav"}
+
+
+def test_a_bad_prompt_folder_is_refused_at_start_naming_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="holds no"):
+        create_app(GatewayConfig(token2wav="127.0.0.1:1", token2wav_prompts=str(tmp_path)))
+    (tmp_path / "broken.wav").write_bytes(b"RIFF not really")
+    with pytest.raises(ValueError, match="broken.wav"):
+        create_app(GatewayConfig(token2wav="127.0.0.1:1", token2wav_prompts=str(tmp_path)))
+    (tmp_path / "broken.wav").unlink()
+    subprocess.run(["sox", "-n", "-r", "8000", str(tmp_path / "phone.wav"), "synth", "0.5", "sine", "300"], check=True)
+    with pytest.raises(ValueError, match="phone.wav has 4000 samples at 8000 Hz"):
+        create_app(GatewayConfig(token2wav="127.0.0.1:1", token2wav_prompts=str(tmp_path)))
 
 
 def test_openrlhf_token2wav_asr_rewards_the_right_text_higher(gateway: str, tokens: list[int]) -> None:

@@ -77,7 +77,7 @@ async def test_cosyvoice_token2wav_asr_client_works_unchanged(intelligibility: s
     result = reply.json()
     assert float(result["outputs"][0]["data"][0]) == pytest.approx(want.unwrap().reward, abs=1e-6)  # what reward_tts.py reads
     out = outputs(reply)
-    assert [o["name"] for o in result["outputs"]] == ["REWARDS", "TRANSCRIPTS", "WER", "SCORED", "ERRORS"]
+    assert [o["name"] for o in result["outputs"]] == ["REWARDS", "TRANSCRIPTS", "WER", "ERROR_RATE", "SCORED", "ERRORS"]
     assert out["REWARDS"]["shape"] == [1, 1] and out["REWARDS"]["datatype"] == "FP32"
     assert out["TRANSCRIPTS"]["data"] == [want.unwrap().transcript] and out["SCORED"]["data"] == [True]
 

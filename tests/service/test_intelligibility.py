@@ -18,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from speechrl.rewards import error_rates, normalize_text
+from speechrl.rewards.pinyin import pinyin_error_rate
 from speechrl.services.intelligibility.server import IntelligibilityConfig, main, start
 from speechrl.services.ports import free_port
 from speechrl.v1 import common_pb2, common_pb2_grpc, intelligibility_pb2, intelligibility_pb2_grpc
@@ -164,6 +165,25 @@ def test_bad_items_fail_alone_with_their_code_and_field(stub, speech: Speech) ->
     assert first.score.transcript == last.score.transcript
 
 
+def test_the_error_unit_picks_the_rate_the_reward_comes_from(stub, speech: Speech) -> None:
+    wav = speech.wav(SENTENCES[1], "en-gb")
+    reference = "Please call Stella and ask her to bring things from a shop."
+    replies = {unit: stub.ScoreIntelligibility(pb.ScoreIntelligibilityRequest(
+        items=[wav_item(wav, reference)], error_unit=unit)).results[0].score
+        for unit in (pb.ERROR_UNIT_UNSPECIFIED, pb.ERROR_UNIT_WORD, pb.ERROR_UNIT_CHARACTER, pb.ERROR_UNIT_PINYIN)}
+    words, chars = replies[pb.ERROR_UNIT_WORD], replies[pb.ERROR_UNIT_CHARACTER]
+    assert 0.05 < words.wer < 0.9 and words.cer != words.wer
+    assert replies[pb.ERROR_UNIT_UNSPECIFIED].error_unit == pb.ERROR_UNIT_WORD
+    assert replies[pb.ERROR_UNIT_UNSPECIFIED].error_rate == words.error_rate == words.wer
+    assert words.reward == pytest.approx(1 - words.wer)
+    assert chars.error_unit == pb.ERROR_UNIT_CHARACTER and chars.error_rate == chars.cer
+    assert chars.reward == pytest.approx(max(0.0, 1 - chars.cer))
+    # English under the pinyin unit: Chinese TN lower-cases and drops punctuation, words stay words.
+    assert replies[pb.ERROR_UNIT_PINYIN].error_unit == pb.ERROR_UNIT_PINYIN
+    assert replies[pb.ERROR_UNIT_PINYIN].error_rate == pytest.approx(
+        pinyin_error_rate(replies[pb.ERROR_UNIT_PINYIN].transcript, reference).wer)
+
+
 @pytest.mark.parametrize("request_, field", [
     (pb.ScoreIntelligibilityRequest(), "items"),
     (pb.ScoreIntelligibilityRequest(items=[pb.IntelligibilityItem(reference_text="a")] * (MAX_REQUEST_ITEMS + 1)),
@@ -173,6 +193,8 @@ def test_bad_items_fail_alone_with_their_code_and_field(stub, speech: Speech) ->
      "items[1].language"),
     (pb.ScoreIntelligibilityRequest(items=[pb.IntelligibilityItem(reference_text="a")], reward_mapping=99),  # type: ignore[arg-type]
      "reward_mapping"),
+    (pb.ScoreIntelligibilityRequest(items=[pb.IntelligibilityItem(reference_text="a")], error_unit=99),  # type: ignore[arg-type]
+     "error_unit"),
 ])
 def test_malformed_requests_are_invalid_argument_naming_the_field(stub, speech: Speech, request_, field: str) -> None:
     with pytest.raises(grpc.RpcError) as info:

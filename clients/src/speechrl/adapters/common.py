@@ -260,14 +260,19 @@ def _rule_outcome(result: Any) -> Outcome:
 
 
 class IntelligibilityScorer(_Scorer[AsyncIntelligibilityClient]):
-    """The intelligibility scorer for speech (TTS): components wer, cer; text transcript."""
+    """The intelligibility scorer for speech (TTS): components wer, cer, error_rate; text transcript.
+
+    error_unit picks what the rewarded error rate counts (word, character, pinyin); None is words.
+    """
 
     client_class = AsyncIntelligibilityClient
 
     def __init__(self, endpoints: str | None = None, *, reward_mapping: str | None = None,
-                 policy: CallPolicy = CallPolicy(), client: AsyncIntelligibilityClient | None = None):
+                 error_unit: str | None = None, policy: CallPolicy = CallPolicy(),
+                 client: AsyncIntelligibilityClient | None = None):
         super().__init__(endpoints, policy, client)
         self.reward_mapping = reward_mapping
+        self.error_unit = error_unit
 
     async def score(self, audios: Sequence[AudioLike | None], references: Sequence[str | None], *,
                     languages: Sequence[str] | None = None, local_errors: Mapping[int, str] | None = None) -> list[Outcome]:
@@ -279,7 +284,7 @@ class IntelligibilityScorer(_Scorer[AsyncIntelligibilityClient]):
         async def call(client: AsyncIntelligibilityClient) -> list[Outcome]:
             results = await client.score([audios[i] for i in sent], [str(references[i]) for i in sent],  # type: ignore[misc]
                                          language=[languages[i] if languages else "" for i in sent],
-                                         reward_mapping=self.reward_mapping)
+                                         reward_mapping=self.reward_mapping, error_unit=self.error_unit)
             return [_intelligibility_outcome(r) for r in results]
 
         return _merge(count, local, sent, await self._call("intelligibility", call))
@@ -289,7 +294,7 @@ def _intelligibility_outcome(result: Any) -> Outcome:
     if result.score is None:
         return failed(_item_error(result))
     s = result.score
-    return Outcome(s.reward, {"wer": s.wer, "cer": s.cer}, {"transcript": s.transcript})
+    return Outcome(s.reward, {"wer": s.wer, "cer": s.cer, "error_rate": s.error_rate}, {"transcript": s.transcript})
 
 
 SpeakerReferenceLike = AudioLike | np.ndarray | SpeakerId

@@ -247,10 +247,11 @@ class _Intelligibility(_Speech):
     def __init__(self, endpoints: str | None = None, *, reference_column: str = "reference",
                  language_column: str | None = "language", audio_column: str | None = None,
                  to_audio: ToAudio | None = None, token2wav: Token2Wav | None = None,
-                 reward_mapping: str | None = "one_minus_tanh_3wer", policy: CallPolicy = CallPolicy(),
-                 name: str = "intelligibility", log_components: bool = True):
+                 reward_mapping: str | None = "one_minus_tanh_3wer", error_unit: str | None = None,
+                 policy: CallPolicy = CallPolicy(), name: str = "intelligibility", log_components: bool = True):
         super().__init__(name, policy, log_components, audio_column, to_audio, token2wav)
-        self.scorer = IntelligibilityScorer(endpoints, reward_mapping=reward_mapping, policy=policy)
+        self.scorer = IntelligibilityScorer(endpoints, reward_mapping=reward_mapping, error_unit=error_unit,
+                                            policy=policy)
         self.reference_column, self.language_column = reference_column, language_column
 
     async def score(self, prompts: Sequence[Any], completions: Sequence[Any],
@@ -271,7 +272,9 @@ class IntelligibilityReward(_Intelligibility, _SyncCall):
     The audio of each completion comes from exactly one of `audio_column`, `to_audio` or
     `token2wav` (speech tokens `<|s_N|>` parsed from the completion text, CosyVoice style).
     reward_mapping: "one_minus_tanh_3wer" (CosyVoice's GRPO recipe, the default), "one_minus_wer",
-    "negative_wer" or None for the scorer's default. Logged components: wer, cer, transcript.
+    "negative_wer" or None for the scorer's default. error_unit: what the mapped error rate counts,
+    "word" (None), "character" or "pinyin" (Mandarin, CosyVoice2's recipe). Logged components: wer, cer,
+    error_rate, transcript.
     """
 
 

@@ -137,6 +137,10 @@ class IntelligibilityScore:
     reward_mapping: str
     """The mapping that produced reward, e.g. "one_minus_wer"."""
     audio_duration_seconds: float
+    error_rate: float
+    """The error rate reward came from, in error_unit: wer, cer or the pinyin syllable WER."""
+    error_unit: str
+    """"word", "character" or "pinyin"."""
 
 
 @dataclass(frozen=True)
@@ -163,7 +167,8 @@ def intelligibility_result(result: intelligibility_pb2.IntelligibilityResult) ->
         normalized_reference=s.normalized_reference, wer=s.wer, cer=s.cer,
         word_counts=ErrorCounts.from_proto(s.word_counts), char_counts=ErrorCounts.from_proto(s.char_counts),
         reward=s.reward, reward_mapping=enum_name(intelligibility_pb2.WerRewardMapping, s.reward_mapping, "WER_REWARD_MAPPING_"),
-        audio_duration_seconds=s.audio_duration_seconds))
+        audio_duration_seconds=s.audio_duration_seconds, error_rate=s.error_rate,
+        error_unit=enum_name(intelligibility_pb2.ErrorUnit, s.error_unit, "ERROR_UNIT_")))
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ class AsyncIntelligibilityClient(AsyncClient):
 
     async def score(self, audios: Sequence[AudioLike], references: Sequence[str], *,
                     language: str | Sequence[str] = "", reward_mapping: str | None = None,
-                    timeout_s: float | None = None) -> list[IntelligibilityResult]:
+                    error_unit: str | None = None, timeout_s: float | None = None) -> list[IntelligibilityResult]:
         """Transcribe each audio and score it against its reference text.
 
         Args:
@@ -170,13 +170,16 @@ class AsyncIntelligibilityClient(AsyncClient):
             references: what each audio should say.
             language: ISO 639-1 code for all items or one per item; "" is the server default ("en").
             reward_mapping: "one_minus_wer", "one_minus_tanh_3wer" or "negative_wer"; None is the server's.
+            error_unit: what the rewarded error rate counts: "word" (None), "character", or "pinyin"
+                (Mandarin syllables with tones, CosyVoice2's GRPO recipe's metric).
         """
         count = _same_length(audios=audios, references=references)
         languages = _per_item(language, count, "language")
         request = intelligibility_pb2.ScoreIntelligibilityRequest(
             items=[intelligibility_pb2.IntelligibilityItem(audio=to_audio(a), reference_text=r, language=lang)
                    for a, r, lang in zip(audios, references, languages, strict=True)],
-            reward_mapping=enum_value(intelligibility_pb2.WerRewardMapping, reward_mapping, "WER_REWARD_MAPPING_"))
+            reward_mapping=enum_value(intelligibility_pb2.WerRewardMapping, reward_mapping, "WER_REWARD_MAPPING_"),
+            error_unit=enum_value(intelligibility_pb2.ErrorUnit, error_unit, "ERROR_UNIT_"))
         reply = await self.connection.unary(intelligibility_pb2_grpc.IntelligibilityScorerStub,
                                             "ScoreIntelligibility", request, timeout_s)
         _check_count(reply.results, count, "ScoreIntelligibility")

@@ -25,25 +25,27 @@ _sym_db = _symbol_database.Default()
 from speechrl.v1 import common_pb2 as speechrl_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!speechrl/v1/intelligibility.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"b\n\x13IntelligibilityItem\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12\x16\n\x0ereference_text\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\"\x85\x01\n\x1bScoreIntelligibilityRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .speechrl.v1.IntelligibilityItem\x12\x35\n\x0ereward_mapping\x18\x02 \x01(\x0e\x32\x1d.speechrl.v1.WerRewardMapping\"\x7f\n\x15IntelligibilityResult\x12\x32\n\x05score\x18\x01 \x01(\x0b\x32!.speechrl.v1.IntelligibilityScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\xc6\x02\n\x14IntelligibilityScore\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x1d\n\x15normalized_transcript\x18\x02 \x01(\t\x12\x1c\n\x14normalized_reference\x18\x03 \x01(\t\x12\x0b\n\x03wer\x18\x04 \x01(\x01\x12\x0b\n\x03\x63\x65r\x18\x05 \x01(\x01\x12-\n\x0bword_counts\x18\x06 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12-\n\x0b\x63har_counts\x18\x07 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12\x0e\n\x06reward\x18\x08 \x01(\x01\x12\x35\n\x0ereward_mapping\x18\t \x01(\x0e\x32\x1d.speechrl.v1.WerRewardMapping\x12\x1e\n\x16\x61udio_duration_seconds\x18\n \x01(\x01\"S\n\x1cScoreIntelligibilityResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".speechrl.v1.IntelligibilityResult*\xad\x01\n\x10WerRewardMapping\x12\"\n\x1eWER_REWARD_MAPPING_UNSPECIFIED\x10\x00\x12$\n WER_REWARD_MAPPING_ONE_MINUS_WER\x10\x01\x12*\n&WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER\x10\x02\x12#\n\x1fWER_REWARD_MAPPING_NEGATIVE_WER\x10\x03\x32\x84\x01\n\x15IntelligibilityScorer\x12k\n\x14ScoreIntelligibility\x12(.speechrl.v1.ScoreIntelligibilityRequest\x1a).speechrl.v1.ScoreIntelligibilityResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n!speechrl/v1/intelligibility.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"b\n\x13IntelligibilityItem\x12!\n\x05\x61udio\x18\x01 \x01(\x0b\x32\x12.speechrl.v1.Audio\x12\x16\n\x0ereference_text\x18\x02 \x01(\t\x12\x10\n\x08language\x18\x03 \x01(\t\"\xb1\x01\n\x1bScoreIntelligibilityRequest\x12/\n\x05items\x18\x01 \x03(\x0b\x32 .speechrl.v1.IntelligibilityItem\x12\x35\n\x0ereward_mapping\x18\x02 \x01(\x0e\x32\x1d.speechrl.v1.WerRewardMapping\x12*\n\nerror_unit\x18\x03 \x01(\x0e\x32\x16.speechrl.v1.ErrorUnit\"\x7f\n\x15IntelligibilityResult\x12\x32\n\x05score\x18\x01 \x01(\x0b\x32!.speechrl.v1.IntelligibilityScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\x86\x03\n\x14IntelligibilityScore\x12\x12\n\ntranscript\x18\x01 \x01(\t\x12\x1d\n\x15normalized_transcript\x18\x02 \x01(\t\x12\x1c\n\x14normalized_reference\x18\x03 \x01(\t\x12\x0b\n\x03wer\x18\x04 \x01(\x01\x12\x0b\n\x03\x63\x65r\x18\x05 \x01(\x01\x12-\n\x0bword_counts\x18\x06 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12-\n\x0b\x63har_counts\x18\x07 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12\x0e\n\x06reward\x18\x08 \x01(\x01\x12\x35\n\x0ereward_mapping\x18\t \x01(\x0e\x32\x1d.speechrl.v1.WerRewardMapping\x12\x1e\n\x16\x61udio_duration_seconds\x18\n \x01(\x01\x12\x12\n\nerror_rate\x18\x0b \x01(\x01\x12*\n\nerror_unit\x18\x0c \x01(\x0e\x32\x16.speechrl.v1.ErrorUnit\"S\n\x1cScoreIntelligibilityResponse\x12\x33\n\x07results\x18\x01 \x03(\x0b\x32\".speechrl.v1.IntelligibilityResult*\xad\x01\n\x10WerRewardMapping\x12\"\n\x1eWER_REWARD_MAPPING_UNSPECIFIED\x10\x00\x12$\n WER_REWARD_MAPPING_ONE_MINUS_WER\x10\x01\x12*\n&WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER\x10\x02\x12#\n\x1fWER_REWARD_MAPPING_NEGATIVE_WER\x10\x03*m\n\tErrorUnit\x12\x1a\n\x16\x45RROR_UNIT_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45RROR_UNIT_WORD\x10\x01\x12\x18\n\x14\x45RROR_UNIT_CHARACTER\x10\x02\x12\x15\n\x11\x45RROR_UNIT_PINYIN\x10\x03\x32\x84\x01\n\x15IntelligibilityScorer\x12k\n\x14ScoreIntelligibility\x12(.speechrl.v1.ScoreIntelligibilityRequest\x1a).speechrl.v1.ScoreIntelligibilityResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speechrl.v1.intelligibility_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WERREWARDMAPPING']._serialized_start=856
-  _globals['_WERREWARDMAPPING']._serialized_end=1029
+  _globals['_WERREWARDMAPPING']._serialized_start=964
+  _globals['_WERREWARDMAPPING']._serialized_end=1137
+  _globals['_ERRORUNIT']._serialized_start=1139
+  _globals['_ERRORUNIT']._serialized_end=1248
   _globals['_INTELLIGIBILITYITEM']._serialized_start=76
   _globals['_INTELLIGIBILITYITEM']._serialized_end=174
   _globals['_SCOREINTELLIGIBILITYREQUEST']._serialized_start=177
-  _globals['_SCOREINTELLIGIBILITYREQUEST']._serialized_end=310
-  _globals['_INTELLIGIBILITYRESULT']._serialized_start=312
-  _globals['_INTELLIGIBILITYRESULT']._serialized_end=439
-  _globals['_INTELLIGIBILITYSCORE']._serialized_start=442
-  _globals['_INTELLIGIBILITYSCORE']._serialized_end=768
-  _globals['_SCOREINTELLIGIBILITYRESPONSE']._serialized_start=770
-  _globals['_SCOREINTELLIGIBILITYRESPONSE']._serialized_end=853
-  _globals['_INTELLIGIBILITYSCORER']._serialized_start=1032
-  _globals['_INTELLIGIBILITYSCORER']._serialized_end=1164
+  _globals['_SCOREINTELLIGIBILITYREQUEST']._serialized_end=354
+  _globals['_INTELLIGIBILITYRESULT']._serialized_start=356
+  _globals['_INTELLIGIBILITYRESULT']._serialized_end=483
+  _globals['_INTELLIGIBILITYSCORE']._serialized_start=486
+  _globals['_INTELLIGIBILITYSCORE']._serialized_end=876
+  _globals['_SCOREINTELLIGIBILITYRESPONSE']._serialized_start=878
+  _globals['_SCOREINTELLIGIBILITYRESPONSE']._serialized_end=961
+  _globals['_INTELLIGIBILITYSCORER']._serialized_start=1251
+  _globals['_INTELLIGIBILITYSCORER']._serialized_end=1383
 # @@protoc_insertion_point(module_scope)

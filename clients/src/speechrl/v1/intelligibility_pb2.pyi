@@ -14,10 +14,21 @@ class WerRewardMapping(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     WER_REWARD_MAPPING_ONE_MINUS_WER: _ClassVar[WerRewardMapping]
     WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER: _ClassVar[WerRewardMapping]
     WER_REWARD_MAPPING_NEGATIVE_WER: _ClassVar[WerRewardMapping]
+
+class ErrorUnit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_UNIT_UNSPECIFIED: _ClassVar[ErrorUnit]
+    ERROR_UNIT_WORD: _ClassVar[ErrorUnit]
+    ERROR_UNIT_CHARACTER: _ClassVar[ErrorUnit]
+    ERROR_UNIT_PINYIN: _ClassVar[ErrorUnit]
 WER_REWARD_MAPPING_UNSPECIFIED: WerRewardMapping
 WER_REWARD_MAPPING_ONE_MINUS_WER: WerRewardMapping
 WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER: WerRewardMapping
 WER_REWARD_MAPPING_NEGATIVE_WER: WerRewardMapping
+ERROR_UNIT_UNSPECIFIED: ErrorUnit
+ERROR_UNIT_WORD: ErrorUnit
+ERROR_UNIT_CHARACTER: ErrorUnit
+ERROR_UNIT_PINYIN: ErrorUnit
 
 class IntelligibilityItem(_message.Message):
     __slots__ = ("audio", "reference_text", "language")
@@ -30,12 +41,14 @@ class IntelligibilityItem(_message.Message):
     def __init__(self, audio: _Optional[_Union[_common_pb2.Audio, _Mapping]] = ..., reference_text: _Optional[str] = ..., language: _Optional[str] = ...) -> None: ...
 
 class ScoreIntelligibilityRequest(_message.Message):
-    __slots__ = ("items", "reward_mapping")
+    __slots__ = ("items", "reward_mapping", "error_unit")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     REWARD_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    ERROR_UNIT_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[IntelligibilityItem]
     reward_mapping: WerRewardMapping
-    def __init__(self, items: _Optional[_Iterable[_Union[IntelligibilityItem, _Mapping]]] = ..., reward_mapping: _Optional[_Union[WerRewardMapping, str]] = ...) -> None: ...
+    error_unit: ErrorUnit
+    def __init__(self, items: _Optional[_Iterable[_Union[IntelligibilityItem, _Mapping]]] = ..., reward_mapping: _Optional[_Union[WerRewardMapping, str]] = ..., error_unit: _Optional[_Union[ErrorUnit, str]] = ...) -> None: ...
 
 class IntelligibilityResult(_message.Message):
     __slots__ = ("score", "error")
@@ -46,7 +59,7 @@ class IntelligibilityResult(_message.Message):
     def __init__(self, score: _Optional[_Union[IntelligibilityScore, _Mapping]] = ..., error: _Optional[_Union[_common_pb2.ItemError, _Mapping]] = ...) -> None: ...
 
 class IntelligibilityScore(_message.Message):
-    __slots__ = ("transcript", "normalized_transcript", "normalized_reference", "wer", "cer", "word_counts", "char_counts", "reward", "reward_mapping", "audio_duration_seconds")
+    __slots__ = ("transcript", "normalized_transcript", "normalized_reference", "wer", "cer", "word_counts", "char_counts", "reward", "reward_mapping", "audio_duration_seconds", "error_rate", "error_unit")
     TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_TRANSCRIPT_FIELD_NUMBER: _ClassVar[int]
     NORMALIZED_REFERENCE_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +70,8 @@ class IntelligibilityScore(_message.Message):
     REWARD_FIELD_NUMBER: _ClassVar[int]
     REWARD_MAPPING_FIELD_NUMBER: _ClassVar[int]
     AUDIO_DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_RATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_UNIT_FIELD_NUMBER: _ClassVar[int]
     transcript: str
     normalized_transcript: str
     normalized_reference: str
@@ -67,7 +82,9 @@ class IntelligibilityScore(_message.Message):
     reward: float
     reward_mapping: WerRewardMapping
     audio_duration_seconds: float
-    def __init__(self, transcript: _Optional[str] = ..., normalized_transcript: _Optional[str] = ..., normalized_reference: _Optional[str] = ..., wer: _Optional[float] = ..., cer: _Optional[float] = ..., word_counts: _Optional[_Union[_common_pb2.ErrorCounts, _Mapping]] = ..., char_counts: _Optional[_Union[_common_pb2.ErrorCounts, _Mapping]] = ..., reward: _Optional[float] = ..., reward_mapping: _Optional[_Union[WerRewardMapping, str]] = ..., audio_duration_seconds: _Optional[float] = ...) -> None: ...
+    error_rate: float
+    error_unit: ErrorUnit
+    def __init__(self, transcript: _Optional[str] = ..., normalized_transcript: _Optional[str] = ..., normalized_reference: _Optional[str] = ..., wer: _Optional[float] = ..., cer: _Optional[float] = ..., word_counts: _Optional[_Union[_common_pb2.ErrorCounts, _Mapping]] = ..., char_counts: _Optional[_Union[_common_pb2.ErrorCounts, _Mapping]] = ..., reward: _Optional[float] = ..., reward_mapping: _Optional[_Union[WerRewardMapping, str]] = ..., audio_duration_seconds: _Optional[float] = ..., error_rate: _Optional[float] = ..., error_unit: _Optional[_Union[ErrorUnit, str]] = ...) -> None: ...
 
 class ScoreIntelligibilityResponse(_message.Message):
     __slots__ = ("results",)

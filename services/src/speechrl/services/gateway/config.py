@@ -12,6 +12,7 @@ from speechrl.services.ports import DEFAULT_PORTS
 SERVICE = "gateway"
 SCORERS = ("intelligibility", "speaker", "rules")
 BACKENDS = (*SCORERS, "token2wav")  # every service the gateway calls
+ERROR_UNITS = ("word", "character", "pinyin")  # speechrl.v1.ErrorUnit's values
 
 
 @dataclass
@@ -28,6 +29,16 @@ class GatewayConfig(ListenerConfig):
                                 f"127.0.0.1:{DEFAULT_PORTS['token2wav']}; `speechrl up` and docker-compose.yml set it "
                                 "to theirs. Empty: those routes answer 503 'token2wav backend not configured' unless "
                                 "code attaches app.state.token2wav.")
+    token2wav_prompts: str = option("", "A folder of prompt-speaker audio files (.wav/.flac/.ogg, >= 16 kHz); the "
+                                        "token2wav_asr routes send each item one drawn at random, as CosyVoice2's GRPO "
+                                        "recipe does (its token2wav needs a speaker prompt). Empty: no prompt is sent.")
+    token2wav_asr_error_unit: str = option("word", "What the token2wav_asr routes' error rate counts when a request does not "
+                                                   "say: word, character, or pinyin (CosyVoice2's GRPO recipe, whose "
+                                                   "client sends no parameters, scores Mandarin in pinyin).")
+    token2wav_asr_language: str = option("", "Language of token2wav_asr items that give none (ISO 639-1, e.g. zh for "
+                                             "the recipe); empty: the intelligibility scorer's default.")
+    token2wav_prompt_seed: int = option(-1, "Seed of the prompt-speaker draws; -1 seeds from the OS (the recipe's "
+                                            "random.randint).")
     request_timeout_s: float = option(30.0, "Deadline of one scorer call, retries included; past it the reply is 504.")
     max_attempts: int = option(3, "Attempts per scorer call on UNAVAILABLE / RESOURCE_EXHAUSTED (1 turns retries off).")
     scorer_token: str = option("", "Bearer token sent to the scorers (one of their auth tokens); empty: the SDK's "
@@ -64,6 +75,8 @@ class GatewayConfig(ListenerConfig):
             raise ValueError(f"adapter_scorer_errors must be reward or http, got {self.adapter_scorer_errors!r}")
         if bool(self.scorer_tls_client_cert) != bool(self.scorer_tls_client_key):
             raise ValueError("mutual TLS to the scorers needs both scorer_tls_client_cert and scorer_tls_client_key")
+        if self.token2wav_asr_error_unit not in ERROR_UNITS:
+            raise ValueError(f"token2wav_asr_error_unit must be one of {ERROR_UNITS}, got {self.token2wav_asr_error_unit!r}")
         if self.openrlhf_scorer not in ("rules", "token2wav_asr"):
             raise ValueError(f"openrlhf_scorer must be rules or token2wav_asr, got {self.openrlhf_scorer!r}")
         for name in BACKENDS:

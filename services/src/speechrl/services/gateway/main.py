@@ -20,6 +20,7 @@ from speechrl.services.gateway.deadline import DeadlineMiddleware
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import add_error_handlers
 from speechrl.services.gateway.metrics import MetricsMiddleware
+from speechrl.services.gateway.prompts import PromptPool
 from speechrl.services.gateway.routes import ROUTERS
 from speechrl.services.gateway.scoring import token2wav_service
 from speechrl.services.logs import RequestIdMiddleware
@@ -47,7 +48,9 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     app.state.config = config
     app.state.scorers = scorers
     if scorers.token2wav is not None:  # tests and embedders may attach their own callable instead
-        app.state.token2wav = token2wav_service(scorers.token2wav)
+        prompts = None if not config.token2wav_prompts else PromptPool.from_folder(
+            config.token2wav_prompts, None if config.token2wav_prompt_seed < 0 else config.token2wav_prompt_seed)
+        app.state.token2wav = token2wav_service(scorers.token2wav, prompts)
     for router in ROUTERS:
         app.include_router(router)
     add_error_handlers(app)

@@ -38,6 +38,7 @@ from speechrl.client import AsyncToken2WavClient, AudioLike, ItemFailedError, Se
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import ScorerOff
+from speechrl.services.gateway.prompts import PromptPool
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,19 @@ def token2wav_of(state: State) -> Token2Wav | None:
     return getattr(state, "token2wav", None)
 
 
-def token2wav_service(client: AsyncToken2WavClient) -> Token2Wav:
-    """The app's token2wav hook backed by the token2wav service: one Synthesize call per request.
+def token2wav_service(client: AsyncToken2WavClient, prompts: PromptPool | None = None) -> Token2Wav:
+    """The app's token2wav hook backed by the token2wav service: one Synthesize call per request,
+    each item with a prompt speaker drawn from prompts when there is a pool.
 
     An item the service could not render comes back as the exception that says why, so the reply's
     per-item error names the service's reason (e.g. ids out of range), not just "no audio".
     """
 
     async def render(token_lists: list[list[int]]) -> list[Token2WavOutput]:
-        results = await client.synthesize(token_lists)
+        drawn = None if prompts is None else prompts.draw(len(token_lists))
+        if drawn is not None:
+            log.debug("token2wav prompt speakers: %s", [p.name for p in drawn])
+        results = await client.synthesize(token_lists, prompt_audio=None if drawn is None else [p.audio for p in drawn])
         return [r.wav if r.error is None else ItemFailedError(f"{r.error.code}: {r.error.message}") for r in results]
 
     return render
@@ -107,9 +112,10 @@ async def rules(scorers: Scorers, config: GatewayConfig, hypotheses: Sequence[st
 
 async def intelligibility(scorers: Scorers, config: GatewayConfig, audios: Sequence[AudioLike | None],
                           references: Sequence[str | None], *, languages: Sequence[str] | None = None,
-                          reward_mapping: str | None = None, local_errors: dict[int, str] | None = None) -> list[Outcome]:
-    """The intelligibility reward of audios (components wer, cer; text transcript)."""
-    scorer = IntelligibilityScorer(reward_mapping=reward_mapping, policy=policy_of(config),
+                          reward_mapping: str | None = None, error_unit: str | None = None,
+                          local_errors: dict[int, str] | None = None) -> list[Outcome]:
+    """The intelligibility reward of audios (components wer, cer, error_rate; text transcript)."""
+    scorer = IntelligibilityScorer(reward_mapping=reward_mapping, error_unit=error_unit, policy=policy_of(config),
                                    client=_needed(scorers.intelligibility, "intelligibility"))
     outcomes = await scorer.score(audios, references, languages=languages, local_errors=local_errors)
     log_failures("gateway intelligibility", outcomes)
@@ -129,7 +135,8 @@ async def speaker(scorers: Scorers, config: GatewayConfig, audios: Sequence[Audi
 
 async def speech_tokens(state: State, scorers: Scorers, config: GatewayConfig, token_lists: Sequence[Sequence[int]],
                         references: Sequence[str | None], *, languages: Sequence[str] | None = None,
-                        reward_mapping: str | None = "one_minus_tanh_3wer") -> list[Outcome]:
+                        reward_mapping: str | None = "one_minus_tanh_3wer",
+                        error_unit: str | None = None) -> list[Outcome]:
     """Speech tokens -> audio (the token2wav hook) -> intelligibility, as CosyVoice's token2wav_asr model does.
 
     Raises Token2WavNotConfigured (503) when there are tokens and no token2wav hook.
@@ -139,4 +146,4 @@ async def speech_tokens(state: State, scorers: Scorers, config: GatewayConfig, t
     reraise = (ServiceError,) if config.adapter_scorer_errors == "http" else ()
     audios, errors = await speech_from_tokens(token2wav_of(state), token_lists, "the gateway", reraise=reraise)
     return await intelligibility(scorers, config, audios, references, languages=languages,
-                                 reward_mapping=reward_mapping, local_errors=errors)
+                                 reward_mapping=reward_mapping, error_unit=error_unit, local_errors=errors)

@@ -3,16 +3,17 @@
 | model | inputs | outputs |
 |---|---|---|
 | rules | HYPOTHESIS, REFERENCE (BYTES [-1, 1]); KEYWORDS (JSON list or "a,b"), LANGUAGE optional | REWARDS, WER, ACCURACY, HALLUCINATION, KEYWORD |
-| intelligibility | AUDIO (BYTES: base64 WAV/FLAC in JSON, raw in binary) or WAV (FP32 [-1, -1]) + WAV_LENS (INT32 [-1, 1]) + SAMPLE_RATE (optional, 16000); GT_TEXT; LANGUAGE optional | REWARDS, WER, CER, TRANSCRIPTS |
+| intelligibility | AUDIO (BYTES: base64 WAV/FLAC in JSON, raw in binary) or WAV (FP32 [-1, -1]) + WAV_LENS (INT32 [-1, 1]) + SAMPLE_RATE (optional, 16000); GT_TEXT; LANGUAGE optional | REWARDS, WER, CER, ERROR_RATE, TRANSCRIPTS |
 | speaker | AUDIO, REFERENCE_AUDIO (BYTES) | REWARDS, COSINE |
-| token2wav_asr | TOKENS (INT32 [-1, -1]), TOKEN_LENS (INT32 [-1, 1]), GT_TEXT (BYTES [-1, 1]) | REWARDS, TRANSCRIPTS, WER |
+| token2wav_asr | TOKENS (INT32 [-1, -1]), TOKEN_LENS (INT32 [-1, 1]), GT_TEXT (BYTES [-1, 1]); LANGUAGE optional | REWARDS, TRANSCRIPTS, WER, ERROR_RATE |
 
 token2wav_asr is the model name and tensor set of CosyVoice's GRPO recipe (examples/grpo/cosyvoice2:
 token2wav_asr_server.py serves it, reward_tts.py calls it), so its reward client works unchanged;
 its reward is 1 - tanh(3 WER) by default. Every model also answers SCORED (BOOL) and ERRORS (BYTES,
 "" when scored): an item that could not be scored gets `adapter_failure_reward` in REWARDS (REWARDS
 is always the first output, which is where CosyVoice's client reads it). Request `parameters`
-tune a call: reward_mapping (intelligibility, token2wav_asr), accuracy_weight /
+tune a call: reward_mapping and error_unit (intelligibility, token2wav_asr; ERROR_RATE is the rate the
+reward came from), accuracy_weight /
 hallucination_weight / keyword_weight (rules), similarity_mapping (speaker), language.
 """
 
@@ -202,7 +203,8 @@ async def _intelligibility(call: Call) -> list[Outcome]:
     references = _strings(call, "GT_TEXT")
     assert references is not None
     return await scoring.intelligibility(call.scorers, call.config, audios, list(references), languages=_languages(call),
-                                         reward_mapping=_str_param(call, "reward_mapping", None))
+                                         reward_mapping=_str_param(call, "reward_mapping", None),
+                                         error_unit=_str_param(call, "error_unit", None))
 
 
 async def _speaker(call: Call) -> list[Outcome]:
@@ -224,9 +226,11 @@ async def _token2wav_asr(call: Call) -> list[Outcome]:
     token_lists = [[int(t) for t in tokens[i, :int(n)]] for i, n in enumerate(lens)]
     references = _strings(call, "GT_TEXT")
     assert references is not None
+    languages = [lang or call.config.token2wav_asr_language for lang in _languages(call)]
     return await scoring.speech_tokens(call.state, call.scorers, call.config, token_lists, list(references),
-                                       languages=_languages(call),
-                                       reward_mapping=_str_param(call, "reward_mapping", "one_minus_tanh_3wer"))
+                                       languages=languages,
+                                       reward_mapping=_str_param(call, "reward_mapping", "one_minus_tanh_3wer"),
+                                       error_unit=_str_param(call, "error_unit", call.config.token2wav_asr_error_unit))
 
 
 COLUMN = (-1, 1)
@@ -241,13 +245,15 @@ MODELS: dict[str, V2Model] = {m.name: m for m in (
              TensorSpec("WAV_LENS", "INT32", COLUMN, optional=True),
              TensorSpec("SAMPLE_RATE", "INT32", COLUMN, optional=True), TensorSpec("GT_TEXT", "BYTES", COLUMN),
              TensorSpec("LANGUAGE", "BYTES", COLUMN, optional=True)),
-            _intelligibility, components={"WER": "wer", "CER": "cer"}, texts={"TRANSCRIPTS": "transcript"}),
+            _intelligibility, components={"WER": "wer", "CER": "cer", "ERROR_RATE": "error_rate"},
+            texts={"TRANSCRIPTS": "transcript"}),
     V2Model("speaker", "speaker", (TensorSpec("AUDIO", "BYTES", COLUMN), TensorSpec("REFERENCE_AUDIO", "BYTES", COLUMN)),
             _speaker, components={"COSINE": "cosine"}),
     V2Model("token2wav_asr", "intelligibility",
             (TensorSpec("TOKENS", "INT32", (-1, -1)), TensorSpec("TOKEN_LENS", "INT32", COLUMN, optional=True),
              TensorSpec("GT_TEXT", "BYTES", COLUMN), TensorSpec("LANGUAGE", "BYTES", COLUMN, optional=True)),
-            _token2wav_asr, components={"WER": "wer"}, texts={"TRANSCRIPTS": "transcript"}, needs_token2wav=True),
+            _token2wav_asr, components={"WER": "wer", "ERROR_RATE": "error_rate"}, texts={"TRANSCRIPTS": "transcript"},
+            needs_token2wav=True),
 )}
 
 

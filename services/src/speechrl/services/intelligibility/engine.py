@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from speechrl.rewards import ErrorRates, error_rates, normalize_text, wer_reward
+from speechrl.rewards.pinyin import pinyin_error_rate
 from speechrl.rewards.wer import EmptyReference
 from speechrl.services.audio import AudioInput, decode_audio
 from speechrl.services.errors import ErrorCode, ItemFailure
@@ -25,6 +26,7 @@ class IntelligibilityItem:
     reference: str
     language: str = "en"  # ISO 639-1; picks the normaliser and the model's language token
     mapping: str = "one_minus_wer"  # a key of speechrl.rewards.WER_MAPPINGS
+    unit: str = "word"  # what the rewarded error rate counts: word, character or pinyin
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,9 @@ class IntelligibilityResult:
     reward: float
     mapping: str
     audio_seconds: float
+    error_rate: float
+    """What reward came from: rates.wer, rates.cer or the pinyin syllable WER, as unit says."""
+    unit: str
 
 
 class IntelligibilityEngine:
@@ -98,7 +103,11 @@ class IntelligibilityEngine:
     def _score(self, item: IntelligibilityItem, transcript: str, seconds: float) -> IntelligibilityResult | ItemFailure:
         try:
             rates = error_rates(transcript, item.reference, item.language)
+            if item.unit == "pinyin":
+                error_rate = pinyin_error_rate(transcript, item.reference).wer
+            else:
+                error_rate = rates.cer if item.unit == "character" else rates.wer
         except EmptyReference as exc:
             return ItemFailure(ErrorCode.EMPTY_TEXT, str(exc), "reference_text")
-        return IntelligibilityResult(transcript=transcript, rates=rates, reward=wer_reward(rates.wer, item.mapping),
-                                     mapping=item.mapping, audio_seconds=seconds)
+        return IntelligibilityResult(transcript=transcript, rates=rates, reward=wer_reward(error_rate, item.mapping),
+                                     mapping=item.mapping, audio_seconds=seconds, error_rate=error_rate, unit=item.unit)

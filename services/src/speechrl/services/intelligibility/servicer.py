@@ -18,6 +18,12 @@ MAPPING_NAMES = {
     intelligibility_pb2.WER_REWARD_MAPPING_NEGATIVE_WER: "negative_wer",
 }
 MAPPING_VALUES = {name: value for value, name in MAPPING_NAMES.items()}
+UNIT_NAMES = {
+    intelligibility_pb2.ERROR_UNIT_WORD: "word",
+    intelligibility_pb2.ERROR_UNIT_CHARACTER: "character",
+    intelligibility_pb2.ERROR_UNIT_PINYIN: "pinyin",
+}
+UNIT_VALUES = {name: value for value, name in UNIT_NAMES.items()}
 
 
 def _counts(counts: Counts) -> common_pb2.ErrorCounts:
@@ -31,7 +37,8 @@ def _score_proto(result: IntelligibilityResult) -> intelligibility_pb2.Intelligi
         transcript=result.transcript, normalized_transcript=rates.normalized_hypothesis,
         normalized_reference=rates.normalized_reference, wer=rates.wer, cer=rates.cer,
         word_counts=_counts(rates.word_counts), char_counts=_counts(rates.char_counts), reward=result.reward,
-        reward_mapping=MAPPING_VALUES[result.mapping], audio_duration_seconds=result.audio_seconds)
+        reward_mapping=MAPPING_VALUES[result.mapping], audio_duration_seconds=result.audio_seconds,
+        error_rate=result.error_rate, error_unit=UNIT_VALUES[result.unit])
 
 
 class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServicer):
@@ -54,6 +61,7 @@ class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServ
                                    context: grpc.aio.ServicerContext) -> intelligibility_pb2.ScoreIntelligibilityResponse:
         check_count(request.items, "items", self.max_request_items)
         mapping = self._mapping(request.reward_mapping)
+        unit = self._unit(request.error_unit)
         items = []
         for index, item in enumerate(request.items):
             # "en-US" -> "en": Whisper's language tokens and the normalisers key on the base code.
@@ -62,7 +70,7 @@ class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServ
                 raise RequestInvalid(f"items[{index}].language",
                                      f"{item.language!r} is not a language this model transcribes; "
                                      f"it knows {sorted(self.languages)}")
-            items.append(IntelligibilityItem(audio_from_proto(item.audio), item.reference_text, language, mapping))
+            items.append(IntelligibilityItem(audio_from_proto(item.audio), item.reference_text, language, mapping, unit))
         results = await self.batcher.submit(items)
         response = intelligibility_pb2.ScoreIntelligibilityResponse()
         for index, result in enumerate(results):
@@ -78,3 +86,11 @@ class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServ
         if value not in MAPPING_NAMES:
             raise RequestInvalid("reward_mapping", f"unknown WerRewardMapping value {value}")
         return MAPPING_NAMES[value]  # type: ignore[index]
+
+    @staticmethod
+    def _unit(value: int) -> str:
+        if value == intelligibility_pb2.ERROR_UNIT_UNSPECIFIED:
+            return "word"
+        if value not in UNIT_NAMES:
+            raise RequestInvalid("error_unit", f"unknown ErrorUnit value {value}")
+        return UNIT_NAMES[value]  # type: ignore[index]

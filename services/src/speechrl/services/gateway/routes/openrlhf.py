@@ -22,13 +22,13 @@ from speechrl.services.gateway import scoring
 from speechrl.services.gateway.deps import ConfigDep, ScorersDep
 from speechrl.services.gateway.errors import ERROR_RESPONSES
 from speechrl.services.gateway.inflight import limiter_of
-from speechrl.services.gateway.schemas.intelligibility import WerMapping
+from speechrl.services.gateway.schemas.intelligibility import ERROR_UNIT_HELP, ErrorUnit, WerMapping
 from speechrl.services.gateway.schemas.openrlhf import OpenRLHFRewardBody, OpenRLHFRewardReply, text_of
 
 router = APIRouter(prefix="/v1/openrlhf", tags=["openrlhf"], responses=ERROR_RESPONSES)
 
 RULE_COMPONENTS = ("wer", "accuracy", "hallucination", "keyword")
-SPEECH_COMPONENTS = ("wer", "cer")
+SPEECH_COMPONENTS = ("wer", "cer", "error_rate")
 
 
 @router.post("/{scorer}", summary="OpenRLHF remote reward: rewards, scores and extra_logs per query")
@@ -40,13 +40,15 @@ async def openrlhf_reward(
         keyword_weight: Annotated[float | None, Query(description="rules: weight of R3; default 0.")] = None,
         reward_mapping: Annotated[WerMapping, Query(description="token2wav_asr: WER -> reward.")] = "one_minus_tanh_3wer",
         language: Annotated[str, Query(description="ISO 639-1 code for labels that give none; empty is en.")] = "",
+        error_unit: Annotated[ErrorUnit | None, Query(description="token2wav_asr: " + ERROR_UNIT_HELP)] = None,
 ) -> OpenRLHFRewardReply:
     """One reward per query, in order; `labels` hold the reference text (or {"reference", "keywords", "language"})."""
     with limiter_of(request).slot():
         name = config.openrlhf_scorer if scorer == "reward" else scorer
         completions = body.completions()
         references, keywords, languages = zip(*body.label_fields(), strict=True)
-        languages = tuple(lang or language for lang in languages)
+        default_language = language or (config.token2wav_asr_language if name == "token2wav_asr" else "")
+        languages = tuple(lang or default_language for lang in languages)
         if name == "rules":
             outcomes = await scoring.rules(scorers, config, [text_of(c) for c in completions], list(references),
                                            keywords=list(keywords), languages=list(languages),
@@ -55,6 +57,7 @@ async def openrlhf_reward(
         else:
             outcomes = await scoring.speech_tokens(request.app.state, scorers, config,
                                                    [parse_speech_tokens(c) for c in completions], list(references),
-                                                   languages=list(languages), reward_mapping=reward_mapping)
+                                                   languages=list(languages), reward_mapping=reward_mapping,
+                                                   error_unit=error_unit or config.token2wav_asr_error_unit)
             components = SPEECH_COMPONENTS
     return OpenRLHFRewardReply.of(scoring.ItemScores.of(outcomes, config.adapter_failure_reward, components))

@@ -10,6 +10,9 @@ from speechrl.client import IntelligibilityResult
 from speechrl.services.gateway.schemas.common import EXAMPLE_WAV_BASE64, AudioFields, ErrorCountsOut, ItemErrorOut
 
 WerMapping = Literal["one_minus_wer", "one_minus_tanh_3wer", "negative_wer"]
+ErrorUnit = Literal["word", "character", "pinyin"]  # gateway.config.ERROR_UNITS
+ERROR_UNIT_HELP = ("What the rewarded error rate counts: word (unset), character, or pinyin (Mandarin syllables with "
+                   "tones after Chinese text normalisation: CosyVoice2's GRPO recipe's metric).")
 
 
 class IntelligibilityItemIn(AudioFields):
@@ -31,12 +34,14 @@ class ScoreIntelligibilityBody(BaseModel):
         default=None,
         description="one_minus_wer = clip(1 - wer, 0, 1); one_minus_tanh_3wer = clip(1 - tanh(3 wer), 0, 1); "
                     "negative_wer = -wer. Unset: the scorer's default.")
+    error_unit: ErrorUnit | None = Field(default=None, description=ERROR_UNIT_HELP)
 
     def client_args(self) -> dict[str, Any]:
         """Keyword arguments of AsyncIntelligibilityClient.score."""
         return {"audios": [item.to_audio(f"items[{i}]") for i, item in enumerate(self.items)],
                 "references": [item.reference_text for item in self.items],
-                "language": [item.language for item in self.items], "reward_mapping": self.reward_mapping}
+                "language": [item.language for item in self.items], "reward_mapping": self.reward_mapping,
+                "error_unit": self.error_unit}
 
 
 class IntelligibilityScoreOut(BaseModel):
@@ -54,6 +59,8 @@ class IntelligibilityScoreOut(BaseModel):
     reward: float = Field(description="The reward under reward_mapping.")
     reward_mapping: str = Field(examples=["one_minus_wer"])
     audio_duration_seconds: float
+    error_rate: float = Field(description="The error rate the reward came from, in error_unit.")
+    error_unit: str = Field(examples=["word"])
 
 
 class IntelligibilityResultOut(BaseModel):
