@@ -64,6 +64,12 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # Resemblyzer's metadata asks for the `typing` backport and the sdist-only `webrtcvad`; its real
 # dependencies (webrtcvad-wheels, librosa, scipy) come with speechrl-services.
 "${PIP[@]}" install --no-deps -c constraints.txt resemblyzer
+# verl 0.9.1's files (config YAML, reward-loop sources), unpacked beside the venv's packages and never
+# imported: tests/service/test_adapters_verl.py composes its config and checks its calling code. Not
+# installed, because `import verl` needs ray, its wheel pins transformers<5.11, and it ships top-level
+# `tests` and `scripts` packages that would shadow ours.
+VERL_FILES="$VENV/verl-0.9.1"
+[ -f "$VERL_FILES/verl/version/version" ] || "${PIP[@]}" install --no-deps --target "$VERL_FILES" verl==0.9.1
 rm -f "$VENV"/.bootstrap-*
 touch "$VENV/.bootstrap-$stamp"
 echo "bootstrap: $VENV ready"

@@ -1,25 +1,27 @@
-"""verl's reward functions, called exactly as verl's reward managers call them, against the real scorers.
+"""verl's reward functions, configured as docs/integrations/verl.md says and called as verl 0.9.1 calls them.
 
-verl is not installed: its calling code is reproduced here from verl (volcengine/verl @ b178a3c):
-- custom functions are wrapped by verl/trainer/ppo/reward.py:get_custom_reward_fn as
-  partial(_call_with_kwargs[_async], raw_fn, reward_kwargs), the YAML reward_kwargs winning;
-- the naive manager (verl/workers/reward_manager/naive.py) calls compute_score(data_source=,
-  solution_str=, ground_truth=, extra_info=) per response, extra_info gaining num_turns and
-  rollout_reward_scores, and writes score["score"] (or the float) into a float tensor;
-- the batch manager (batch.py) calls compute_score(data_sources=, solution_strs=, ground_truths=,
-  extra_infos=, **reward_kwargs) with numpy object arrays;
-- the reward loop (verl/experimental/reward_loop/reward_manager/naive.py) awaits coroutine
-  functions, and reward_loop.py stacks every key of the first result's dict over all results.
+verl cannot be imported here (tests/support/verl_reward_loop.py says why), so its 0.9.1 wheel is
+unpacked by scripts/bootstrap.sh into <venv>/verl-0.9.1 and read as files:
+- its own Hydra config (verl/trainer/config/ppo_trainer.yaml) composes every `bash` block of the doc,
+  and the function the composed config names must be ours, with settings ours and a registered manager;
+- its sources must still contain every line tests/support/verl_reward_loop.py copies.
+The reward managers run as reproduced there (naive, remote, the reward loop's rm_scores and the legacy
+batch manager) against the real scorers, and the scores the trainer receives are compared with the
+scorers' own answers.
 """
 
 from __future__ import annotations
 
-import asyncio
+import ast
 import inspect
+import re
+import shlex
+import sys
 import time
-from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from dataclasses import fields
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,10 +37,30 @@ from speechrl.services.rules.server import RulesConfig
 from speechrl.services.rules.server import start as start_rules
 from tests.support.adapters import SENTENCES, speak, tokens_for
 from tests.support.servers import serve_in_thread
+from tests.support.verl_reward_loop import (
+    UPSTREAM_LINES,
+    VERL_VERSION,
+    Sample,
+    compute_rm_score,
+    get_custom_reward_fn,
+    legacy_batch_manager,
+)
 
-ASR = [("turn on the light", "turn on the lights", {"keywords": ["light"]}),
-       ("hello hello hello hello hello hello", "hello world", {}),
-       ("anything at all", "", {})]  # an empty reference: the service's per-item error
+VERL_FILES = Path(sys.prefix) / f"verl-{VERL_VERSION}"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "integrations" / "verl.md"
+needs_verl_files = pytest.mark.skipif(
+    not (VERL_FILES / "verl" / "version" / "version").is_file(),
+    reason=f"verl {VERL_VERSION}'s files are not unpacked at {VERL_FILES}; scripts/bootstrap.sh unpacks them "
+    "(verl itself is not installed: importing it needs ray)",
+)
+
+# (hypothesis, reference, extra_info); the last has an empty reference: the service's per-item error
+ASR = [
+    ("turn on the light", "turn on the lights", {"keywords": ["light"]}),
+    ("hello hello hello hello hello hello", "hello world", {}),
+    ("anything at all", "", {}),
+]
+ASR_KEYS = {"score", "scored", "error", "wer", "accuracy", "hallucination", "keyword"}
 
 
 @pytest.fixture(scope="module")
@@ -53,139 +75,228 @@ def intelligibility() -> Iterator[str]:
         yield f"127.0.0.1:{running.port}"
 
 
-# ---- verl's calling code, reproduced ----
-
-def _call_with_kwargs(raw_fn: Callable[..., Any], extra_kwargs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-    return raw_fn(*args, **{**kwargs, **extra_kwargs})
-
-
-async def _call_with_kwargs_async(raw_fn: Callable[..., Any], extra_kwargs: dict[str, Any], *args: Any,
-                                  **kwargs: Any) -> Any:
-    return await raw_fn(*args, **{**kwargs, **extra_kwargs})
-
-
-def custom_reward_fn(name: str, reward_kwargs: dict[str, Any]) -> Callable[..., Any]:
-    """get_custom_reward_fn with path=pkg://speechrl.adapters.verl."""
-    raw_fn = getattr(speechrl_verl, name)
-    wrapper = _call_with_kwargs_async if inspect.iscoroutinefunction(raw_fn) else _call_with_kwargs
-    return partial(wrapper, raw_fn, reward_kwargs)
+def verl_config(name: str, manager: str, reward_kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The `reward` group a verl 0.9.1 trainer reads, as the doc's keys set it."""
+    return {
+        "reward": {
+            "custom_reward_function": {
+                "path": "pkg://speechrl.adapters.verl",
+                "name": name,
+                "reward_kwargs": reward_kwargs,
+            },
+            "reward_manager": {"name": manager},
+            "num_workers": 2,
+        }
+    }
 
 
-def naive_manager(compute_score: Callable[..., Any], samples: list[tuple[str, Any, dict[str, Any]]]
-                  ) -> tuple[np.ndarray, dict[str, list[Any]]]:
-    reward_tensor = np.zeros((len(samples), 4), dtype=np.float32)
-    reward_extra_info: dict[str, list[Any]] = defaultdict(list)
-    for i, (response, ground_truth, extra) in enumerate(samples):
-        extra_info = {**extra, "num_turns": None, "rollout_reward_scores": {}}
-        score = compute_score(data_source="speech", solution_str=response, ground_truth=ground_truth,
-                              extra_info=extra_info)
-        if isinstance(score, dict):
-            reward = score["score"]
-            for key, value in score.items():
-                reward_extra_info[key].append(value)
-        else:
-            reward = score
-        reward_tensor[i, 3] = reward
-    return reward_tensor, reward_extra_info
+def asr_samples() -> list[Sample]:
+    return [Sample(h, g, dict(e), response_length=2 + i) for i, (h, g, e) in enumerate(ASR)]
 
 
-def batch_manager(compute_score: Callable[..., Any], samples: list[tuple[str, Any, dict[str, Any]]]) -> list[Any]:
-    extras = np.empty(len(samples), dtype=object)
-    extras[:] = [{**e, "rollout_reward_scores": {}} for _, _, e in samples]
-    return list(compute_score(data_sources=np.array(["speech"] * len(samples), dtype=object),
-                              solution_strs=[r for r, _, _ in samples], ground_truths=[g for _, g, _ in samples],
-                              extra_infos=extras))
-
-
-async def reward_loop(compute_score: Callable[..., Any], samples: list[tuple[str, Any, dict[str, Any]]]
-                      ) -> tuple[list[float], dict[str, np.ndarray]]:
-    assert inspect.iscoroutinefunction(compute_score)  # how the reward loop decides to await it
-
-    async def run_single(response: str, ground_truth: Any, extra: dict[str, Any]) -> dict[str, Any]:
-        extra_info = {**extra, "num_turns": None, "rollout_reward_scores": {}}
-        result = await compute_score(data_source="speech", solution_str=response, ground_truth=ground_truth,
-                                     extra_info=extra_info)
-        if isinstance(result, dict):
-            return {"reward_score": result["score"], "reward_extra_info": dict(result)}
-        return {"reward_score": result, "reward_extra_info": {"acc": result}}
-
-    outputs = await asyncio.gather(*(run_single(*s) for s in samples))
-    infos = [o["reward_extra_info"] for o in outputs]
-    return [o["reward_score"] for o in outputs], {key: np.array([info[key] for info in infos]) for key in infos[0]}
+def received(rm_scores: np.ndarray, samples: list[Sample]) -> list[float]:
+    """The scores in rm_scores [B, T], read where verl put them (the last valid response token)."""
+    return [float(rm_scores[i, s.response_length - 1]) for i, s in enumerate(samples)]
 
 
 def expected_rules(endpoint: str) -> list[float | None]:
     with RuleRewardsClient(endpoint) as client:
-        return [r.reward for r in client.score([h for h, _, _ in ASR], [g for _, g, _ in ASR],
-                                               keywords=[e.get("keywords", []) for _, _, e in ASR])]
+        return [
+            r.reward
+            for r in client.score(
+                [h for h, _, _ in ASR], [g for _, g, _ in ASR], keywords=[e.get("keywords", []) for _, _, e in ASR]
+            )
+        ]
 
 
-def test_asr_scores_match_the_rules_service_in_all_three_managers(rules: str) -> None:
+# ---- the doc's keys against verl 0.9.1's own config and sources ----
+
+
+def documented_overrides() -> list[list[str]]:
+    """The Hydra overrides of every `bash` block of the doc's verl 0.9 part (above "## Older verl")."""
+    text = DOC.read_text()
+    assert "\n## Older verl\n" in text
+    blocks = re.findall(r"```bash\n(.*?)```", text.split("\n## Older verl\n")[0], flags=re.S)
+    return [[token for token in shlex.split(block.replace("\\\n", " ")) if "=" in token] for block in blocks]
+
+
+def compose_verl_config(overrides: list[str]) -> Any:
+    """verl's main_ppo config (`@hydra.main(config_name="ppo_trainer")`) with these command-line overrides."""
+    hydra = pytest.importorskip("hydra")
+    with hydra.initialize_config_dir(config_dir=str(VERL_FILES / "verl" / "trainer" / "config"), version_base=None):
+        return hydra.compose("ppo_trainer", overrides=overrides)
+
+
+def registered_reward_managers() -> set[str]:
+    """The names verl 0.9.1's reward-loop registry accepts: each @register("name") in reward_manager/."""
+    names = set()
+    for path in (VERL_FILES / "verl" / "experimental" / "reward_loop" / "reward_manager").glob("*.py"):
+        tree = ast.parse(path.read_text())
+        register = {
+            alias.asname or alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module == "verl.experimental.reward_loop.reward_manager"
+            for alias in node.names
+            if alias.name == "register"
+        }
+        names |= {
+            str(decorator.args[0].value)
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ClassDef)
+            for decorator in node.decorator_list
+            if isinstance(decorator, ast.Call)
+            and isinstance(decorator.func, ast.Name)
+            and decorator.func.id in register
+            and isinstance(decorator.args[0], ast.Constant)
+        }
+    return names
+
+
+@needs_verl_files
+def test_the_reproduced_lines_are_verl_0_9_1s() -> None:
+    assert (VERL_FILES / "verl" / "version" / "version").read_text().strip() == VERL_VERSION
+    for file, line in UPSTREAM_LINES:
+        assert " ".join(line.split()) in " ".join((VERL_FILES / file).read_text().split()), f"{file}: {line}"
+
+
+@needs_verl_files
+def test_the_documented_overrides_reach_our_functions_in_verl_0_9_1() -> None:
+    blocks = documented_overrides()
+    assert len(blocks) >= 3
+    managers = registered_reward_managers()
+    settings = {f.name for f in fields(speechrl_verl.VerlRewardConfig)}
+    for overrides in blocks:
+        config = compose_verl_config(overrides)  # a key verl does not have fails here
+        fn = get_custom_reward_fn(config)
+        assert fn is not None, f"verl would ignore the function and use default_compute_score: {overrides}"
+        assert isinstance(fn, partial)  # partial(_call_with_kwargs[_async], raw_fn, reward_kwargs)
+        raw_fn, reward_kwargs = fn.args
+        assert raw_fn is getattr(speechrl_verl, config.reward.custom_reward_function.name)
+        assert config.reward.reward_manager.name in managers
+        if config.reward.reward_manager.name == "remote":
+            assert not inspect.iscoroutinefunction(raw_fn), "verl's remote manager refuses coroutine functions"
+        assert set(reward_kwargs) <= settings, f"not settings of ours: {set(reward_kwargs) - settings}"
+        speechrl_verl.VerlRewardConfig.from_kwargs(reward_kwargs)
+
+
+@needs_verl_files
+def test_the_verl_0_7_0_keys_do_not_reach_our_function_in_0_9_1() -> None:
+    # Why the doc changed (issue 21): the old keys fail to compose or are silently ignored.
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException, match="use_reward_loop"):
+        compose_verl_config(["reward_model.use_reward_loop=False"])
+    old = compose_verl_config(
+        ["custom_reward_function.path=pkg://speechrl.adapters.verl", "custom_reward_function.name=compute_score_async"]
+    )
+    assert get_custom_reward_fn(old) is None
+    assert "batch" not in registered_reward_managers() and {"naive", "remote"} <= registered_reward_managers()
+
+
+# ---- the scores the trainer receives ----
+
+
+def test_asr_scores_the_trainer_receives_are_the_rules_services(rules: str) -> None:
     expected = expected_rules(rules)
     assert expected[2] is None and expected[0] is not None and expected[1] is not None
+    want = [expected[0], expected[1], 0.0]  # failure_score for the unscored one
     kwargs = {"rules_endpoints": rules, "task": "asr"}
 
-    tensor, extra = naive_manager(custom_reward_fn("compute_score", kwargs), ASR)
-    assert tensor[:, 3].tolist() == pytest.approx([expected[0], expected[1], 0.0])
-    assert extra["scored"] == [True, True, False] and extra["error"][:2] == ["", ""]
-    assert "EMPTY_TEXT" in extra["error"][2]
-    assert set(extra) == {"score", "scored", "error", "wer", "accuracy", "hallucination", "keyword"}
-    assert extra["hallucination"][1] == -1.0 and extra["keyword"][0] > 0
+    for name, manager in (("compute_score_async", "naive"), ("compute_score", "naive"), ("compute_score", "remote")):
+        samples = asr_samples()
+        rm_scores, extra = compute_rm_score(verl_config(name, manager, kwargs), samples)
+        assert received(rm_scores, samples) == pytest.approx(want, rel=1e-6), (name, manager)  # float32
+        assert rm_scores.sum() == pytest.approx(sum(want), rel=1e-6)  # and nowhere else in the rows
+        assert set(extra) == ASR_KEYS and extra["score"].tolist() == pytest.approx(want)
+        assert extra["scored"].tolist() == [True, True, False] and extra["error"][:2].tolist() == ["", ""]
+        assert "EMPTY_TEXT" in extra["error"][2]
+        assert extra["hallucination"][1] == -1.0 and extra["keyword"][0] > 0
 
-    batch = batch_manager(custom_reward_fn("compute_score_batch", kwargs), ASR)
-    assert [b["score"] for b in batch] == pytest.approx([expected[0], expected[1], 0.0])
+    with pytest.raises(AssertionError, match="Async reward score is not supported in remote reward manager"):
+        compute_rm_score(verl_config("compute_score_async", "remote", kwargs), asr_samples())
 
-    scores, stacked = asyncio.run(reward_loop(custom_reward_fn("compute_score_async", kwargs), ASR))
-    assert scores == pytest.approx([expected[0], expected[1], 0.0])
-    assert stacked["scored"].tolist() == [True, True, False] and stacked["wer"].dtype == np.float64
+    batch_fn = get_custom_reward_fn(verl_config("compute_score_batch", "naive", kwargs))
+    assert batch_fn is not None
+    batch = legacy_batch_manager(batch_fn, asr_samples())
+    assert [b["score"] for b in batch] == pytest.approx(want)
 
 
 def test_floats_labels_as_dicts_and_yaml_strings(rules: str) -> None:
     # return_dict=false and a dict ground truth; values arrive as strings from a YAML config
-    fn = custom_reward_fn("compute_score", {"rules_endpoints": rules, "return_dict": "false",
-                                            "keyword_weight": "0.5", "failure_score": "-1"})
+    config = verl_config(
+        "compute_score",
+        "naive",
+        {"rules_endpoints": rules, "return_dict": "false", "keyword_weight": "0.5", "failure_score": "-1"},
+    )
     with RuleRewardsClient(rules) as client:
         [want] = client.score(["turn on the light"], ["turn on the lights"], keywords=[["kitchen"]], keyword_weight=0.5)
-    got = fn(data_source="asr", solution_str="turn on the light",
-             ground_truth={"reference": "turn on the lights", "keywords": ["kitchen"]}, extra_info=None)
-    assert got == pytest.approx(want.reward)
-    assert fn(data_source="asr", solution_str="x", ground_truth="", extra_info=None) == -1.0
+    samples = [
+        Sample("turn on the light", {"reference": "turn on the lights", "keywords": ["kitchen"]}),
+        Sample("x", ""),
+    ]
+    rm_scores, extra = compute_rm_score(config, samples)
+    assert received(rm_scores, samples) == pytest.approx([want.reward, -1.0], rel=1e-6)
+    assert set(extra) == {"acc"} and extra["acc"].tolist() == pytest.approx([want.reward, -1.0])
 
 
 def test_tts_tokens_go_through_token2wav_to_the_intelligibility_scorer(intelligibility: str) -> None:
-    responses = ["".join(f"<|s_{t}|>" for t in tokens_for(0)), "".join(f"<|s_{t}|>" for t in tokens_for(1)), "no tokens"]
-    samples: list[tuple[str, Any, dict[str, Any]]] = [
-        (responses[0], SENTENCES[0], {}), (responses[1], SENTENCES[0], {}), (responses[2], SENTENCES[1], {})]
+    responses = [
+        "".join(f"<|s_{t}|>" for t in tokens_for(0)),
+        "".join(f"<|s_{t}|>" for t in tokens_for(1)),
+        "no tokens",
+    ]
+    truths = [SENTENCES[0], SENTENCES[0], SENTENCES[1]]
     with IntelligibilityClient(intelligibility) as client:
         [direct] = client.score([speak(0)], [SENTENCES[0]], reward_mapping="one_minus_tanh_3wer")
-    kwargs = {"intelligibility_endpoints": intelligibility, "task": "tts",
-              "token2wav": "tests.support.adapters:token2wav"}  # the "package.module:function" form of a YAML config
+    # token2wav in the "package.module:function" form of a YAML config
+    kwargs = {
+        "intelligibility_endpoints": intelligibility,
+        "task": "tts",
+        "token2wav": "tests.support.adapters:token2wav",
+    }
 
-    batch = batch_manager(custom_reward_fn("compute_score_batch", kwargs), samples)
+    samples = [Sample(r, t) for r, t in zip(responses, truths, strict=True)]
+    rm_scores, extra = compute_rm_score(verl_config("compute_score_async", "naive", kwargs), samples)
+    scores = received(rm_scores, samples)
+    assert scores[0] == pytest.approx(direct.unwrap().reward, rel=1e-6)
+    assert scores[0] > scores[1]  # the right sentence is heard as the reference, the wrong one not
+    assert extra["transcript"][0] == direct.unwrap().transcript
+    assert extra["wer"][0] == pytest.approx(direct.unwrap().wer)
+    assert scores[2] == 0.0 and extra["scored"].tolist() == [True, True, False]
+    assert extra["transcript"].dtype.kind == "U"
+
+    batch_fn = get_custom_reward_fn(verl_config("compute_score_batch", "naive", kwargs))
+    assert batch_fn is not None
+    batch = legacy_batch_manager(batch_fn, [Sample(r, t) for r, t in zip(responses, truths, strict=True)])
     assert batch[0]["score"] == pytest.approx(direct.unwrap().reward)
-    assert batch[0]["score"] > batch[1]["score"]  # the right sentence is heard as the reference, the wrong one not
-    assert batch[0]["transcript"] == direct.unwrap().transcript and batch[0]["wer"] == pytest.approx(direct.unwrap().wer)
-    assert batch[2] == {"score": 0.0, "scored": False, "error": "no speech tokens (<|s_N|>) in the completion",
-                        "wer": 0.0, "cer": 0.0, "intelligibility": 0.0, "similarity": 0.0, "transcript": ""}
-
-    scores, stacked = asyncio.run(reward_loop(custom_reward_fn("compute_score_async", kwargs), samples[2:]))
-    assert scores == [0.0] and stacked["transcript"].dtype.kind == "U" and stacked["scored"].tolist() == [False]
+    assert batch[2] == {
+        "score": 0.0,
+        "scored": False,
+        "error": "no speech tokens (<|s_N|>) in the completion",
+        "wer": 0.0,
+        "cer": 0.0,
+        "intelligibility": 0.0,
+        "similarity": 0.0,
+        "transcript": "",
+    }
 
 
 def test_tts_without_token2wav_says_so(intelligibility: str) -> None:
-    fn = custom_reward_fn("compute_score", {"intelligibility_endpoints": intelligibility})
+    config = verl_config("compute_score_async", "naive", {"intelligibility_endpoints": intelligibility})
     with pytest.raises(Token2WavNotConfigured, match="token2wav backend not configured"):
-        fn(data_source="tts", solution_str="<|s_1|><|s_2|>", ground_truth="hello", extra_info={})
+        compute_rm_score(config, [Sample("<|s_1|><|s_2|>", "hello")])
 
 
 def test_a_dead_scorer_gives_the_failure_score_within_the_deadline() -> None:
     dead = f"127.0.0.1:{free_port()}"
-    fn = custom_reward_fn("compute_score_batch", {"rules_endpoints": dead, "timeout_s": 2, "max_attempts": 2})
+    config = verl_config("compute_score_async", "naive", {"rules_endpoints": dead, "timeout_s": 2, "max_attempts": 2})
     started = time.monotonic()
-    results = fn(data_sources=["a", "b"], solution_strs=["x", "y"], ground_truths=["x", "y"], extra_infos=[{}, {}])
+    rm_scores, extra = compute_rm_score(config, [Sample("x", "x"), Sample("y", "y")])
     assert time.monotonic() - started < 5
-    assert [r["score"] for r in results] == [0.0, 0.0] and not any(r["scored"] for r in results)
-    assert "UNAVAILABLE" in results[0]["error"]
-    strict = custom_reward_fn("compute_score", {"rules_endpoints": dead, "timeout_s": 1, "raise_on_service_error": True})
+    assert not rm_scores.any() and extra["scored"].tolist() == [False, False]
+    assert "UNAVAILABLE" in extra["error"][0]
+    strict = verl_config(
+        "compute_score", "naive", {"rules_endpoints": dead, "timeout_s": 1, "raise_on_service_error": True}
+    )
     with pytest.raises(Exception, match="UNAVAILABLE"):
-        strict(data_source="a", solution_str="x", ground_truth="x", extra_info=None)
+        compute_rm_score(strict, [Sample("x", "x")])

@@ -1,17 +1,21 @@
-"""Reward functions for verl, in the three shapes its reward managers call.
+"""Reward functions for verl, in the shapes its reward managers call.
 
-- `compute_score(data_source, solution_str, ground_truth, extra_info=None, **kwargs)`: one sample,
-  as the `naive` reward manager calls it (keyword arguments, one call per response).
-- `compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list`:
-  the `batch` reward manager's form; one scorer call for the whole batch (use this one: the scorers
-  batch on the GPU).
-- `async def compute_score_async(...)`: the same arguments as compute_score, for the reward loop
-  (`verl.experimental.reward_loop`), which awaits coroutine functions on its own event loop.
+- `async def compute_score_async(data_source, solution_str, ground_truth, extra_info=None, **kwargs)`: one
+  sample, awaited; for verl 0.9's default `naive` reward manager, which awaits coroutine functions on
+  its reward-loop worker's event loop, all samples concurrently (use this one: the scorers batch the
+  concurrent calls on the GPU).
+- `compute_score(...)`: the same arguments, blocking; for the `remote` manager, which runs it in Ray
+  actor processes and refuses coroutine functions (it also works under `naive`, in a thread pool).
+- `compute_score_batch(data_sources, solution_strs, ground_truths, extra_infos, **kwargs) -> list`: one
+  scorer call for the whole batch; only verl 0.7.0's `batch` manager calls this shape (verl 0.9's
+  reward-loop registry has naive, remote, rate_limited, dapo and gdpo).
 
-Point verl at them with `custom_reward_function.path=pkg://speechrl.adapters.verl` and
-`custom_reward_function.name=compute_score_batch` (with `reward_model.reward_manager=batch`);
-settings go in `custom_reward_function.reward_kwargs` and reach every call as keyword arguments
-(see `VerlRewardConfig` for each one).
+Point verl 0.9 at them with `reward.custom_reward_function.path=pkg://speechrl.adapters.verl` and
+`reward.custom_reward_function.name=compute_score_async` (keys of verl/trainer/config/reward/reward.yaml;
+the manager is `reward.reward_manager.name`, default naive). Settings go in
+`+reward.custom_reward_function.reward_kwargs.<name>` and reach every call as keyword arguments (see
+`VerlRewardConfig` for each one). The top-level `custom_reward_function.*` of verl <= 0.8 is ignored
+by verl 0.9; docs/integrations/verl.md has the keys of each version.
 
 What is scored, per sample:
 - ASR (`task="asr"`): the decoded response is the hypothesis, ground_truth the reference text (or a
@@ -78,7 +82,7 @@ TTS_KEYS = ("wer", "cer", "intelligibility", "similarity")
 
 @dataclass(frozen=True)
 class VerlRewardConfig:
-    """Settings of the verl reward functions, given as `custom_reward_function.reward_kwargs`."""
+    """Settings of the verl reward functions, given as verl 0.9's `reward.custom_reward_function.reward_kwargs`."""
 
     task: str = "auto"
     """"asr" (rule rewards of text), "tts" (speech tokens -> audio -> intelligibility), or "auto" (by the response)."""
@@ -258,14 +262,14 @@ def _result(outcome: Outcome, config: VerlRewardConfig) -> float | dict[str, Any
 
 async def compute_score_async(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None,
                               **kwargs: Any) -> float | dict[str, Any]:
-    """One sample's score, awaited (verl's reward loop calls coroutine functions this way)."""
+    """One sample's score, awaited (verl 0.9's naive reward manager awaits coroutine functions)."""
     config = VerlRewardConfig.from_kwargs(kwargs)
     return (await _score([_sample(solution_str, ground_truth, extra_info, config)], config))[0]
 
 
 def compute_score(data_source: Any, solution_str: str, ground_truth: Any, extra_info: Any = None,
                   **kwargs: Any) -> float | dict[str, Any]:
-    """One sample's score (verl's naive reward manager): a dict with "score" and the components, or a float."""
+    """One sample's score, blocking (verl 0.9's remote reward manager): a dict with "score" and more, or a float."""
     return run_sync(compute_score_async(data_source, solution_str, ground_truth, extra_info, **kwargs))
 
 
@@ -284,5 +288,5 @@ async def compute_score_batch_async(data_sources: Sequence[Any], solution_strs: 
 
 def compute_score_batch(data_sources: Sequence[Any], solution_strs: Sequence[str], ground_truths: Sequence[Any],
                         extra_infos: Sequence[Any] | None = None, **kwargs: Any) -> list[float | dict[str, Any]]:
-    """Scores of a batch (verl's batch reward manager), one per sample, in order; one call per scorer."""
+    """Scores of a batch (verl 0.7.0's batch reward manager), one per sample, in order; one call per scorer."""
     return run_sync(compute_score_batch_async(data_sources, solution_strs, ground_truths, extra_infos, **kwargs))
