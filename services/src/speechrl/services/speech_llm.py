@@ -86,13 +86,25 @@ def _qwen2_audio_embed(model: Any, features: dict[str, torch.Tensor]) -> list[to
 
 AUDIO = "{audio}"
 
+
+def qwen3_asr_prompt(language: str = "English") -> str:
+    """Qwen3-ASR's transcription prompt with its answer's language forced to `language`, the full name the
+    model was trained with (English, Chinese, ...: transformers' LANGUAGE_CODE_TO_NAME), AUDIO standing for
+    the audio placeholder tokens. The intelligibility scorer forces each item's language with it.
+
+    >>> qwen3_asr_prompt("Chinese").endswith("<|im_start|>assistant\\nlanguage Chinese<asr_text>")
+    True
+    """
+    return ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|audio_start|>" + AUDIO
+            + f"<|audio_end|><|im_end|>\n<|im_start|>assistant\nlanguage {language}<asr_text>")
+
+
 # The transcription prompt each family was trained with, AUDIO standing for the audio placeholder tokens:
 # Qwen3-ASR's chat turn with an empty system context, its answer started with the language forced
 # ("language English<asr_text>", as qwen-asr does for a known language) so that the completion is the
 # transcript alone; Qwen2-Audio's (base) speech-recognition prompt with the language tag.
 ASR_PROMPTS = {
-    "qwen3_asr": ("<|im_start|>system\n<|im_end|>\n<|im_start|>user\n<|audio_start|>" + AUDIO
-                  + "<|audio_end|><|im_end|>\n<|im_start|>assistant\nlanguage English<asr_text>"),
+    "qwen3_asr": qwen3_asr_prompt("English"),
     "qwen2_audio": "<|audio_bos|>" + AUDIO + "<|audio_eos|>Detect the language and recognize the speech: <|en|>",
 }
 
@@ -235,7 +247,11 @@ def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, **kwarg
 def asr_prompt_ids(folder: str | Path, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """(prefix ids, suffix ids): the family's transcription prompt (ASR_PROMPTS) tokenised by the checkpoint's
     tokenizer around the audio, whose embeddings the encoder service gives, one per placeholder token."""
-    prompt = FAMILIES[family_of(folder)].asr_prompt
+    return prompt_ids_around_audio(FAMILIES[family_of(folder)].asr_prompt, tokenizer)
+
+
+def prompt_ids_around_audio(prompt: str, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prefix ids, suffix ids) of a prompt with one AUDIO in it, each side tokenised on its own by tokenizer."""
     head, tail = prompt.split(AUDIO)
     return (tuple(tokenizer(head, add_special_tokens=False)["input_ids"]),
             tuple(tokenizer(tail, add_special_tokens=False)["input_ids"]))

