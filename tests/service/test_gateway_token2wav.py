@@ -129,7 +129,7 @@ def test_token2wav_asr_draws_a_prompt_speaker_per_item(backends: dict[str, str],
     payload["inputs"][0]["shape"][0] = payload["inputs"][1]["shape"][0] = payload["inputs"][2]["shape"][0] = 3
     payload["inputs"][1]["data"] *= 3
     payload["inputs"][2]["data"] *= 3
-    with caplog.at_level(logging.DEBUG, logger="speechrl.services.gateway.scoring"), \
+    with caplog.at_level(logging.DEBUG, logger="speechrl.services.gateway.prompts"), \
             uvicorn_in_thread(create_app(config)) as url, httpx.Client(base_url=url, timeout=120) as http:
         reply = http.post("/v2/models/token2wav_asr/infer", json=payload)
     assert reply.status_code == 200, reply.text

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import soundfile
 from prometheus_client import REGISTRY
@@ -120,7 +121,37 @@ async def test_intelligibility_model_takes_base64_files_raw_samples_and_binary_t
     assert "INVALID_AUDIO" in outputs(files)["ERRORS"]["data"][1]  # a bad item costs only itself
     assert waveform.status_code == 200 and outputs(waveform)["REWARDS"]["data"] == pytest.approx([want.unwrap().reward], abs=1e-6)
     assert binary.status_code == 200, binary.text
-    assert outputs(binary)["REWARDS"]["data"] == pytest.approx([want.unwrap().reward], abs=1e-6)
+    # REWARDS was asked for as binary: a JSON header naming its size, then 4 bytes of little-endian FP32.
+    size = int(binary.headers["Inference-Header-Content-Length"])
+    head = json.loads(binary.content[:size])
+    assert head["outputs"][0]["parameters"] == {"binary_data_size": 4} and "data" not in head["outputs"][0]
+    assert np.frombuffer(binary.content[size:], "<f4").tolist() == pytest.approx([want.unwrap().reward], abs=1e-6)
+
+
+def test_tritonclient_gets_binary_and_json_outputs(rules: str) -> None:
+    import tritonclient.http as triton
+
+    hypotheses, references = ["turn on the light", "hello hello hello hello hello hello", "hi"], \
+        ["turn on the lights", "hello world", ""]
+    with RuleRewardsClient(rules) as client:
+        want = client.score(hypotheses, references)
+    inputs = [triton.InferInput("HYPOTHESIS", [3, 1], "BYTES"), triton.InferInput("REFERENCE", [3, 1], "BYTES")]
+    inputs[0].set_data_from_numpy(np.array(hypotheses, dtype=object).reshape(3, 1))  # binary_data=True: its default
+    inputs[1].set_data_from_numpy(np.array(references, dtype=object).reshape(3, 1), binary_data=False)
+    asked = [triton.InferRequestedOutput("REWARDS", binary_data=True), triton.InferRequestedOutput("WER", binary_data=False),
+             triton.InferRequestedOutput("SCORED", binary_data=True), triton.InferRequestedOutput("ERRORS", binary_data=True)]
+    with uvicorn_in_thread(app_with(rules=rules)) as url:
+        client = triton.InferenceServerClient(url.removeprefix("http://"))
+        try:
+            result = client.infer("rules", inputs, outputs=asked)
+        finally:
+            client.close()
+    rewards = [w.reward if w.reward is not None else 0.0 for w in want]
+    np.testing.assert_allclose(result.as_numpy("REWARDS").reshape(-1), rewards, atol=1e-6)
+    np.testing.assert_allclose(result.as_numpy("WER").reshape(-1)[:2], [w.score.wer for w in want[:2]], atol=1e-6)
+    assert result.as_numpy("SCORED").reshape(-1).tolist() == [True, True, False]
+    errors = [e.decode() for e in result.as_numpy("ERRORS").reshape(-1)]
+    assert errors[:2] == ["", ""] and "reference" in errors[2]
 
 
 def test_64_concurrent_single_item_rules_requests_are_answered_and_batched(rules: str) -> None:

@@ -32,7 +32,9 @@ from speechrl.client import (
     AsyncIntelligibilityClient,
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
+    AsyncToken2WavClient,
     AudioLike,
+    ItemFailedError,
     RetryPolicy,
     ServiceError,
     SpeakerId,
@@ -424,6 +426,23 @@ def load_callable(spec: str | Callable[..., Any] | None) -> Callable[..., Any] |
     if not callable(target):
         raise TypeError(f"{spec} is not callable")
     return target  # type: ignore[no-any-return]
+
+
+def token2wav_service(client: AsyncToken2WavClient,
+                      prompt_audio: Callable[[int], Sequence[AudioLike]] | None = None) -> Token2Wav:
+    """A token2wav hook backed by the token2wav service: one Synthesize call per batch, each item with
+    a prompt speaker from prompt_audio(count) when given (CosyVoice2 needs one; espeak ignores it).
+
+    An item the service could not render comes back as the exception that says why, so the reply's
+    per-item error names the service's reason (e.g. ids out of range), not just "no audio".
+    """
+
+    async def render(token_lists: list[list[int]]) -> list[Token2WavOutput]:
+        prompts = None if prompt_audio is None else list(prompt_audio(len(token_lists)))
+        results = await client.synthesize(token_lists, prompt_audio=prompts)
+        return [r.wav if r.error is None else ItemFailedError(f"{r.error.code}: {r.error.message}") for r in results]
+
+    return render
 
 
 async def speech_from_tokens(token2wav: Token2Wav | None, token_lists: Sequence[Sequence[int]],

@@ -50,15 +50,15 @@ class GatewayConfig(ListenerConfig):
     log_level: str = option("info", "uvicorn log level: critical, error, warning, info, debug.")
     grace_seconds: float = option(10.0, "On SIGTERM, how long in-flight requests may finish.")
     # Trainer protocol front-ends: OpenRLHF's remote reward model (/v1/openrlhf) and KServe v2 (/v2).
-    max_inflight_requests: int = option(512, "Most requests answered at once on the OpenRLHF and /v2 infer routes; "
+    max_inflight_requests: int = option(512, "Most requests answered at once on the OpenRLHF, slime and /v2 infer routes; "
                                              "past it they get 429 with Retry-After (OpenRLHF sends one request per "
                                              "sample, all at once).")
-    adapter_failure_reward: float = option(0.0, "Reward that the OpenRLHF and /v2 routes give an item that could not "
+    adapter_failure_reward: float = option(0.0, "Reward that the OpenRLHF, slime and /v2 routes give an item that could not "
                                                 "be scored (their protocols have no null); flagged and logged.")
-    adapter_scorer_errors: str = option("reward", "When a scorer call fails as a whole on the OpenRLHF and /v2 routes: "
+    adapter_scorer_errors: str = option("reward", "When a scorer call fails as a whole on the OpenRLHF, slime and /v2 routes: "
                                                   "reward (answer 200 with adapter_failure_reward per item) or http "
                                                   "(answer 429/503/504 so the trainer's own retry applies).")
-    openrlhf_scorer: str = option("rules", "Scorer of POST /v1/openrlhf/reward: rules (ASR text) or token2wav_asr (TTS "
+    openrlhf_scorer: str = option("rules", "Scorer of POST /v1/openrlhf/reward and /v1/slime/reward: rules (ASR text) or token2wav_asr (TTS "
                                            "speech tokens, needs a token2wav backend).")
 
     def __post_init__(self) -> None:

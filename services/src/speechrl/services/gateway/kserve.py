@@ -5,8 +5,11 @@ A request is JSON `{"id"?, "parameters"?, "inputs": [{"name", "shape", "datatype
 Triton's binary-tensor extension is read too (what `tritonclient.http` sends by default): the
 `Inference-Header-Content-Length` header gives the JSON header's size, and each input with
 `parameters.binary_data_size` takes that many raw bytes after it, in order (BYTES elements as a
-4-byte little-endian length + bytes). Replies are always JSON tensors; tritonclient reads those
-whether or not it asked for binary outputs.
+4-byte little-endian length + bytes). Replies follow the same extension when asked: an output
+requested with `parameters.binary_data: true` (or every output, with the request's
+`parameters.binary_data_output: true`) is sent as raw bytes after the JSON header, which names its
+`binary_data_size`; the reply then carries `Inference-Header-Content-Length`. Otherwise replies are
+JSON tensors.
 
 >>> request, tensors = parse_infer_request(b'{"inputs": [{"name": "TOKENS", "shape": [1, 3], '
 ...     b'"datatype": "INT32", "data": [[5, 6, 7]]}]}', None)
@@ -151,6 +154,31 @@ def parse_infer_request(body: bytes, header_length: int | None) -> tuple[InferRe
             binary, at = rest[at:at + int(size)], at + int(size)
         tensors[spec.name] = _tensor(spec, binary)
     return request, tensors
+
+
+def wants_binary(request: InferRequest, output: str) -> bool:
+    """Whether the client asked for this output as raw bytes (Triton's binary-tensor extension)."""
+    default = bool((request.parameters or {}).get("binary_data_output", False))
+    for requested in request.outputs or []:
+        if requested.name == output and requested.parameters and "binary_data" in requested.parameters:
+            return bool(requested.parameters["binary_data"])
+    return default
+
+
+def tensor_bytes(datatype: str, array: np.ndarray) -> bytes:
+    """An output's raw bytes, row-major: numbers little-endian, BOOL one byte, BYTES a 4-byte length + bytes each."""
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        parts = [v if isinstance(v, bytes) else str(v).encode("utf-8") for v in flat]
+        return b"".join(len(p).to_bytes(4, "little") + p for p in parts)
+    return np.ascontiguousarray(flat, dtype=NUMERIC_DTYPES[datatype]).tobytes()
+
+
+def binary_reply(header: dict[str, Any], raw: list[bytes]) -> tuple[bytes, int]:
+    """The body of a reply with binary outputs (JSON header, then each output's bytes in order) and the
+    header's length, for Inference-Header-Content-Length."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    return head + b"".join(raw), len(head)
 
 
 def output_tensor(name: str, datatype: str, array: np.ndarray) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from speechrl.adapters.common import token2wav_service
 from speechrl.services import __version__
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
 from speechrl.services.gateway.config import GatewayConfig
@@ -22,7 +23,6 @@ from speechrl.services.gateway.errors import add_error_handlers
 from speechrl.services.gateway.metrics import MetricsMiddleware
 from speechrl.services.gateway.prompts import PromptPool
 from speechrl.services.gateway.routes import ROUTERS
-from speechrl.services.gateway.scoring import token2wav_service
 from speechrl.services.logs import RequestIdMiddleware
 
 DESCRIPTION = """REST/JSON front of the SpeechRL reward services.
@@ -50,7 +50,7 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     if scorers.token2wav is not None:  # tests and embedders may attach their own callable instead
         prompts = None if not config.token2wav_prompts else PromptPool.from_folder(
             config.token2wav_prompts, None if config.token2wav_prompt_seed < 0 else config.token2wav_prompt_seed)
-        app.state.token2wav = token2wav_service(scorers.token2wav, prompts)
+        app.state.token2wav = token2wav_service(scorers.token2wav, None if prompts is None else prompts.draw_audio)
     for router in ROUTERS:
         app.include_router(router)
     add_error_handlers(app)

@@ -9,11 +9,14 @@ start, not as a failed item in the middle of a run.
 
 from __future__ import annotations
 
+import logging
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
 import soundfile
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg")
 MIN_RATE_HERTZ = 16_000  # CosyVoice2's frontend takes its speaker embedding and prompt tokens at 16 kHz
@@ -65,3 +68,9 @@ class PromptPool:
     def draw(self, count: int) -> list[PromptSpeaker]:
         """count prompt speakers, each drawn independently (the recipe draws one per item)."""
         return [self._random.choice(self.speakers) for _ in range(count)]
+
+    def draw_audio(self, count: int) -> list[bytes]:
+        """The audio of count drawn prompt speakers, for a token2wav hook; which ones is logged at DEBUG."""
+        drawn = self.draw(count)
+        log.debug("token2wav prompt speakers: %s", [p.name for p in drawn])
+        return [p.audio for p in drawn]

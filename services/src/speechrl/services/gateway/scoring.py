@@ -9,7 +9,7 @@ checks, the per-item errors and the failure policy are the same as in the TRL an
   `adapter_scorer_errors = "http"`, raises ServiceError so the reply is 429 / 503 / 504;
 - speech tokens need the app's token2wav hook (`app.state.token2wav`, a `Token2Wav` callable): the
   gateway attaches one that calls the token2wav service when `token2wav` has endpoints
-  (`token2wav_service`); without either the reply is 503 "token2wav backend not configured".
+  (`speechrl.adapters.common.token2wav_service`); without either the reply is 503 "token2wav backend not configured".
 """
 
 from __future__ import annotations
@@ -30,15 +30,13 @@ from speechrl.adapters.common import (
     SpeakerReferenceLike,
     SpeakerScorer,
     Token2Wav,
-    Token2WavOutput,
     log_failures,
     speech_from_tokens,
 )
-from speechrl.client import AsyncToken2WavClient, AudioLike, ItemFailedError, ServiceError
+from speechrl.client import AudioLike, ServiceError
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import ScorerOff
-from speechrl.services.gateway.prompts import PromptPool
 
 log = logging.getLogger(__name__)
 
@@ -46,24 +44,6 @@ log = logging.getLogger(__name__)
 def token2wav_of(state: State) -> Token2Wav | None:
     """The app's speech-token -> audio callable; None until one is attached (`app.state.token2wav = fn`)."""
     return getattr(state, "token2wav", None)
-
-
-def token2wav_service(client: AsyncToken2WavClient, prompts: PromptPool | None = None) -> Token2Wav:
-    """The app's token2wav hook backed by the token2wav service: one Synthesize call per request,
-    each item with a prompt speaker drawn from prompts when there is a pool.
-
-    An item the service could not render comes back as the exception that says why, so the reply's
-    per-item error names the service's reason (e.g. ids out of range), not just "no audio".
-    """
-
-    async def render(token_lists: list[list[int]]) -> list[Token2WavOutput]:
-        drawn = None if prompts is None else prompts.draw(len(token_lists))
-        if drawn is not None:
-            log.debug("token2wav prompt speakers: %s", [p.name for p in drawn])
-        results = await client.synthesize(token_lists, prompt_audio=None if drawn is None else [p.audio for p in drawn])
-        return [r.wav if r.error is None else ItemFailedError(f"{r.error.code}: {r.error.message}") for r in results]
-
-    return render
 
 
 def policy_of(config: GatewayConfig) -> CallPolicy:

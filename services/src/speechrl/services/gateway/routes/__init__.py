@@ -1,13 +1,14 @@
 """Routers of the gateway, one module per resource; `ROUTERS` is what the app mounts.
 
 Trainer protocol front-ends translate to the same SDK clients: the OpenRLHF remote reward-model
-endpoint (POST /v1/openrlhf/{scorer}, `routes/openrlhf.py`) and the Triton / KServe v2 inference
-protocol (/v2/models/{model}/infer, `routes/triton.py`).
+endpoint (POST /v1/openrlhf/{scorer}, `routes/openrlhf.py`), slime's remote reward model (POST
+/v1/slime/{scorer}, `routes/slime.py`) and the Triton / KServe v2 inference protocol
+(/v2/models/{model}/infer, `routes/triton.py`).
 """
 
 from fastapi import APIRouter
 
-from speechrl.services.gateway.routes import health, intelligibility, openrlhf, rules, speaker, triton
+from speechrl.services.gateway.routes import health, intelligibility, openrlhf, rules, slime, speaker, triton
 
 ROUTERS: list[APIRouter] = [
     health.router,
@@ -15,5 +16,6 @@ ROUTERS: list[APIRouter] = [
     speaker.router,
     rules.router,
     openrlhf.router,
+    slime.router,
     triton.router,
 ]

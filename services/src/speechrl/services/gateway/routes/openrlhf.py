@@ -17,18 +17,15 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
 
-from speechrl.adapters.common import RuleWeights, parse_speech_tokens
-from speechrl.services.gateway import scoring
+from speechrl.adapters.common import RuleWeights
 from speechrl.services.gateway.deps import ConfigDep, ScorersDep
 from speechrl.services.gateway.errors import ERROR_RESPONSES
 from speechrl.services.gateway.inflight import limiter_of
+from speechrl.services.gateway.samples import score_samples
 from speechrl.services.gateway.schemas.intelligibility import ERROR_UNIT_HELP, ErrorUnit, WerMapping
-from speechrl.services.gateway.schemas.openrlhf import OpenRLHFRewardBody, OpenRLHFRewardReply, text_of
+from speechrl.services.gateway.schemas.openrlhf import OpenRLHFRewardBody, OpenRLHFRewardReply
 
 router = APIRouter(prefix="/v1/openrlhf", tags=["openrlhf"], responses=ERROR_RESPONSES)
-
-RULE_COMPONENTS = ("wer", "accuracy", "hallucination", "keyword")
-SPEECH_COMPONENTS = ("wer", "cer", "error_rate")
 
 
 @router.post("/{scorer}", summary="OpenRLHF remote reward: rewards, scores and extra_logs per query")
@@ -44,20 +41,8 @@ async def openrlhf_reward(
 ) -> OpenRLHFRewardReply:
     """One reward per query, in order; `labels` hold the reference text (or {"reference", "keywords", "language"})."""
     with limiter_of(request).slot():
-        name = config.openrlhf_scorer if scorer == "reward" else scorer
-        completions = body.completions()
-        references, keywords, languages = zip(*body.label_fields(), strict=True)
-        default_language = language or (config.token2wav_asr_language if name == "token2wav_asr" else "")
-        languages = tuple(lang or default_language for lang in languages)
-        if name == "rules":
-            outcomes = await scoring.rules(scorers, config, [text_of(c) for c in completions], list(references),
-                                           keywords=list(keywords), languages=list(languages),
-                                           weights=RuleWeights(accuracy_weight, hallucination_weight, keyword_weight))
-            components: tuple[str, ...] = RULE_COMPONENTS
-        else:
-            outcomes = await scoring.speech_tokens(request.app.state, scorers, config,
-                                                   [parse_speech_tokens(c) for c in completions], list(references),
-                                                   languages=list(languages), reward_mapping=reward_mapping,
-                                                   error_unit=error_unit or config.token2wav_asr_error_unit)
-            components = SPEECH_COMPONENTS
-    return OpenRLHFRewardReply.of(scoring.ItemScores.of(outcomes, config.adapter_failure_reward, components))
+        scores = await score_samples(
+            request, scorers, config, config.openrlhf_scorer if scorer == "reward" else scorer, body.completions(),
+            body.label_fields(), weights=RuleWeights(accuracy_weight, hallucination_weight, keyword_weight),
+            reward_mapping=reward_mapping, language=language, error_unit=error_unit)
+    return OpenRLHFRewardReply.of(scores)

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from speechrl.adapters.common import Token2WavNotConfigured
 from speechrl.client import ServiceError
@@ -21,7 +21,15 @@ from speechrl.services import __version__
 from speechrl.services.gateway.deps import ConfigDep, Scorers, ScorersDep
 from speechrl.services.gateway.errors import HTTP_STATUS, ScorerOff
 from speechrl.services.gateway.inflight import TooBusy, limiter_of
-from speechrl.services.gateway.kserve import InferRequest, V2Error, output_tensor, parse_infer_request
+from speechrl.services.gateway.kserve import (
+    InferRequest,
+    V2Error,
+    binary_reply,
+    output_tensor,
+    parse_infer_request,
+    tensor_bytes,
+    wants_binary,
+)
 from speechrl.services.gateway.scoring import token2wav_of
 from speechrl.services.gateway.v2_models import MODELS, Call, V2Model, check_inputs
 
@@ -119,7 +127,7 @@ async def model_ready(name: str, request: Request, scorers: ScorersDep, config: 
              responses={400: _ERROR, 404: _ERROR, 429: _ERROR, 503: _ERROR, 504: _ERROR})
 @router.post("/models/{name}/versions/{version}/infer", include_in_schema=False, openapi_extra=_INFER_BODY)
 async def infer(name: str, request: Request, scorers: ScorersDep, config: ConfigDep,
-                version: str | None = None) -> JSONResponse:
+                version: str | None = None) -> Response:
     """One value per item in every output ([batch, 1]); REWARDS first. Items that could not be scored
     have SCORED false, a reason in ERRORS and `adapter_failure_reward` in REWARDS."""
     try:
@@ -140,10 +148,22 @@ async def infer(name: str, request: Request, scorers: ScorersDep, config: Config
         if unknown:
             raise V2Error(400, f"unknown output(s) {unknown} for model {name}; it has {[s.name for s in model.outputs]}")
         types = {s.name: s.datatype for s in model.outputs}
-        reply: dict[str, Any] = {"model_name": name, "model_version": "1",
-                                 "outputs": [output_tensor(n, types[n], arrays[n]) for n in wanted]}
+        replies: list[dict[str, Any]] = []
+        raw: list[bytes] = []  # the binary outputs' bytes, in the order of their headers
+        for n in wanted:
+            if wants_binary(parsed, n):
+                raw.append(tensor_bytes(types[n], arrays[n]))
+                replies.append({"name": n, "datatype": types[n], "shape": list(arrays[n].shape),
+                                "parameters": {"binary_data_size": len(raw[-1])}})
+            else:
+                replies.append(output_tensor(n, types[n], arrays[n]))
+        reply: dict[str, Any] = {"model_name": name, "model_version": "1", "outputs": replies}
         if parsed.id is not None:
             reply["id"] = parsed.id
-        return JSONResponse(reply)
+        if not raw:
+            return JSONResponse(reply)
+        body, header_length = binary_reply(reply, raw)
+        return Response(body, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
     except (V2Error, TooBusy, ScorerOff, Token2WavNotConfigured, ServiceError) as exc:
         return v2_error(exc)

@@ -19,56 +19,14 @@ tokens kept (openrlhf/utils/agent.py). So:
 
 from __future__ import annotations
 
-import json
-import os
-import re
-from collections.abc import Mapping
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from speechrl.adapters.openrlhf import completion_of, label_fields, text_of
 from speechrl.services.gateway.scoring import ItemScores
 
-# Markers of special tokens that a decode with skip_special_tokens=False leaves in the text
-# (<|im_end|>, <|endoftext|>, </s>, ...); speech tokens <|s_N|> are read before this is applied.
-SPECIAL_TOKEN = re.compile(r"<\|[^<>|\s]*\|>|</?s>|<(?:eos|pad|bos|unk)>")
-
-
-def completion_of(query: str, prompt: str | None) -> str:
-    """The response part of an OpenRLHF query (prompt + response as one decoded string).
-
-    The prompt is cut where the query starts with it, else after its first occurrence, else after
-    the longest common prefix (a tokenizer round trip may change a few characters of the prompt).
-    """
-    if not prompt:
-        return query
-    if query.startswith(prompt):
-        return query[len(prompt):]
-    found = query.find(prompt)
-    if found >= 0:
-        return query[found + len(prompt):]
-    return query[len(os.path.commonprefix([query, prompt])):]
-
-
-def text_of(completion: str) -> str:
-    """A completion as text: special-token markers removed, outer whitespace stripped."""
-    return SPECIAL_TOKEN.sub("", completion).strip()
-
-
-def label_fields(label: Any) -> tuple[str | None, list[str], str]:
-    """(reference text, keywords, language) of a label: a string, a dict, or the dict as JSON."""
-    if isinstance(label, str) and label.lstrip().startswith("{"):
-        try:
-            label = json.loads(label)
-        except ValueError:
-            pass  # a reference that happens to start with "{"
-    if isinstance(label, Mapping):
-        reference = next((label[k] for k in ("reference", "text", "ground_truth", "label") if label.get(k) is not None), None)
-        keywords = label.get("keywords") or []
-        return (None if reference is None else str(reference),
-                [keywords] if isinstance(keywords, str) else [str(k) for k in keywords], str(label.get("language") or ""))
-    return (None if label is None else str(label)), [], ""
-
+__all__ = ["OpenRLHFRewardBody", "OpenRLHFRewardReply", "completion_of", "label_fields", "text_of"]
 
 class OpenRLHFRewardBody(BaseModel):
     """What OpenRLHF's remote reward client sends: one entry per sample in each list."""

@@ -1,0 +1,37 @@
+"""The core of the routes that score trainer samples (OpenRLHF, slime): decoded completions against labels.
+
+A completion is the decoded response; a label is the reference text or {"reference", "keywords",
+"language"} (`schemas.openrlhf.label_fields`). The scorer is rules (the completion's text) or
+token2wav_asr (its speech tokens <|s_N|> -> audio -> intelligibility).
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from speechrl.adapters.common import RuleWeights, parse_speech_tokens
+from speechrl.adapters.openrlhf import RULE_COMPONENTS, SPEECH_COMPONENTS, text_of
+from speechrl.services.gateway import scoring
+from speechrl.services.gateway.config import GatewayConfig
+from speechrl.services.gateway.deps import Scorers
+
+
+async def score_samples(request: Request, scorers: Scorers, config: GatewayConfig, name: str, completions: list[str],
+                        labels: list[tuple[str | None, list[str], str]], *, weights: RuleWeights, reward_mapping: str,
+                        language: str, error_unit: str | None) -> scoring.ItemScores:
+    """Rewards of decoded completions against their labels (reference, keywords, language) with the scorer
+    `name`: rules (the completion's text) or token2wav_asr (its speech tokens)."""
+    references, keywords, languages = zip(*labels, strict=True)
+    default_language = language or (config.token2wav_asr_language if name == "token2wav_asr" else "")
+    languages = tuple(lang or default_language for lang in languages)
+    if name == "rules":
+        outcomes = await scoring.rules(scorers, config, [text_of(c) for c in completions], list(references),
+                                       keywords=list(keywords), languages=list(languages), weights=weights)
+        components: tuple[str, ...] = RULE_COMPONENTS
+    else:
+        outcomes = await scoring.speech_tokens(request.app.state, scorers, config,
+                                               [parse_speech_tokens(c) for c in completions], list(references),
+                                               languages=list(languages), reward_mapping=reward_mapping,
+                                               error_unit=error_unit or config.token2wav_asr_error_unit)
+        components = SPEECH_COMPONENTS
+    return scoring.ItemScores.of(outcomes, config.adapter_failure_reward, components)
