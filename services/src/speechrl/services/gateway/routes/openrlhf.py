@@ -13,16 +13,14 @@ are batched by the scorer's dynamic batcher; at most `max_inflight_requests` are
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
 
-from speechrl.adapters.common import RuleWeights
 from speechrl.services.gateway.deps import ConfigDep, ScorersDep
 from speechrl.services.gateway.errors import ERROR_RESPONSES
 from speechrl.services.gateway.inflight import limiter_of
-from speechrl.services.gateway.samples import score_samples
-from speechrl.services.gateway.schemas.intelligibility import ERROR_UNIT_HELP, ErrorUnit, WerMapping
+from speechrl.services.gateway.samples import SampleScoringDep, score_samples
 from speechrl.services.gateway.schemas.openrlhf import OpenRLHFRewardBody, OpenRLHFRewardReply
 
 router = APIRouter(prefix="/v1/openrlhf", tags=["openrlhf"], responses=ERROR_RESPONSES)
@@ -31,18 +29,11 @@ router = APIRouter(prefix="/v1/openrlhf", tags=["openrlhf"], responses=ERROR_RES
 @router.post("/{scorer}", summary="OpenRLHF remote reward: rewards, scores and extra_logs per query")
 async def openrlhf_reward(
         scorer: Literal["reward", "rules", "token2wav_asr"], body: OpenRLHFRewardBody, request: Request,
-        scorers: ScorersDep, config: ConfigDep,
-        accuracy_weight: Annotated[float | None, Query(description="rules: weight of R1; default 1.")] = None,
-        hallucination_weight: Annotated[float | None, Query(description="rules: weight of R2; default 1.")] = None,
-        keyword_weight: Annotated[float | None, Query(description="rules: weight of R3; default 0.")] = None,
-        reward_mapping: Annotated[WerMapping, Query(description="token2wav_asr: WER -> reward.")] = "one_minus_tanh_3wer",
-        language: Annotated[str, Query(description="ISO 639-1 code for labels that give none; empty is en.")] = "",
-        error_unit: Annotated[ErrorUnit | None, Query(description="token2wav_asr: " + ERROR_UNIT_HELP)] = None,
+        scorers: ScorersDep, config: ConfigDep, how: SampleScoringDep,
 ) -> OpenRLHFRewardReply:
     """One reward per query, in order; `labels` hold the reference text (or {"reference", "keywords", "language"})."""
     with limiter_of(request).slot():
         scores = await score_samples(
             request, scorers, config, config.openrlhf_scorer if scorer == "reward" else scorer, body.completions(),
-            body.label_fields(), weights=RuleWeights(accuracy_weight, hallucination_weight, keyword_weight),
-            reward_mapping=reward_mapping, language=language, error_unit=error_unit)
+            body.label_fields(), how)
     return OpenRLHFRewardReply.of(scores)

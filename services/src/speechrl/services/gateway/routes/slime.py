@@ -17,12 +17,10 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from speechrl.adapters.common import RuleWeights
 from speechrl.services.gateway.deps import ConfigDep, ScorersDep
 from speechrl.services.gateway.errors import ERROR_RESPONSES
 from speechrl.services.gateway.inflight import limiter_of
-from speechrl.services.gateway.samples import score_samples
-from speechrl.services.gateway.schemas.intelligibility import ERROR_UNIT_HELP, ErrorUnit, WerMapping
+from speechrl.services.gateway.samples import SampleScoringDep, score_samples
 from speechrl.services.gateway.schemas.openrlhf import label_fields
 
 router = APIRouter(prefix="/v1/slime", tags=["slime"], responses=ERROR_RESPONSES)
@@ -45,13 +43,7 @@ class SlimeRewardBody(BaseModel):
 @router.post("/{scorer}", summary="slime remote reward: one number per sample")
 async def slime_reward(
         scorer: Literal["reward", "rules", "token2wav_asr"], body: SlimeRewardBody, request: Request,
-        scorers: ScorersDep, config: ConfigDep,
-        accuracy_weight: Annotated[float | None, Query(description="rules: weight of R1; default 1.")] = None,
-        hallucination_weight: Annotated[float | None, Query(description="rules: weight of R2; default 1.")] = None,
-        keyword_weight: Annotated[float | None, Query(description="rules: weight of R3; default 0.")] = None,
-        reward_mapping: Annotated[WerMapping, Query(description="token2wav_asr: WER -> reward.")] = "one_minus_tanh_3wer",
-        language: Annotated[str, Query(description="ISO 639-1 code for labels that give none; empty is en.")] = "",
-        error_unit: Annotated[ErrorUnit | None, Query(description="token2wav_asr: " + ERROR_UNIT_HELP)] = None,
+        scorers: ScorersDep, config: ConfigDep, how: SampleScoringDep,
         detail: Annotated[bool, Query(description="Answer {reward, scored, components} (for --reward-key reward) "
                                                   "instead of the bare number.")] = False,
 ) -> float | dict[str, float]:
@@ -59,8 +51,7 @@ async def slime_reward(
     with limiter_of(request).slot():
         scores = await score_samples(
             request, scorers, config, config.openrlhf_scorer if scorer == "reward" else scorer, [body.response],
-            [label_fields(body.label)], weights=RuleWeights(accuracy_weight, hallucination_weight, keyword_weight),
-            reward_mapping=reward_mapping, language=language, error_unit=error_unit)
+            [label_fields(body.label)], how)
     if not detail:
         return scores.rewards[0]
     return {"reward": scores.rewards[0], "scored": 1.0 if scores.scored[0] else 0.0,

@@ -8,13 +8,7 @@ tokens kept (openrlhf/utils/agent.py). So:
 - completion = the query after its prompt (`completion_of`), special tokens removed for text;
 - label = the reference text, or a dict (or its JSON) {"reference", "keywords", "language"}.
 
->>> completion_of("<|im_start|>user\\nsay hi<|im_end|>\\n<|im_start|>assistant\\nhello there<|im_end|>",
-...               "<|im_start|>user\\nsay hi<|im_end|>\\n<|im_start|>assistant\\n")
-'hello there<|im_end|>'
->>> text_of('hello there<|im_end|><|endoftext|>')
-'hello there'
->>> label_fields('{"reference": "turn it on", "keywords": ["on"]}')
-('turn it on', ['on'], '')
+Those three live in speechrl.adapters.openrlhf, shared with OpenRLHF's reward_func file mode.
 """
 
 from __future__ import annotations
