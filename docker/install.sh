@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builder-stage install of SpeechRL into the virtual environment /opt/venv (docker/Dockerfile).
 #   cpu:  torch (CPU wheel, TORCH_VERSION from TORCH_INDEX_URL), then speechrl.
-#   cuda: vLLM (VLLM_VERSION, which pins its CUDA torch build from PyPI), speechrl and wespeaker
-#         (WESPEAKER_SPEC, empty to leave it out) in one resolve, so vLLM's pins hold against
+#   cuda: vLLM (VLLM_VERSION, which pins its CUDA torch build from PyPI) and speechrl in one resolve,
+#         then wespeaker's model code without its CLI's dependencies (WESPEAKER_SPEC, empty to leave it
+#         out); the one resolve is so that vLLM's pins hold against
 #         speechrl's own requirements, as scripts/bootstrap.sh does for .venv-vllm.
 # Both then add Resemblyzer without its dependencies (its metadata asks for the `typing` backport
 # and the sdist-only `webrtcvad`; speechrl-services brings its real ones), exactly as bootstrap.sh.
@@ -18,9 +19,10 @@ case "$flavour" in
     "${PIP[@]}" install ./clients ./services ./trainer
     ;;
   cuda)
-    extra=()
-    [ -z "${WESPEAKER_SPEC:-}" ] || extra+=("$WESPEAKER_SPEC")
-    "${PIP[@]}" install "vllm==${VLLM_VERSION:?}" ./clients ./services ./trainer "${extra[@]}"
+    "${PIP[@]}" install "vllm==${VLLM_VERSION:?}" ./clients ./services ./trainer
+    # wespeaker's declared dependencies (torchaudio, s3prl, whisper, ...) are for its CLI; the model
+    # classes the wespeaker-checkpoint backend imports need only torch, numpy and scipy.
+    [ -z "${WESPEAKER_SPEC:-}" ] || "${PIP[@]}" install --no-deps "$WESPEAKER_SPEC"
     ;;
   *) echo "install.sh: unknown flavour $flavour (cpu or cuda)" >&2; exit 2 ;;
 esac

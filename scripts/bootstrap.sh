@@ -64,6 +64,11 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # Resemblyzer's metadata asks for the `typing` backport and the sdist-only `webrtcvad`; its real
 # dependencies (webrtcvad-wheels, librosa, scipy) come with speechrl-services.
 "${PIP[@]}" install --no-deps -c constraints.txt resemblyzer
+# The `wespeaker` package (wespeaker-unofficial: upstream's source at dfa7419, as a wheel; there is no
+# `wespeaker` on PyPI) for --backend wespeaker-checkpoint. Its metadata asks for torchaudio, which does
+# not load beside our torch pin, and for the CLI's and self-supervised front-ends' packages (silero-vad,
+# s3prl, openai-whisper, umap-learn, hdbscan); the model classes need only torch, numpy and scipy.
+"${PIP[@]}" install --no-deps -c constraints.txt wespeaker-unofficial
 # verl 0.9.1's files (config YAML, reward-loop sources), unpacked beside the venv's packages and never
 # imported: tests/service/test_adapters_verl.py composes its config and checks its calling code. Not
 # installed, because `import verl` needs ray, its wheel pins transformers<5.11, and it ships top-level

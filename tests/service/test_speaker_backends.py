@@ -2,13 +2,16 @@
 
 Resemblyzer is checked against its own embed_utterance(preprocess_wav(...)); the wespeaker ONNX
 backend against the torch module the test exports (a small random ResNet-style network); the
-wespeaker checkpoint backend for a clear error when the wespeaker package is missing.
+wespeaker checkpoint backend, served over gRPC, against wespeaker's own ResNet34 (tiny, random)
+called directly on the features its config.yaml describes.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import asyncio
 import io
+import itertools
+import sys
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,15 +22,19 @@ import pytest
 import soundfile
 import soxr
 import torch
+import yaml
 from torch import nn
 
 from speechrl.client.codec import tensor_to_numpy
 from speechrl.services.ports import free_port
 from speechrl.services.speaker import features
 from speechrl.services.speaker.backends import BACKENDS, load_backend, run_grouped_by_length
+from speechrl.services.speaker.backends.wespeaker_checkpoint import checkpoint_files, fbank_settings
 from speechrl.services.speaker.server import SpeakerConfig, start
 from speechrl.v1 import common_pb2, speaker_pb2, speaker_pb2_grpc
 from tests.support.servers import Speech, serve_in_thread
+from tests.support.wespeaker_model import CONFIG as TINY_CONFIG
+from tests.support.wespeaker_model import EMBED_DIM, FEAT_DIM, build_tiny_wespeaker
 
 RATE = 16000
 
@@ -241,38 +248,155 @@ def test_onnx_backend_needs_a_model_file(tmp_path: Path):
 
 
 # --- wespeaker checkpoint ---------------------------------------------------------------------
+# The `wespeaker` package is the wespeaker-unofficial wheel (scripts/bootstrap.sh); the tiny model is
+# wespeaker's own ResNet34, saved by wespeaker's own save_checkpoint (tests/support/wespeaker_model.py).
 
-HAVE_WESPEAKER = importlib.util.find_spec("wespeaker") is not None
+# What tests/support/wespeaker_model.py's config.yaml asks for: 32 mel bins, 30 ms frames every 12 ms.
+TINY_FBANK = features.FbankSettings(num_mel_bins=FEAT_DIM, frame_length_ms=30.0, frame_shift_ms=12.0)
 
 
-@pytest.mark.skipif(HAVE_WESPEAKER, reason="wespeaker is installed: the real load below runs instead")
-def test_checkpoint_backend_says_how_to_get_wespeaker(tmp_path: Path):
+@pytest.fixture(scope="module")
+def tiny_wespeaker(tmp_path_factory: pytest.TempPathFactory) -> tuple[nn.Module, Path]:
+    folder = tmp_path_factory.mktemp("wespeaker") / "tiny_resnet34"
+    return build_tiny_wespeaker(folder), folder
+
+
+def wespeaker_embedding(network: nn.Module, wav: np.ndarray) -> np.ndarray:
+    """wespeaker's network called directly on the features config.yaml describes; a unit [D] row."""
+    feats = torch.from_numpy(features.kaldi_fbank(wav, TINY_FBANK))[None]  # [1, T, F]
+    with torch.no_grad():
+        row = network(feats)[-1][0].numpy()  # wespeaker's ResNet returns (0, embed_a)
+    return row / np.linalg.norm(row)
+
+
+def pcm(wav: np.ndarray) -> common_pb2.Audio:
+    """Float PCM at the model's rate: the server decodes it to exactly these samples (no resampling)."""
+    return common_pb2.Audio(pcm=common_pb2.RawPcm(data=wav.astype("<f4").tobytes(), sample_rate_hertz=RATE,
+                                                  encoding=common_pb2.PCM_F32LE))
+
+
+@pytest.fixture(scope="module")
+def checkpoint_stub(tiny_wespeaker) -> Iterator[speaker_pb2_grpc.SpeakerSimilarityScorerStub]:
+    config = SpeakerConfig(port=free_port(), backend="wespeaker-checkpoint", model_path=str(tiny_wespeaker[1]))
+    with serve_in_thread(lambda: start(config)) as running, grpc.insecure_channel(f"127.0.0.1:{running.port}") as channel:
+        yield speaker_pb2_grpc.SpeakerSimilarityScorerStub(channel)
+
+
+def test_checkpoint_server_embeds_as_wespeakers_own_model(tiny_wespeaker, checkpoint_stub, waves):
+    network, _ = tiny_wespeaker
+    batch = [waves[1], waves[0], waves[3], waves[2], waves[0]]  # mixed lengths, one repeated
+    results = checkpoint_stub.EmbedSpeaker(speaker_pb2.EmbedSpeakerRequest(audios=[pcm(w) for w in batch])).results
+    assert len(results) == len(batch)
+    for wav, result in zip(batch, results, strict=True):  # one result per item, in request order
+        served = tensor_to_numpy(result.embedding)
+        reference = wespeaker_embedding(network, wav)
+        assert served.shape == (EMBED_DIM,)
+        assert float(np.dot(served, reference)) > 1 - 1e-5
+        np.testing.assert_allclose(served, reference, atol=1e-4)
+
+
+def test_checkpoint_server_scores_the_cosine_of_wespeakers_embeddings(tiny_wespeaker, checkpoint_stub, waves):
+    network, _ = tiny_wespeaker
+    reference = [wespeaker_embedding(network, w) for w in waves]
+    pairs = [(0, 1), (1, 2), (2, 2), (3, 0), (2, 1)]
+    items = [speaker_pb2.SpeakerSimilarityItem(audio=pcm(waves[a]), reference_audio=pcm(waves[b])) for a, b in pairs]
+    results = checkpoint_stub.ScoreSpeakerSimilarity(speaker_pb2.ScoreSpeakerSimilarityRequest(items=items)).results
+    assert len(results) == len(pairs)
+    expected = [float(np.dot(reference[a], reference[b])) for a, b in pairs]
+    # Far apart (the tolerance is 1e-4), so a score given to the wrong item fails; (1, 2) = (2, 1).
+    assert min(abs(x - y) for x, y in itertools.combinations(sorted(set(expected[:4])), 2)) > 1e-3
+    for (a, b), want, result in zip(pairs, expected, results, strict=True):
+        assert result.score.cosine == pytest.approx(want, abs=1e-4), (a, b)
+        assert result.score.reward == pytest.approx(want, abs=1e-4)  # the server's default mapping: raw cosine
+
+
+def corrupt_garbage(folder: Path) -> None:
+    (folder / "avg_model.pt").write_bytes(b"this is not a torch checkpoint")
+
+
+def corrupt_truncated(folder: Path) -> None:
+    data = (folder / "avg_model.pt").read_bytes()
+    (folder / "avg_model.pt").write_bytes(data[: len(data) // 2])
+
+
+def corrupt_missing(folder: Path) -> None:
+    (folder / "avg_model.pt").unlink()
+
+
+def corrupt_other_architecture(folder: Path) -> None:
+    # ResNet18's tensors are a subset of ResNet34's with equal shapes: wespeaker's own load_checkpoint
+    # (strict=False) would load them and leave ResNet34's other blocks random, scoring plausibly low.
+    build_tiny_wespeaker(folder / "resnet18", config={**TINY_CONFIG, "model": "ResNet18"})
+    (folder / "resnet18" / "avg_model.pt").replace(folder / "avg_model.pt")
+
+
+async def start_then_stop(config: SpeakerConfig) -> None:
+    """Start the real server; should it start after all (the bug), stop it so the test fails, not hangs."""
+    running = await start(config)
+    await running.stop(0)
+
+
+def corrupt_model_name(folder: Path) -> None:
+    # wespeaker's get_speaker_model prints and calls exit(1) for a name it does not know.
+    (folder / "config.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "model": "Transformer9"}))
+
+
+@pytest.mark.parametrize(("corrupt", "error", "match"), [
+    (corrupt_garbage, ValueError, "avg_model.pt cannot be read"),
+    (corrupt_truncated, ValueError, "avg_model.pt cannot be read"),
+    (corrupt_missing, FileNotFoundError, "avg_model.pt not found"),
+    (corrupt_other_architecture, ValueError, "avg_model.pt does not fit"),
+    (corrupt_model_name, ValueError, "config.yaml: wespeaker has no speaker model 'Transformer9'"),
+])
+def test_checkpoint_server_refuses_a_bad_checkpoint_at_start(tmp_path: Path, corrupt, error, match):
+    folder = tmp_path / "model"
+    build_tiny_wespeaker(folder)
+    corrupt(folder)
+    config = SpeakerConfig(port=free_port(), backend="wespeaker-checkpoint", model_path=str(folder))
+    with pytest.raises(error, match=match) as info:
+        asyncio.run(start_then_stop(config))
+    assert str(folder) in str(info.value)
+
+
+def test_checkpoint_files_follow_wespeakers_layouts(tmp_path: Path):
+    released, run = tmp_path / "voxceleb_resnet34", tmp_path / "exp"  # a hub folder; a training run's exp_dir
+    for path in (released / "config.yaml", released / "avg_model.pt", run / "config.yaml", run / "models" / "avg_model.pt"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("")
+    assert checkpoint_files(str(released)) == (released / "config.yaml", released / "avg_model.pt")
+    assert checkpoint_files(str(released / "avg_model.pt")) == (released / "config.yaml", released / "avg_model.pt")
+    assert checkpoint_files(str(run / "models" / "avg_model.pt")) == (run / "config.yaml", run / "models" / "avg_model.pt")
+    (released / "config.yaml").unlink()
+    with pytest.raises(FileNotFoundError, match="config.yaml not found"):
+        checkpoint_files(str(released))
+
+
+def test_checkpoint_features_come_from_config_yaml():
+    # examples/voxceleb/v2/conf/resnet.yaml's settings are wespeaker's inference defaults.
+    voxceleb = {"model": "ResNet34", "model_args": {"feat_dim": 80, "embed_dim": 256},
+                "dataset_args": {"resample_rate": 16000, "fbank_args": {"num_mel_bins": 80, "frame_shift": 10,
+                                                                        "frame_length": 25, "dither": 1.0}}}
+    assert fbank_settings(voxceleb) == features.FbankSettings()
+    assert fbank_settings(TINY_CONFIG) == TINY_FBANK
+    other = {"model_args": {"feat_dim": 64}, "dataset_args": {
+        "resample_rate": 8000, "cmvn": False, "fbank_args": {"num_mel_bins": 64, "frame_length": 20, "frame_shift": 8,
+                                                             "window_type": "povey", "normalize_samples": True}}}
+    assert fbank_settings(other) == features.FbankSettings(sample_rate=8000, num_mel_bins=64, frame_length_ms=20.0,
+                                                           frame_shift_ms=8.0, window_type="povey",
+                                                           normalize_samples=True, cmn=False)
+    with pytest.raises(ValueError, match="feat_dim=80"):
+        fbank_settings({**voxceleb, "model_args": {"feat_dim": 80}, "dataset_args": other["dataset_args"]})
+    with pytest.raises(ValueError, match="norm_var"):
+        fbank_settings({"dataset_args": {"cmvn_args": {"norm_mean": True, "norm_var": True}}})
+
+
+def test_checkpoint_backend_says_how_to_get_wespeaker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    build_tiny_wespeaker(tmp_path)
+    monkeypatch.setitem(sys.modules, "wespeaker.models.speaker_model", None)  # as if the package were absent
     with pytest.raises(RuntimeError) as info:
         load_backend("wespeaker-checkpoint", str(tmp_path))
     message = str(info.value)
-    assert "wespeaker" in message and "pip install" in message and "wespeaker-onnx" in message
-
-
-@pytest.mark.skipif(not HAVE_WESPEAKER, reason="the wespeaker package is not installed (not on PyPI)")
-def test_checkpoint_backend_loads_a_wespeaker_folder(tmp_path: Path, waves):
-    import yaml
-    from wespeaker.models.speaker_model import get_speaker_model
-
-    config = {"model": "ResNet34", "model_args": {"feat_dim": 80, "embed_dim": 64, "pooling_func": "TSTP",
-                                                  "two_emb_layer": False},
-              "dataset_args": {"resample_rate": 16000, "fbank_args": {"num_mel_bins": 80, "frame_shift": 10,
-                                                                      "frame_length": 25, "dither": 1.0}}}
-    network = get_speaker_model(config["model"])(**config["model_args"]).eval()
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config))
-    torch.save(network.state_dict(), tmp_path / "avg_model.pt")
-    backend = load_backend("wespeaker-checkpoint", str(tmp_path))
-    assert backend.dim == 64
-    ours = backend.embed(waves[:2])
-    feats = [features.kaldi_fbank(w, backend.features) for w in waves[:2]]
-    with torch.no_grad():
-        rows = [network(torch.from_numpy(f)[None]) for f in feats]
-    rows = [(r[-1] if isinstance(r, tuple) else r).numpy()[0] for r in rows]
-    np.testing.assert_allclose(ours, np.stack([r / np.linalg.norm(r) for r in rows]), atol=1e-4)
+    assert "wespeaker-unofficial" in message and "pip install" in message and "wespeaker-onnx" in message
 
 
 def test_backend_registry_rejects_unknown_names():

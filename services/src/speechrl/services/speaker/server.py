@@ -41,7 +41,8 @@ class SpeakerConfig(ServerConfig):
                           "wespeaker-onnx (an ONNX export, as sherpa-onnx loads) or wespeaker-checkpoint (a folder "
                           "with config.yaml + avg_model.pt; needs the wespeaker package). Same choice on a GPU box.")
     model_path: str = option("", "Model to load: empty for Resemblyzer's bundled weights (or a .pt of its format); "
-                             "the .onnx file for wespeaker-onnx; the model folder for wespeaker-checkpoint.")
+                             "the .onnx file for wespeaker-onnx; the model folder (config.yaml + avg_model.pt) "
+                             "or its .pt file for wespeaker-checkpoint.")
     default_reward_mapping: str = option("cosine", "Reward of a request that leaves reward_mapping unset: cosine "
                                          "(raw, [-1, 1], seed-tts-eval's SIM), shifted ((cos + 1) / 2) or clipped "
                                          "(max(cos, 0)).")
