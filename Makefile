@@ -1,5 +1,5 @@
 # The two entry points of the README. Both set up what they need first.
-.PHONY: setup demo test lint bench protos up down
+.PHONY: setup demo test compose-test lint bench protos up down
 
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -10,8 +10,11 @@ setup:
 demo: setup  ## the main job
 	$(BIN)/speechrl demo
 
-test: setup  ## lint, type-check and the whole test suite
+test: setup  ## lint, type-check and the whole test suite, compose-test included
 	bash scripts/test.sh
+
+compose-test: setup  ## docker compose up for real: builds the images, runs tests/compose
+	bash scripts/compose_test.sh
 
 lint: setup
 	$(BIN)/ruff check .

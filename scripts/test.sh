@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The test command: lint, type-check, stale-stub check, then the whole suite.
+# The test command: lint, type-check, stale-stub check, then the whole suite, then the compose stack
+# for real (scripts/compose_test.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -16,4 +17,7 @@ if [ $# -eq 0 ] && [ -x "$VLLM_BIN/pytest" ]; then
   echo "== pytest (vllm venv)"; "$VLLM_BIN/pytest" tests/service/test_rollout_vllm.py
 elif [ $# -eq 0 ]; then
   echo "== pytest (vllm venv): skipped, no $VLLM_BIN (SPEECHRL_VLLM=0 at bootstrap)"
+fi
+if [ $# -eq 0 ]; then
+  echo "== compose"; bash scripts/compose_test.sh
 fi

@@ -1,5 +1,5 @@
 """Fixtures of the whole suite (real espeak-ng speech, free ports, a private Redis) and its tiers:
-each test gets the marker of the folder it lives in (unit, service, training, equivalence), so
+each test gets the marker of the folder it lives in (unit, service, training, equivalence, compose), so
 `pytest -m unit` runs one tier. Helpers live in tests/support/."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.services.ports import free_port
 from tests.support.servers import RedisServer
 
-TIERS = ("unit", "service", "training", "equivalence")
+TIERS = ("unit", "service", "training", "equivalence", "compose")
 
 
 @pytest.fixture(scope="session")
