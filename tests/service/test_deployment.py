@@ -32,10 +32,13 @@ from tests.support.deployment import (
     K8S_VERSION,
     OVERLAYS,
     ROOT,
+    assert_locked_down,
     compose_config,
     container_env,
     find,
     image_env,
+    image_workdir,
+    ingress_admits,
     kustomize,
     run,
     service_config,
@@ -88,38 +91,6 @@ def health_target(name: str, port: int) -> str:
     """What `speechrl up` checks (stack.healthy): the HTTP readiness path of an HTTP service, else gRPC health."""
     path = stack.HTTP_READY_PATHS.get(name)
     return f"http://127.0.0.1:{port}{path}" if path else f"127.0.0.1:{port}"
-
-
-def image_workdir(target: str) -> str:
-    """The WORKDIR of a final stage of docker/Dockerfile (where the trainer's runs volume goes)."""
-    import dockerfile
-
-    workdir, stage = "", None
-    for command in dockerfile.parse_file(str(ROOT / "docker" / "Dockerfile")):
-        if command.cmd == "FROM":
-            stage = command.value[-1]
-        elif command.cmd == "WORKDIR" and stage == target:
-            workdir = command.value[0]
-    assert workdir.startswith("/"), f"{target}: no absolute WORKDIR"
-    return workdir
-
-
-def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
-    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
-    for expression in selector.get("matchExpressions", []):
-        assert expression["operator"] == "In", expression
-        if labels.get(expression["key"]) not in expression["values"]:
-            return False
-    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
-
-
-def ingress_admits(docs: list[dict[str, Any]], target: dict[str, str], source: dict[str, str]) -> bool:
-    """Whether the NetworkPolicies let a pod labelled `source` (same namespace) reach one labelled `target`."""
-    rules = [rule for policy in find(docs, "NetworkPolicy") if selects(policy["spec"]["podSelector"], target)
-             for rule in policy["spec"].get("ingress", [])]
-    return any("from" not in rule or any("podSelector" in peer and "namespaceSelector" not in peer
-                                         and selects(peer["podSelector"], source) for peer in rule["from"])
-               for rule in rules)
 
 
 # ------------------------------------------------------------------------------------- schemas
@@ -303,15 +274,7 @@ def test_manifests_run_what_compose_runs(compose: dict[str, dict[str, Any]],
 def test_manifests_are_locked_down(manifests: dict[str, list[dict[str, Any]]]) -> None:
     for docs in manifests.values():
         for workload in find(docs, "Deployment") + find(docs, "StatefulSet"):
-            pod = workload["spec"]["template"]["spec"]
-            assert pod["securityContext"]["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
-            for container in pod["containers"]:
-                ctx = container["securityContext"]
-                assert ctx["readOnlyRootFilesystem"] and ctx["allowPrivilegeEscalation"] is False
-                assert ctx["capabilities"]["drop"] == ["ALL"]
-                assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
-                if container["image"].startswith("speechrl"):
-                    assert {"/tmp", "/cache"} <= {m["mountPath"] for m in container["volumeMounts"]}
+            assert_locked_down(workload["spec"]["template"]["spec"])
         (trainer,) = find(docs, "Deployment", "trainer")  # one writer of the runs volume, replaced not rolled
         assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
         (runs,) = find(docs, "PersistentVolumeClaim", "speechrl-runs")

@@ -1,10 +1,12 @@
-"""Offline renderers for tests/test_deployment.py: the compose model, the kustomize overlays, the
-image's environment, and the effective environment of a Kubernetes container.
+"""Offline renderers for tests/service/test_deployment*.py: the compose model, the kustomize overlays,
+the image's environment, the effective environment of a Kubernetes container, who the NetworkPolicies
+let in, and a CRD's schema as a JSON Schema.
 
 Each uses the real tool where one exists as a wheel (docker-compose v2's `config`, kubectl's
-built-in kustomize, BuildKit's Dockerfile parser); only the container-environment resolution below
-is our own, and it covers just the fields our manifests use (envFrom ConfigMap/Secret, value with
-$(VAR) references, fieldRef, resourceFieldRef limits.cpu).
+built-in kustomize, BuildKit's Dockerfile parser); only the container-environment resolution, the
+NetworkPolicy evaluation and the CRD schema conversion below are our own, and they cover just the
+fields our manifests use (envFrom ConfigMap/Secret, value with $(VAR) references, fieldRef,
+resourceFieldRef limits.cpu; podSelector peers in the policies' namespace).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +103,16 @@ def cpu_count(quantity: str) -> int:
     return math.ceil(int(quantity[:-1]) / 1000) if quantity.endswith("m") else math.ceil(float(quantity))
 
 
-def container_env(docs: list[dict[str, Any]], container: dict[str, Any], node: str = "node-a") -> dict[str, str]:
-    """The environment Kubernetes gives a container (the image's own ENV not included)."""
+def expand_references(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion (in env values, command and args); an unknown name stays as written."""
+    return re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), value)
+
+
+def container_env(docs: list[dict[str, Any]], container: dict[str, Any], node: str = "node-a",
+                  fields: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment Kubernetes gives a container (the image's own ENV not included) on `node`; fields
+    are the pod's other downward-API values by fieldPath (e.g. metadata.annotations['KEY'])."""
+    pod_fields = {"spec.nodeName": node, **(fields or {})}
     env: dict[str, str] = {}
     for source in container.get("envFrom", []):
         if "configMapRef" in source:
@@ -111,15 +122,85 @@ def container_env(docs: list[dict[str, Any]], container: dict[str, Any], node: s
             env.update({k: base64.b64decode(v).decode() for k, v in secret.get("data", {}).items()})
     for item in container.get("env", []):
         if "value" in item:
-            env[item["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env.get(m.group(1), m.group(0)), item["value"])
+            env[item["name"]] = expand_references(item["value"], env)
         elif "fieldRef" in item["valueFrom"]:
-            assert item["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName", item
-            env[item["name"]] = node
+            path = item["valueFrom"]["fieldRef"]["fieldPath"]
+            assert path in pod_fields, f"{item['name']}: the pod has no {path} (it has {sorted(pod_fields)})"
+            env[item["name"]] = pod_fields[path]
         else:
             ref = item["valueFrom"]["resourceFieldRef"]
             assert ref["resource"] == "limits.cpu" and str(ref.get("divisor", "1")) == "1", item
             env[item["name"]] = str(cpu_count(str(container["resources"]["limits"]["cpu"])))
     return env
+
+
+def assert_locked_down(pod: dict[str, Any]) -> None:
+    """A pod spec as every workload of ours runs: non-root (uid 10001 in our image), RuntimeDefault
+    seccomp, no service-account token; per container a read-only root filesystem, no privilege
+    escalation, all capabilities dropped, CPU and memory requests and limits, and in our image
+    emptyDirs for the paths it writes (/tmp, /cache)."""
+    context = pod["securityContext"]
+    assert context["runAsNonRoot"] and pod["automountServiceAccountToken"] is False
+    assert context["seccompProfile"]["type"] == "RuntimeDefault"
+    for container in pod["containers"]:
+        ctx = container["securityContext"]
+        assert ctx["readOnlyRootFilesystem"] and ctx["allowPrivilegeEscalation"] is False
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"]) & set(container["resources"]["limits"])
+        if container["image"].startswith("speechrl"):
+            assert context["runAsUser"] == 10001, container["name"]  # the image's user (docker/Dockerfile)
+            assert {"/tmp", "/cache"} <= {m["mountPath"] for m in container["volumeMounts"]}
+
+
+def selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels, matchExpressions with In) against a pod's labels."""
+    for expression in selector.get("matchExpressions", []):
+        assert expression["operator"] == "In", expression
+        if labels.get(expression["key"]) not in expression["values"]:
+            return False
+    return all(labels.get(k) == v for k, v in selector.get("matchLabels", {}).items())
+
+
+def ingress_admits(docs: list[dict[str, Any]], target: dict[str, str], source: dict[str, str]) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` (same namespace) reach one labelled `target`."""
+    rules = [rule for policy in find(docs, "NetworkPolicy") if selects(policy["spec"]["podSelector"], target)
+             for rule in policy["spec"].get("ingress", [])]
+    return any("from" not in rule or any("podSelector" in peer and "namespaceSelector" not in peer
+                                         and selects(peer["podSelector"], source) for peer in rule["from"])
+               for rule in rules)
+
+
+def crd_json_schema(crd: Path, version: str) -> dict[str, Any]:
+    """The openAPIV3Schema of one version of a CustomResourceDefinition as a strict JSON Schema.
+
+    Strict as the API server is (it prunes, and with kubectl's field validation refuses, unknown
+    fields): an object schema with properties admits no others, unless it says
+    x-kubernetes-preserve-unknown-fields. OpenAPI's `nullable` becomes a "null" type; apiVersion and
+    kind must name the CRD's. Not carried over: the CEL rules (x-kubernetes-validations, e.g.
+    immutability on update) and the list semantics (x-kubernetes-list-type / -map-keys).
+    """
+    (definition,) = [d for d in yaml.safe_load_all(crd.read_text()) if d]
+    spec = definition["spec"]
+    (served,) = [v for v in spec["versions"] if v["name"] == version]
+
+    def strict(node: Any) -> Any:
+        if isinstance(node, list):
+            return [strict(item) for item in node]
+        if not isinstance(node, dict):
+            return node
+        out = {k: strict(v) for k, v in node.items() if not k.startswith("x-kubernetes-") and k != "nullable"}
+        if "properties" in node and "additionalProperties" not in node \
+                and not node.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        if node.get("nullable") and "type" in node:
+            out["type"] = [node["type"], "null"]
+        return out
+
+    schema: dict[str, Any] = strict(served["schema"]["openAPIV3Schema"])
+    schema["properties"]["apiVersion"] = {"const": f"{spec['group']}/{version}"}
+    schema["properties"]["kind"] = {"const": spec["names"]["kind"]}
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind"})
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
 
 
 # ------------------------------------------------------------------------------------------ image
@@ -136,6 +217,20 @@ def image_env(target: str) -> dict[str, str]:
         elif command.cmd == "ENV" and stage == target:
             env.update(zip(command.value[::2], command.value[1::2], strict=True))
     return env
+
+
+def image_workdir(target: str) -> str:
+    """The WORKDIR of a final stage of docker/Dockerfile (where the trainer's runs volume goes)."""
+    import dockerfile
+
+    workdir, stage = "", None
+    for command in dockerfile.parse_file(str(ROOT / "docker" / "Dockerfile")):
+        if command.cmd == "FROM":
+            stage = command.value[-1]
+        elif command.cmd == "WORKDIR" and stage == target:
+            workdir = command.value[0]
+    assert workdir.startswith("/"), f"{target}: no absolute WORKDIR"
+    return workdir
 
 
 # ------------------------------------------------------------------------------------------ configs

@@ -76,9 +76,7 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
     kind.check(config, distributed=launch is not None)
     if launch is not None:
         distributed.check_shardable(grpo, launch.world_size)
-        device = launch.device(config.device)
-        config = replace(config, device=device,
-                         lease_device=launch.lease_device(lease_device_of(replace(config, device=device))) or "none")
+        config = for_rank(config, launch)
         control = distributed.init_process_group(torch.device(config.device))
     torch.manual_seed(grpo.seed)
     if launch is not None and not launch.is_main:
@@ -217,6 +215,21 @@ def lease_device_of(config: JobConfig) -> str:
     if config.lease_device == "auto":
         return config.device if config.device.startswith("cuda") else ""
     return "" if config.lease_device == "none" else config.lease_device
+
+
+def for_rank(config: JobConfig, launch: distributed.Launch) -> JobConfig:
+    """config as one torchrun rank runs it: its own device (cuda:LOCAL_RANK) and that device's lease
+    (a node prefix kept: node-7/cuda:LOCAL_RANK), or no lease ("none") where the job takes none.
+
+    >>> from speechrl.trainer.jobs.kind import JobConfig
+    >>> ranked = for_rank(JobConfig(policy="p", data="d", device="cuda", lease_device="node-7/cuda:0"),
+    ...                   distributed.Launch(rank=3, local_rank=1, world_size=4))
+    >>> ranked.device, ranked.lease_device
+    ('cuda:1', 'node-7/cuda:1')
+    """
+    device = launch.device(config.device)
+    lease = launch.lease_device(lease_device_of(replace(config, device=device)))
+    return replace(config, device=device, lease_device=lease or "none")
 
 
 def with_lease_prefix(config: JobConfig, prefix: str) -> JobConfig:
