@@ -4,6 +4,8 @@
 
 Grant latency: one uncontended acquire (one Lua round trip). Handoff: from the holder's release
 call to the grant in a second process that was waiting (woken by the release, not by polling).
+Contention: 64 clients, each its own GpuLease, cycling acquire / release on one device; the
+device's event stream (grants, releases, expiries) must stay at its cap however many events pass.
 Model move: a 100M-parameter torch model to the GPU and back (skipped without a GPU).
 """
 
@@ -22,6 +24,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import percentile, write_section
 
 from speechrl.services.lease import GpuLease, LeaseSettings
+from speechrl.services.lease.lease import device_prefix
 from speechrl.services.lease.status import device_status
 
 DEVICE = "bench:0"
@@ -102,6 +105,30 @@ def model_move() -> str:
     return f"{params / 1e6:.1f}M fp32 parameters: to GPU {on * 1000:.0f} ms, back to CPU {off * 1000:.0f} ms (best of 3)."
 
 
+async def contention(url: str, clients: int, rounds: int, events_max: int) -> tuple[int, int, int, list[float]]:
+    """(events written, stream length, stream bytes, grant waits in s) of clients cycling on one device."""
+    client = aioredis.Redis.from_url(url, max_connections=clients * 2)
+    device = f"{DEVICE}-contention"
+    prefix = device_prefix(LeaseSettings.namespace, device)
+    await client.delete(f"{prefix}:events")
+    settings = LeaseSettings(events_max=events_max)
+    waits: list[float] = []
+
+    async def cycle(n: int) -> None:
+        lease = GpuLease(client, f"bench-client-{n}", settings)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            grant = await lease.acquire(device, timeout=120)
+            waits.append(time.perf_counter() - start)
+            await lease.release(grant)
+
+    await asyncio.gather(*(cycle(n) for n in range(clients)))
+    length = await client.xlen(f"{prefix}:events")
+    size = await client.memory_usage(f"{prefix}:events") or 0
+    await client.aclose()
+    return 2 * clients * rounds, length, size, waits
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--redis-url", default=os.environ.get("SPEECHRL_REDIS_URL", "redis://127.0.0.1:6379/0"))
@@ -109,12 +136,18 @@ def main() -> None:
     args = parser.parse_args()
     grants = asyncio.run(grant_latency(args.redis_url, args.rounds))
     handoffs = asyncio.run(handoff(args.redis_url, max(50, args.rounds // 10)))
+    cap = 1000
+    written, length, size, waits = asyncio.run(contention(args.redis_url, 64, max(10, args.rounds // 50), cap))
     ms = lambda v: f"{v * 1000:.2f}"  # noqa: E731
     body = f"""
 | measure | n | p50 ms | p99 ms | target |
 |---|---|---|---|---|
 | uncontended grant (acquire) | {len(grants)} | {ms(percentile(grants, 50))} | {ms(percentile(grants, 99))} | p50 < 2 ms |
 | handoff, release -> grant in another process | {len(handoffs)} | {ms(percentile(handoffs, 50))} | {ms(percentile(handoffs, 99))} | |
+| grant wait, 64 clients cycling on one device | {len(waits)} | {ms(percentile(waits, 50))} | {ms(percentile(waits, 99))} | |
+
+Event stream under that contention: {written} events written, {length} kept (cap {cap}), {size / 1024:.0f} KiB
+in Redis ({size / max(length, 1):.0f} bytes an event).
 
 {model_move()}
 """

@@ -14,7 +14,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from speechrl.services.lease import GpuLease, LeaseSettings, LeaseTimeout, LeaseUnavailable
-from speechrl.services.lease.status import device_status, format_status, known_devices
+from speechrl.services.lease.lease import device_prefix
+from speechrl.services.lease.status import device_status, format_status, known_devices, lease_events
 from tests.support.servers import RedisServer
 
 WORKER = Path(__file__).parents[1] / "support" / "lease_worker.py"
@@ -132,6 +133,9 @@ async def test_a_killed_holder_loses_the_lease_within_its_ttl(redis_server: Redi
         assert waited <= (ttl_ms + ttl_ms / 3) / 1000 + FAST.poll_ms / 1000 + 0.1, waited
         assert (await device_status(client, "cuda:0")).stats.get("expiries") == 1
         assert grant.fence == int(first[1]) + 1
+        *_, expiry, granted = await lease_events(client, "cuda:0")
+        assert (expiry.kind, expiry.fence, granted.kind, granted.owner) == ("expire", int(first[1]), "grant", "next")
+        assert expiry.held_ms >= ttl_ms, "held until its TTL ran out, at least"
     finally:
         holder.kill()
 
@@ -151,6 +155,7 @@ async def test_a_killed_waiter_is_skipped(redis_server: RedisServer, client: aio
     got = await survivor
     assert got.fence == grant.fence + 1
     assert (await device_status(client, "cuda:0")).stats.get("skipped") == 1
+    assert await client.hlen(f"{device_prefix(FAST.namespace, 'cuda:0')}:arrived") == 0, "no arrival left behind"
 
 
 async def test_redis_down_is_unavailable_and_recovers(redis_server: RedisServer) -> None:
@@ -189,7 +194,40 @@ async def test_status_lists_devices(client: aioredis.Redis) -> None:
         assert "cuda:1" in table and "encoder" in table
 
 
+async def test_events_record_who_held_the_device_when_and_how_long_each_waited(client: aioredis.Redis) -> None:
+    first, second = GpuLease(client, "encoder", FAST), GpuLease(client, "rollout", FAST)
+    held = await first.acquire("cpu:0")
+    waiting = asyncio.create_task(second.acquire("cpu:0"))
+    await asyncio.sleep(0.3)
+    await first.release(held)
+    await second.release(await waiting)
+    events = await lease_events(client, "cpu:0")
+    assert [(e.kind, e.owner) for e in events] == [("grant", "encoder"), ("release", "encoder"),
+                                                  ("grant", "rollout"), ("release", "rollout")]
+    assert events[0].fence == events[1].fence == held.fence and events[2].fence == events[3].fence == held.fence + 1
+    assert events[1].held_ms >= 300 and events[2].waited_ms >= 250 and events[0].waited_ms < 100
+    assert [e.queue for e in events] == [0, 1, 0, 0]
+    assert all(a.at_ms <= b.at_ms for a, b in zip(events, events[1:], strict=False))
+    assert await lease_events(client, "cpu:0", since_ms=events[2].at_ms) == events[2:]
+    assert await client.hlen(f"{device_prefix(FAST.namespace, 'cpu:0')}:arrived") == 0
+
+
+async def test_the_event_stream_stays_at_its_cap(client: aioredis.Redis) -> None:
+    lease = GpuLease(client, "trainer", LeaseSettings(ttl_ms=1000, waiter_ttl_ms=600, poll_ms=50, events_max=5))
+    fences = []
+    for _ in range(10):
+        grant = await lease.acquire("cpu:0")
+        fences.append(grant.fence)
+        await lease.release(grant)
+    assert await client.xlen(f"{device_prefix(FAST.namespace, 'cpu:0')}:events") == 5
+    events = await lease_events(client, "cpu:0")
+    assert [e.kind for e in events] == ["release", "grant", "release", "grant", "release"]
+    assert [e.fence for e in events] == [fences[7], fences[8], fences[8], fences[9], fences[9]]
+
+
 def test_settings_check_their_invariants() -> None:
+    with pytest.raises(ValueError, match="events_max"):
+        LeaseSettings(events_max=0)
     with pytest.raises(ValueError, match="waiter_ttl_ms"):
         LeaseSettings(waiter_ttl_ms=100, poll_ms=100)
     with pytest.raises(ValueError, match="heartbeat_ms"):

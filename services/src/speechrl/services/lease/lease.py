@@ -95,10 +95,15 @@ class LeaseSettings:
     """Longest sleep between a waiter's attempts when no release wakes it (e.g. a holder died)."""
     namespace: str = "speechrl:lease"
     """Prefix of every Redis key."""
+    events_max: int = 10_000
+    """Length cap of each device's event stream (grants, releases, expiries; status.lease_events):
+    about 100 bytes an event, so 1 MB a device by default, however long the stack runs."""
 
     def __post_init__(self) -> None:
         if self.ttl_ms < 100:
             raise ValueError(f"ttl_ms must be >= 100, got {self.ttl_ms}")
+        if self.events_max < 1:
+            raise ValueError(f"events_max must be >= 1, got {self.events_max}")
         if self.heartbeat_interval_ms >= self.ttl_ms:
             raise ValueError(f"heartbeat_ms ({self.heartbeat_interval_ms}) must be below ttl_ms ({self.ttl_ms})")
         if self.poll_ms * 2 >= self.waiter_ttl_ms:
@@ -191,7 +196,7 @@ class GpuLease:
                 state, value, expired, recovering = await self._acquire(
                     keys=[k["holder"], k["info"], k["queue"], k["fence"], k["seq"], k["stats"], k["owners"]],
                     args=[ticket, s.ttl_ms, s.waiter_ttl_ms, PRIORITIES[priority], self.owner, p, int(enqueue),
-                          self._clean_run_id])
+                          self._clean_run_id, s.events_max])
                 enqueue = False
                 if expired:
                     LEASE_EVENTS.labels(device, "expired").inc()
@@ -269,7 +274,7 @@ class GpuLease:
         """Give the lease back and wake the next waiter; False when it had already lapsed."""
         p, k = self._keys(grant.device)
         released = bool(await self._release(keys=[k["holder"], k["info"], k["queue"], k["stats"], k["owners"]],
-                                            args=[grant.ticket, p]))
+                                            args=[grant.ticket, p, self.settings.events_max]))
         HOLD_SECONDS.labels(grant.device).observe(self.clock() - grant.granted_at)
         LEASE_EVENTS.labels(grant.device, "released" if released else "release_after_loss").inc()
         return released

@@ -18,12 +18,28 @@ Per-device keys (prefix P = "<namespace>:{<device>}"):
                     persistence) starts above every fence it handed out before
   P:seq             arrival counter (FIFO within a priority class)
   P:stats           hash of counters: grants, releases, handoffs, expiries, skipped, reclaims
+  P:arrived         hash ticket -> the Redis clock (ms) when it joined the queue, for its wait time
+  P:events          stream of grants, releases and expiries (kind, owner, fence, at_ms, held_ms,
+                    waited_ms, queue), capped at its newest events_max entries: the lease's own
+                    record of who held the device when, which dashboards draw (status.lease_events)
 
 Recovery after a Redis restart (see lease.py's docstring for why this is sound): while the Redis
 server's uptime is below the lease TTL (plus one second, as INFO counts whole seconds), ACQUIRE
 grants nothing, and RENEW lets a holder whose key vanished re-create it ("reclaim"). A caller may
 pass the run_id that `declare_clean_start` recorded for this server; when it matches, the server
 was declared to have started empty with nobody holding anything, and there is no quiet period.
+"""
+
+# Shared by ACQUIRE and RELEASE: the Redis clock in ms, and one event on the capped stream.
+_EVENTS = """
+local function now_ms()
+  local now = redis.call('TIME')
+  return now[1] * 1000 + math.floor(now[2] / 1000)
+end
+local function record(prefix, cap, kind, owner, fence, at_ms, held_ms, waited_ms, queue)
+  redis.call('XADD', prefix .. ':events', 'MAXLEN', cap, '*', 'kind', kind, 'owner', owner or '?',
+             'fence', fence or 0, 'at_ms', at_ms, 'held_ms', held_ms, 'waited_ms', waited_ms, 'queue', queue)
+end
 """
 
 # Shared by ACQUIRE and RENEW. True while a holder from before a restart may still be working.
@@ -38,12 +54,12 @@ end
 
 # KEYS: holder, info, queue, fence, seq, stats, owners
 # ARGV: ticket, holder_ttl_ms, waiter_ttl_ms, priority_rank, owner, prefix, enqueue (1 = first call),
-#       clean_run_id ('' when none is known)
+#       clean_run_id ('' when none is known), events_max
 # Returns {state, value, expired, recovering}: state 1 = granted (value = fencing token), 0 = waiting
 # (value = 0-based queue position), -1 = dropped as a dead waiter (value 0); expired = 1 when
 # this call found a holder whose TTL had run out; recovering = 1 when the device is free but the
 # server is in its post-restart quiet period.
-ACQUIRE = _RECOVERY + """
+ACQUIRE = _RECOVERY + _EVENTS + """
 local ticket = ARGV[1]
 local prefix = ARGV[6]
 local holder = redis.call('GET', KEYS[1])
@@ -57,6 +73,7 @@ if not redis.call('ZSCORE', KEYS[3], ticket) then
   local seq = redis.call('INCR', KEYS[5])
   redis.call('ZADD', KEYS[3], tonumber(ARGV[4]) * 1099511627776 + seq, ticket)
   redis.call('HSET', KEYS[7], ticket, ARGV[5])
+  redis.call('HSET', prefix .. ':arrived', ticket, now_ms())
 end
 redis.call('SET', prefix .. ':waiter:' .. ticket, '1', 'PX', ARGV[3])
 if holder then
@@ -68,6 +85,10 @@ end
 local expired = 0
 if redis.call('HEXISTS', KEYS[2], 'ticket') == 1 then
   redis.call('HINCRBY', KEYS[6], 'expiries', 1)
+  local lapsed = redis.call('HMGET', KEYS[2], 'owner', 'fence', 'granted_ms')
+  local at = now_ms()
+  record(prefix, ARGV[9], 'expire', lapsed[1], lapsed[2], at, at - tonumber(lapsed[3] or at), 0,
+         redis.call('ZCARD', KEYS[3]))
   redis.call('DEL', KEYS[2])
   expired = 1
 end
@@ -79,6 +100,7 @@ while true do
   end
   redis.call('ZREM', KEYS[3], head)
   redis.call('HDEL', KEYS[7], head)
+  redis.call('HDEL', prefix .. ':arrived', head)
   redis.call('DEL', prefix .. ':notify:' .. head)
   redis.call('HINCRBY', KEYS[6], 'skipped', 1)
 end
@@ -89,10 +111,13 @@ if redis.call('EXISTS', KEYS[4]) == 0 then  -- string concatenation: Lua numbers
   redis.call('SET', KEYS[4], now[1] .. string.rep('0', 6 - #now[2]) .. now[2])
 end
 local fence = redis.call('INCR', KEYS[4])
+local granted_ms = now[1] * 1000 + math.floor(now[2] / 1000)
 redis.call('SET', KEYS[1], ticket, 'PX', ARGV[2])
-redis.call('HSET', KEYS[2], 'ticket', ticket, 'owner', ARGV[5], 'fence', fence,
-           'granted_ms', now[1] * 1000 + math.floor(now[2] / 1000))
+redis.call('HSET', KEYS[2], 'ticket', ticket, 'owner', ARGV[5], 'fence', fence, 'granted_ms', granted_ms)
 redis.call('HINCRBY', KEYS[6], 'grants', 1)
+local arrived = tonumber(redis.call('HGET', prefix .. ':arrived', ticket) or granted_ms)
+redis.call('HDEL', prefix .. ':arrived', ticket)
+record(prefix, ARGV[9], 'grant', ARGV[5], fence, granted_ms, 0, granted_ms - arrived, redis.call('ZCARD', KEYS[3]))
 return {1, fence, expired, 0}
 """
 
@@ -127,11 +152,14 @@ return 2
 """
 
 # KEYS: holder, info, queue, stats, owners
-# ARGV: ticket, prefix
+# ARGV: ticket, prefix, events_max
 # Returns 1 when released, 0 when ticket was not the holder (its lease had already lapsed).
 # Wakes the first live waiter so the handoff does not wait for a poll.
-RELEASE = """
+RELEASE = _EVENTS + """
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+local held = redis.call('HMGET', KEYS[2], 'owner', 'fence', 'granted_ms')
+local at = now_ms()
+record(ARGV[2], ARGV[3], 'release', held[1], held[2], at, at - tonumber(held[3] or at), 0, redis.call('ZCARD', KEYS[3]))
 redis.call('DEL', KEYS[1], KEYS[2])
 redis.call('HDEL', KEYS[5], ARGV[1])
 redis.call('HINCRBY', KEYS[4], 'releases', 1)
@@ -152,5 +180,6 @@ return 1
 CANCEL = """
 redis.call('DEL', ARGV[2] .. ':waiter:' .. ARGV[1], ARGV[2] .. ':notify:' .. ARGV[1])
 redis.call('HDEL', KEYS[2], ARGV[1])
+redis.call('HDEL', ARGV[2] .. ':arrived', ARGV[1])
 return redis.call('ZREM', KEYS[1], ARGV[1])
 """

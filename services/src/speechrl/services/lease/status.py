@@ -56,6 +56,37 @@ async def device_status(client: aioredis.Redis, device: str, namespace: str = Le
     return status
 
 
+@dataclass(frozen=True)
+class LeaseEvent:
+    """One grant, release or expiry of a device's lease, as the lease scripts recorded it."""
+
+    id: str          # the stream entry id, "<ms>-<seq>"
+    device: str
+    kind: str        # "grant" | "release" | "expire"
+    owner: str       # the owner label the holder gave GpuLease(owner=...)
+    fence: int
+    at_ms: int       # Redis server clock, ms since the epoch
+    held_ms: int     # release / expire: how long that grant was held (expire: until it was found lapsed); grant: 0
+    waited_ms: int   # grant: how long the ticket waited in the queue; else 0
+    queue: int       # tickets waiting after the event
+
+
+async def lease_events(client: aioredis.Redis, device: str, *, namespace: str = LeaseSettings.namespace,
+                       since_ms: int = 0, count: int = 10_000) -> list[LeaseEvent]:
+    """The device's lease events from since_ms on (Redis clock), oldest first, at most the newest count.
+
+    The stream is capped at LeaseSettings.events_max entries, so the oldest events of a long run are gone.
+    """
+    entries = await client.xrevrange(f"{device_prefix(namespace, device)}:events", "+", f"{since_ms}-0", count=count)
+    events = []
+    for entry_id, fields in reversed(entries or []):
+        f = {_text(k): _text(v) for k, v in (fields or {}).items()}
+        events.append(LeaseEvent(id=_text(entry_id), device=device, kind=f["kind"], owner=f["owner"],
+                                 fence=int(f["fence"]), at_ms=int(f["at_ms"]), held_ms=int(f["held_ms"]),
+                                 waited_ms=int(f["waited_ms"]), queue=int(f["queue"])))
+    return events
+
+
 async def known_devices(client: aioredis.Redis, namespace: str = LeaseSettings.namespace) -> list[str]:
     """Every device that has ever been granted or queued for."""
     devices = set()
