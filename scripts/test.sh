@@ -14,7 +14,7 @@ echo "== pytest"; "$BIN/pytest" "$@"
 # The vLLM backend's tests run in vLLM's own venv (see bootstrap.sh); the main venv skips them.
 VLLM_BIN=${SPEECHRL_VLLM_VENV:-.venv-vllm}/bin
 if [ $# -eq 0 ] && [ -x "$VLLM_BIN/pytest" ]; then
-  echo "== pytest (vllm venv)"; "$VLLM_BIN/pytest" tests/service/test_rollout_vllm.py
+  echo "== pytest (vllm venv)"; "$VLLM_BIN/pytest" tests/service/test_rollout_vllm.py tests/service/test_intelligibility_qwen3_asr_vllm.py
 elif [ $# -eq 0 ]; then
   echo "== pytest (vllm venv): skipped, no $VLLM_BIN (SPEECHRL_VLLM=0 at bootstrap)"
 fi

@@ -15,7 +15,7 @@ import torch
 from speechrl.client import AudioEncoderClient
 from speechrl.services.encoder.server import EncoderConfig, start
 from speechrl.services.ports import free_port
-from speechrl.services.speech_llm import family_of
+from speechrl.services.speech_llm import family_of, load_speech_llm_encoder
 from tests.support.servers import serve_in_thread
 from tests.support.speech_llm import audio_token_id, build_qwen2_audio, build_qwen3_asr
 
@@ -74,3 +74,14 @@ def test_a_folder_of_another_family_is_refused_by_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="model_type 'whisper' is not a speech-LLM family served here; known: "
                                          "qwen2_audio, qwen3_asr"):
         family_of(tmp_path)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_output_lengths_count_the_embeddings_encode_gives(family: str, tmp_path: Path) -> None:
+    # 0.3 s and 0.4999 s are under Qwen3-ASR's 0.5 s minimum, which its extractor pads clips up to: counted from the
+    # samples alone they would give 4 and 7 embeddings where encode gives 7 and 7.
+    model = load_speech_llm_encoder(FAMILIES[family][0](tmp_path / family))
+    rng = np.random.default_rng(1)
+    for samples in (4_800, 7_999, 8_000, 16_037, 33_333):
+        clip = (0.1 * rng.standard_normal(samples)).astype(np.float32)
+        assert model.output_lengths(samples) == model.encode([clip])[0].shape[0], samples

@@ -49,6 +49,53 @@ def build_qwen3_asr(folder: Path, hidden: int = 64) -> Path:
     return folder
 
 
+# Tensor name prefixes of transformers' Qwen3-ASR and what qwen-asr's own layout calls them (the names vLLM's
+# qwen3_asr loader maps: thinker.audio_tower.* holds the projector as proj1 / proj2).
+QWEN_ASR_NAMES = (("model.audio_tower.", "thinker.audio_tower."),
+                  ("model.multi_modal_projector.linear_1.", "thinker.audio_tower.proj1."),
+                  ("model.multi_modal_projector.linear_2.", "thinker.audio_tower.proj2."),
+                  ("model.language_model.", "thinker.model."), ("lm_head.", "thinker.lm_head."))
+
+
+def build_qwen3_asr_qwen_asr_layout(folder: Path, hf_folder: Path, hidden: int = 128) -> Path:
+    """build_qwen3_asr's tiny random model (written to hf_folder, transformers' format) saved again in qwen-asr's own
+    layout, the Qwen/Qwen3-ASR-1.7B repository's, which vLLM's qwen3_asr model loads: config.json with a
+    thinker_config (vLLM's Qwen3ASRConfig classes), the tensors renamed by QWEN_ASR_NAMES with the head stored
+    (thinker.lm_head, a copy of the tied embedding table), a tokenizer that names its audio tokens, as vLLM's
+    Qwen3ASRProcessor reads them, and the repository's feature extractor, Whisper's with 128 mel bins (which,
+    unlike transformers' Qwen3-ASR one, does not pad clips to 0.5 s). The same weights: either engine on either
+    folder is the same model.
+    hidden: the decoder's width, in two heads (vLLM's CPU attention needs a head dim of 64: hidden 128)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer, WhisperFeatureExtractor
+    from vllm.transformers_utils.configs.qwen3_asr import Qwen3ASRConfig
+
+    build_qwen3_asr(hf_folder, hidden)
+    hf = json.loads((hf_folder / "config.json").read_text())
+    text = {key: value for key, value in hf["text_config"].items() if key not in ("model_type", "rope_parameters")}
+    text.update(rope_theta=hf["text_config"]["rope_parameters"]["rope_theta"], tie_word_embeddings=False)
+    audio = {key: value for key, value in hf["audio_config"].items() if key != "model_type"}
+    config = Qwen3ASRConfig(thinker_config={"audio_config": audio, "text_config": text,
+                                            "audio_token_id": hf["audio_token_id"]},
+                            architectures=hf["architectures"], tie_word_embeddings=False)
+    config.save_pretrained(folder)
+    weights = load_file(str(hf_folder / "model.safetensors"))
+    weights.setdefault("lm_head.weight", weights["model.language_model.embed_tokens.weight"].clone())
+    renamed = {}
+    for name, tensor in weights.items():
+        old, new = next((old, new) for old, new in QWEN_ASR_NAMES if name.startswith(old))
+        renamed[new + name[len(old):]] = tensor.contiguous()
+    save_file(renamed, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    start, pad, end = AUDIO_TOKENS["qwen3_asr"]
+    AutoTokenizer.from_pretrained(str(hf_folder), extra_special_tokens={
+        "audio_bos_token": start, "audio_token": pad, "audio_eos_token": end}).save_pretrained(folder)
+    WhisperFeatureExtractor(feature_size=128).save_pretrained(folder)
+    shutil.copy(hf_folder / "generation_config.json", folder / "generation_config.json")
+    return folder
+
+
 def build_qwen2_audio(folder: Path, hidden: int = 64) -> Path:
     """hidden: the decoder's width, in two heads."""
     from transformers import Qwen2AudioConfig, Qwen2AudioForConditionalGeneration, WhisperFeatureExtractor

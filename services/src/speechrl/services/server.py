@@ -113,6 +113,19 @@ class RunningServer:
             self.on_stop()
 
 
+def close_all(*parts: object) -> Callable[[], None]:
+    """An on_stop that calls close() on each part that has one, in order: a batcher, then a backend that holds
+    an engine (vLLM), which then frees its device memory and process-wide state now, not when it is collected."""
+
+    def close() -> None:
+        for part in parts:
+            closer = getattr(part, "close", None)
+            if closer is not None:
+                closer()
+
+    return close
+
+
 async def start_server(config: ServerConfig, default_port: int, services: Sequence[ServiceSpec],
                        describe: Callable[[], common_pb2.GetServiceStatusResponse],
                        on_stop: Callable[[], None] | None = None) -> RunningServer:

@@ -139,6 +139,9 @@ class SpeechLLMAudioEncoder(AudioEncoderModel):
         self.device, self.dtype = device, dtype
         self.sample_rate = int(feature_extractor.sampling_rate)
         self.hop_length = int(feature_extractor.hop_length)
+        # Qwen3-ASR's extractor zero-pads shorter clips to min_length samples (0.5 s, as qwen-asr does) and counts the
+        # padding as valid frames; Whisper's extractor (Qwen2-Audio) has no such minimum.
+        self.min_samples = int(getattr(feature_extractor, "min_length", 0) or 0)
         window = family.window_seconds or 600.0  # a chunked tower has no window: cap a clip at 10 minutes
         self.window_samples = int(window * self.sample_rate)
         self.window_frames = self.window_samples // self.hop_length
@@ -153,7 +156,8 @@ class SpeechLLMAudioEncoder(AudioEncoderModel):
         return (self.inner.audio_tower, self.inner.multi_modal_projector)
 
     def output_lengths(self, num_samples: int) -> int:
-        frames = min(num_samples // self.hop_length, self.window_frames)  # the extractor's valid frames
+        samples = max(num_samples, self.min_samples)
+        frames = min(samples // self.hop_length, self.window_frames)  # the extractor's valid frames
         return int(self.family.lengths(self.inner, torch.tensor([frames]))[0])
 
     def features(self, clips: Sequence[np.ndarray]) -> dict[str, torch.Tensor]:  # type: ignore[override]

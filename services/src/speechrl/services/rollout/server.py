@@ -24,6 +24,7 @@ from speechrl.services.rollout.servicer import RolloutServicer
 from speechrl.services.server import (
     RunningServer,
     ServiceSpec,
+    close_all,
     serve_main,
     start_server,
     status_response,
@@ -120,7 +121,7 @@ async def start(config: RolloutConfig) -> RunningServer:
 
     servicer = RolloutServicer(engine, batcher, guard, thread, config.max_request_items)
     spec = ServiceSpec(SERVICE_NAME, servicer, rollout_pb2_grpc.add_RolloutGeneratorServicer_to_server)
-    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=batcher.close)
+    return await start_server(config, DEFAULT_PORT, [spec], describe, on_stop=close_all(batcher, backend))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -4,7 +4,7 @@ A backend turns a batch of 16 kHz mono float32 utterances into transcripts in on
 sees requests, references or errors of other items: the engine decodes audio and scores text.
 
 >>> sorted(BACKENDS)
-['faster-whisper', 'qwen3-asr', 'transformers']
+['faster-whisper', 'qwen3-asr', 'qwen3-asr-vllm', 'transformers']
 """
 
 from __future__ import annotations
@@ -45,6 +45,10 @@ class BackendOptions:
     compute_type: str = "auto"
     beam_size: int = 1
     threads: int = 0  # 0 means all cores
+    gpu_memory_utilization: float = 0.2  # qwen3-asr-vllm on cuda: the share of the GPU its engine takes
+    kv_cache_mb: int = 0  # qwen3-asr-vllm: 0 is 256 MiB on CPU, gpu_memory_utilization's share on cuda
+    enforce_eager: bool = False  # qwen3-asr-vllm: no torch.compile / CUDA graphs
+    sleep_mode: bool = False  # qwen3-asr-vllm: enable vLLM's sleep/wake (cuda only)
 
 
 class AsrBackend(Protocol):
@@ -86,11 +90,18 @@ def _qwen3_asr(options: BackendOptions) -> AsrBackend:
     return Qwen3AsrBackend(options)
 
 
+def _qwen3_asr_vllm(options: BackendOptions) -> AsrBackend:
+    from speechrl.services.intelligibility.backends.qwen3_asr_vllm import Qwen3AsrVllmBackend
+
+    return Qwen3AsrVllmBackend(options)
+
+
 # Imported on use, so a faster-whisper server never loads torch and vice versa.
 BACKENDS: dict[str, Callable[[BackendOptions], AsrBackend]] = {
     "faster-whisper": _faster_whisper,
     "transformers": _transformers,
     "qwen3-asr": _qwen3_asr,
+    "qwen3-asr-vllm": _qwen3_asr_vllm,  # vLLM lives in its own venv (.venv-vllm, scripts/bootstrap.sh)
 }
 
 

@@ -15,6 +15,9 @@ header should the model write one, so the WER is on the transcript. The audio to
 2 * n_window mel frames with no 30 s window, so there is no long-form path: the engine's
 max_audio_seconds is the only length limit. Decoding is greedy unless beam_size > 1.
 
+The same model on vLLM is the qwen3-asr-vllm backend (qwen3_asr_vllm.py), which reads qwen-asr's own layout
+instead and shares check_folder, language_prompts and parse_transcript with this one.
+
 qwen-asr and transformers' own parser also collapse runs of 20+ repeated characters or phrases in the
 answer; this backend does not: in a TTS reward a repeated phrase is the policy's error to pay for, and
 the decode budget already bounds the ASR's own loops.
@@ -68,23 +71,39 @@ def parse_transcript(raw: str) -> tuple[str | None, str]:
     return (None if language.lower() in ("", "none") else language), text.strip()
 
 
-def _check_folder(folder: str) -> None:
+def check_folder(folder: str, backend: str, qwen_asr_layout: bool) -> None:
+    """Refuse a folder that is not a Qwen3-ASR checkpoint in the layout backend reads: transformers' (the -hf
+    conversions) when qwen_asr_layout is False, qwen-asr's own (thinker_config; the Qwen/Qwen3-ASR-1.7B
+    repository) when True. Each engine would misread the other layout: transformers builds a default model beside
+    its weights and answers garbage, which would read as a real low reward; vLLM 0.32 cannot map the -hf
+    conversion's untied lm_head and needs the tokenizer to name its audio tokens."""
+    examples = "Qwen/Qwen3-ASR-1.7B or -0.6B" if qwen_asr_layout else "Qwen/Qwen3-ASR-1.7B-hf or -0.6B-hf"
     if not folder or not Path(folder, "config.json").is_file():
         raise FileNotFoundError(
-            f"the qwen3-asr backend needs model_path: a Qwen3-ASR checkpoint folder with "
-            f"config.json (save_pretrained output, e.g. Qwen/Qwen3-ASR-0.6B-hf), got {folder!r}"
+            f"the {backend} backend needs model_path: a Qwen3-ASR checkpoint folder with config.json "
+            f"(e.g. {examples}), got {folder!r}"
         )
     if family_of(folder) != "qwen3_asr":
+        raise ValueError(f"{folder}: the {backend} backend serves Qwen3-ASR checkpoints; this one is {family_of(folder)}")
+    in_qwen_asr_layout = "thinker_config" in json.loads(Path(folder, "config.json").read_text())
+    if in_qwen_asr_layout and not qwen_asr_layout:
         raise ValueError(
-            f"{folder}: the qwen3-asr backend serves Qwen3-ASR checkpoints; this one is {family_of(folder)}"
+            f"{folder} is in qwen-asr's format (thinker_config); the {backend} backend reads transformers' format: "
+            f"use the -hf checkpoint ({examples}), or serve this folder with --backend qwen3-asr-vllm"
         )
-    if "thinker_config" in json.loads(Path(folder, "config.json").read_text()):
-        # qwen-asr's own layout (the Qwen/Qwen3-ASR-0.6B repository): transformers would build a default
-        # model beside its weights and answer garbage, which would read as a real low reward.
+    if qwen_asr_layout and not in_qwen_asr_layout:
         raise ValueError(
-            f"{folder} is in qwen-asr's format (thinker_config); the qwen3-asr backend reads "
-            f"transformers' format: use the -hf checkpoint (Qwen/Qwen3-ASR-0.6B-hf)"
+            f"{folder} is in transformers' format (no thinker_config); the {backend} backend reads qwen-asr's "
+            f"format: use the original checkpoint ({examples}), or serve this folder with --backend qwen3-asr"
         )
+
+
+def language_prompts(tokenizer: Any) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """ISO 639-1 code -> (prefix ids, suffix ids) around the audio of the transcription prompt that forces that
+    language (qwen3_asr_prompt): only the suffix differs between languages."""
+    return {
+        code: prompt_ids_around_audio(qwen3_asr_prompt(name), tokenizer) for code, name in LANGUAGE_CODE_TO_NAME.items()
+    }
 
 
 class Qwen3AsrBackend:
@@ -99,7 +118,7 @@ class Qwen3AsrBackend:
     name = "qwen3-asr"
 
     def __init__(self, options: BackendOptions):
-        _check_folder(options.model_path)
+        check_folder(options.model_path, self.name, qwen_asr_layout=False)
         self.model = options.model_path
         dtype_name = (
             AUTO_DTYPES[options.device.split(":")[0]] if options.compute_type == "auto" else options.compute_type
@@ -133,10 +152,7 @@ class Qwen3AsrBackend:
         self.sample_rate: int = int(self._features.sampling_rate)
         self.languages = frozenset(LANGUAGE_CODE_TO_NAME)
         # (prefix ids, suffix ids) around the audio placeholders, per language: only the suffix differs.
-        self._prompts = {
-            code: prompt_ids_around_audio(qwen3_asr_prompt(name), self._tokenizer)
-            for code, name in LANGUAGE_CODE_TO_NAME.items()
-        }
+        self._prompts = language_prompts(self._tokenizer)
         config = self._asr.config
         self._audio_token_id = int(config.audio_token_id)
         pad = self._tokenizer.pad_token_id

@@ -22,19 +22,16 @@ decoder alone, exported once as a plain Qwen3 / Qwen2 causal-LM folder (export_d
 encoder service's embeddings as prompt embeds between the family prompt's token ids. Not vLLM's
 native audio input: the audio tower is the encoder service's, on its own turn of the GPU, so a GRPO
 group of G samples does not run it G times; the weights the trainer pushes are the decoder's own
-names; and vLLM's qwen3_asr loader reads only the original hub layout (thinker_config), not the
-transformers format these folders are in.
+names; and vLLM's qwen3_asr loader is written for the original hub layout (thinker_config): an -hf
+folder with its own lm_head does not load there.
 
-Residency: offload and sleep both use vLLM's sleep mode level 1 (weights to CPU memory, KV cache
-dropped), which needs enable_sleep_mode and so cuda. vLLM's CPU worker has no sleep mode: on CPU
-the model stays where it is.
+Residency: vLLM's sleep mode level 1 between turns, on cuda only (speechrl.services.vllm_engine).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -51,13 +48,12 @@ from speechrl.services.rollout.backends import (
     eos_ids,
     safetensors_files,
 )
+from speechrl.services.vllm_engine import InProcessVllm, vllm_engine_args
 
 log = logging.getLogger(__name__)
 
 # "auto": float32 on CPU (vLLM's CPU kernels take it, and greedy must match transformers'),
 # bfloat16 on GPU.
-AUTO_DTYPES = {"cpu": "float32", "cuda": "bfloat16"}
-CPU_KV_CACHE_MB = 256
 EMBEDDING = "model.embed_tokens.weight"  # the input embedding table's name in a Qwen2 / Qwen3 checkpoint
 
 
@@ -131,7 +127,7 @@ def tensor_shapes(sources: dict[str, Path], tied: bool) -> dict[str, tuple[int, 
     return shapes
 
 
-class VllmBackend:
+class VllmBackend(InProcessVllm):
     """Batched sampling with vllm.LLM.
 
     >>> backend = VllmBackend(BackendOptions(model_path="/models/Qwen2.5-7B", device="cuda:0"))  # doctest: +SKIP
@@ -142,11 +138,6 @@ class VllmBackend:
     def __init__(self, options: BackendOptions):
         if not Path(options.model_path, "config.json").is_file():
             raise FileNotFoundError(f"model_path must be a checkpoint folder with config.json, got {options.model_path!r}")
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        kind, _, index = options.device.partition(":")
-        if kind == "cuda" and index not in ("", "0"):
-            # vLLM takes the first visible GPU; cuda:N is that GPU only through CUDA_VISIBLE_DEVICES.
-            os.environ.setdefault("CUDA_VISIBLE_DEVICES", index)
         from vllm import LLM
 
         from speechrl.services.speech_llm import export_decoder, exported_decoder_dir, is_speech_llm
@@ -155,22 +146,15 @@ class VllmBackend:
         served = self.model
         if is_speech_llm(self.model):  # its text decoder, fed the encoder service's embeddings (module docstring)
             served = str(export_decoder(self.model, exported_decoder_dir(self.model)))
-        self.sleep_mode = options.sleep_mode and kind == "cuda"
         self.max_lora_rank = options.max_lora_rank
-        args: dict[str, Any] = dict(
-            model=served, dtype=AUTO_DTYPES[kind] if options.dtype == "auto" else options.dtype,
-            seed=options.seed, enable_prompt_embeds=True, logprobs_mode="processed_logprobs",
-            enforce_eager=options.enforce_eager, enable_sleep_mode=self.sleep_mode,
-            worker_extension_cls=f"{__name__}.WeightSyncExtension")
+        args = vllm_engine_args(served, options.device, options.dtype, seed=options.seed,
+                                gpu_memory_utilization=options.gpu_memory_utilization, kv_cache_mb=options.kv_cache_mb,
+                                enforce_eager=options.enforce_eager, sleep_mode=options.sleep_mode)
+        args.update(enable_prompt_embeds=True, logprobs_mode="processed_logprobs",
+                    worker_extension_cls=f"{__name__}.WeightSyncExtension")
+        self.sleep_mode = bool(args["enable_sleep_mode"])
         if options.max_model_len:
             args["max_model_len"] = options.max_model_len
-        if kind == "cpu":
-            # On CPU vLLM reserves gpu_memory_utilization of *host* memory unless told a KV size.
-            args["kv_cache_memory_bytes"] = (options.kv_cache_mb or CPU_KV_CACHE_MB) << 20
-        else:
-            args["gpu_memory_utilization"] = options.gpu_memory_utilization
-            if options.kv_cache_mb:
-                args["kv_cache_memory_bytes"] = options.kv_cache_mb << 20
         if options.max_lora_rank:
             args.update(enable_lora=True, max_lora_rank=options.max_lora_rank, max_loras=1)
         self.llm = LLM(**args)
@@ -322,19 +306,3 @@ class VllmBackend:
             self.llm.llm_engine.remove_lora(self._lora.lora_int_id)
             self._lora = None
 
-    # -- residency ------------------------------------------------------------------------------
-
-    def load_to_device(self) -> None:
-        if self._asleep:
-            self.llm.wake_up()
-            self._asleep = False
-
-    def weight_bytes(self) -> int:
-        """Bytes of the weights on the device now: 0 while asleep (sleep level 1 moves them to CPU memory)."""
-        return 0 if self._asleep else self._weight_bytes
-
-    def offload(self, mode: str) -> None:
-        if not self.sleep_mode:
-            return  # CPU, or started without sleep mode: nothing to free
-        self.llm.sleep(level=1)  # weights to CPU memory, KV cache dropped; "offload" means the same here
-        self._asleep = True
