@@ -20,7 +20,17 @@ if [ "$(id -u)" -ne 0 ] && ! docker info >/dev/null 2>&1 && ! sudo -n true 2>/de
   exit 0
 fi
 started=$(date +%s)
-trap 'docker_local_stop_engine' EXIT
+# Whatever happens to pytest (a failure, a timeout, Ctrl-C), the test project goes, then the engine
+# this script started. tests/compose runs under this project name, never a user's own `speechrl`.
+export COMPOSE_PROJECT_NAME=speechrl-compose-test
+cleanup() {
+  if [ -n "${DOCKER:-}" ] && "$DOCKER" info >/dev/null 2>&1; then
+    "$DOCKER" compose -f docker-compose.yml -f docker-compose.cpu.yml \
+      down -v --remove-orphans >/dev/null 2>&1 || true
+  fi
+  docker_local_stop_engine
+}
+trap cleanup EXIT
 docker_local_engine
 docker_local_compose
 

@@ -39,7 +39,8 @@ pytestmark = pytest.mark.skipif(os.environ.get("SPEECHRL_COMPOSE_TEST") != "1",
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE_FILES = ["-f", "docker-compose.yml", "-f", "docker-compose.cpu.yml"]  # as the README says
-PROJECT = "speechrl-compose-test"
+# scripts/compose_test.sh names the project (and takes it down, whatever happens to pytest).
+PROJECT = os.environ.get("COMPOSE_PROJECT_NAME", "")
 PUBLISHED = ("INTELLIGIBILITY", "SPEAKER", "RULES", "ENCODER", "ROLLOUT", "TOKEN2WAV", "GATEWAY", "TRAINER")
 HTTP = ("GATEWAY", "TRAINER")
 ALL_HEALTHY = {name: ("running", "healthy") for name in ("redis", "rules", "intelligibility", "speaker", "encoder",
@@ -115,6 +116,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(models: Path) -> Iterator[ComposeStack]:
+    assert PROJECT and PROJECT != "speechrl", "a project of its own, so down -v never takes a user's volumes"
     ports = {name: free_port() for name in PUBLISHED}
     env = {**os.environ,
            "COMPOSE_PROJECT_NAME": PROJECT,
