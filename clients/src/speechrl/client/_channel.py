@@ -24,6 +24,7 @@ import os
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, cast
@@ -52,6 +53,11 @@ then, whatever its own timeout (the gateway sets it from a request's `X-Request-
 scorer is never asked for work whose caller has gone."""
 
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+TRACING_SWITCH = "SPEECHRL_TRACING"
+"""Set to 1 (true, yes, on), and with opentelemetry installed, every call is a client span whose W3C
+`traceparent` goes with it as metadata, so the server's span joins the caller's trace (the services'
+side: speechrl.services.tracing). Unset, opentelemetry is never imported here."""
 
 # gRPC also reports an oversized message as RESOURCE_EXHAUSTED; resending it cannot help.
 _MESSAGE_TOO_LARGE = ("larger than max", "message too large")
@@ -186,6 +192,29 @@ def channel_options(max_message_mb: int = DEFAULT_MAX_MESSAGE_MB) -> list[tuple[
         # to one. The same as pick_first for a name with one address.
         ("grpc.lb_policy_name", "round_robin"),
     ]
+
+
+def _opentelemetry() -> Any:
+    """opentelemetry's `trace` module when TRACING_SWITCH is on and it is installed, else None."""
+    if os.environ.get(TRACING_SWITCH, "").strip().lower() not in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from opentelemetry import trace
+    except ImportError:
+        return None
+    return trace
+
+
+def _client_span(stub_class: type, method: str) -> AbstractContextManager[Any]:
+    """The client span of one call, all its attempts inside; nothing unless tracing is on."""
+    trace = _opentelemetry()
+    if trace is None:
+        return nullcontext()
+    # Generated stubs live in the proto package's module: speechrl.v1.x_pb2_grpc.RuleRewardsStub.
+    service = f"{stub_class.__module__.rpartition('.')[0]}.{stub_class.__name__.removesuffix('Stub')}"
+    return trace.get_tracer("speechrl.client").start_as_current_span(
+        f"{service}/{method}", kind=trace.SpanKind.CLIENT,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": method})
 
 
 def parse_endpoints(endpoints: Endpoints) -> tuple[str, ...]:
@@ -343,9 +372,17 @@ class Connection:
         return self._stubs[key]
 
     def call_metadata(self) -> tuple[tuple[str, str], ...]:
-        """Metadata of one call: the connection's, plus `x-request-id` when REQUEST_ID is set."""
+        """Metadata of one call: the connection's, plus `x-request-id` when REQUEST_ID is set, plus the
+        current span's `traceparent` when tracing is on."""
         request_id = REQUEST_ID.get()
-        return self.metadata + (("x-request-id", request_id),) if request_id else self.metadata
+        metadata = self.metadata + (("x-request-id", request_id),) if request_id else self.metadata
+        if _opentelemetry() is not None:
+            from opentelemetry import propagate
+
+            carrier: dict[str, str] = {}
+            propagate.inject(carrier)  # OTEL_PROPAGATORS: W3C tracecontext and baggage unless set
+            metadata += tuple(carrier.items())
+        return metadata
 
     async def call(self, attempt: Callable[[int, float], Awaitable[T]], timeout_s: float | None = None,
                    what: str = "call") -> T:
@@ -395,7 +432,8 @@ class Connection:
             rpc = getattr(self.stub(stub_class, index), method)
             return await rpc(request, timeout=seconds_left, metadata=self.call_metadata())
 
-        return await self.call(attempt, timeout_s, method)
+        with _client_span(stub_class, method):
+            return await self.call(attempt, timeout_s, method)
 
     async def server_stream(self, stub_class: type, method: str, request: Any, timeout_s: float | None = None) -> list[Any]:
         """Call a server-streaming RPC with retries; returns every response of the stream.
@@ -408,7 +446,8 @@ class Connection:
             rpc = getattr(self.stub(stub_class, index), method)
             return [response async for response in rpc(request, timeout=seconds_left, metadata=self.call_metadata())]
 
-        return await self.call(attempt, timeout_s, method)
+        with _client_span(stub_class, method):
+            return await self.call(attempt, timeout_s, method)
 
     async def health(self, service: str, timeout_s: float = 1.0) -> dict[str, str]:
         """grpc.health.v1 status of `service` at every endpoint, e.g. {"127.0.0.1:50053": "SERVING"}.

@@ -6,7 +6,8 @@ reason, never the payload); request bytes that are not the method's message end 
 naming it; a call past `max_concurrent_requests` ends RESOURCE_EXHAUSTED with a
 `retry-after-ms` trailer (the client SDK waits that long and retries); then the call runs with its
 `x-request-id` (the caller's, or a new one) in the logging contextvar and in its trailing metadata,
-and is counted by method and status code with its latency.
+inside a server span that continues the caller's `traceparent` when tracing is on (tracing.py), and
+is counted by method and status code with its latency.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Gauge, Histogram
 
 from speechrl.client import REQUEST_ID
+from speechrl.services import tracing
 from speechrl.services.auth import TokenStore
 from speechrl.services.logs import clean_request_id
 
@@ -59,6 +61,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
     """Auth, the concurrency bound, request ids and per-RPC metrics for one server."""
 
     def __init__(self, tokens: TokenStore, max_concurrent_requests: int):
+        tracing.setup("speechrl")  # on with SPEECHRL_TRACING; OTEL_SERVICE_NAME names the service
         self.tokens = tokens
         self.max_concurrent = max_concurrent_requests
         self.in_flight = 0  # the server's event loop is the only writer: no lock
@@ -87,9 +90,12 @@ class _Call:
         self.request_id = request_id
         self.started = time.perf_counter()
         self.holds_slot = False
+        self.span: tracing.RpcSpan | None = None
 
     async def __aenter__(self) -> _Call:
         self.token = REQUEST_ID.set(self.request_id)
+        # After the id, which the span carries; the metadata is read only when tracing is on.
+        self.span = tracing.rpc_span(self.method, self.context.invocation_metadata()) if tracing.enabled() else None
         self.context.set_trailing_metadata((("x-request-id", self.request_id),))
         try:
             await self._admit()
@@ -125,6 +131,8 @@ class _Call:
         LATENCY.labels(self.method).observe(seconds)
         # One line per call, at DEBUG for the OK ones: a busy scorer answers thousands a second.
         log.log(logging.DEBUG if code == "OK" else logging.INFO, "%s %s in %.1f ms", self.method, code, seconds * 1e3)
+        if self.span is not None:
+            self.span.end(code, exc)
         REQUEST_ID.reset(self.token)
 
 

@@ -20,7 +20,7 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from speechrl.services import __version__
+from speechrl.services import __version__, tracing
 from speechrl.services.auth import TokenStore
 from speechrl.services.config import ServerConfig, parse_config
 from speechrl.services.interceptor import ServerInterceptor
@@ -246,6 +246,7 @@ def serve_main(config_class: type[ServerConfigT], service: str,
     then serve until SIGTERM/SIGINT and drain."""
     config = parse_config(config_class, service, argv, description=description)
     configure_runtime(config)  # before the model loads: thread counts, logging
+    tracing.setup(f"speechrl-{service}")  # with SPEECHRL_TRACING: spans name their service (OTEL_SERVICE_NAME wins)
 
     async def run() -> None:
         running = await start(config)

@@ -218,6 +218,11 @@ def start_service(name: str, paths: StackPaths, rollout_backend: str = "") -> in
     # a bare `speechrl serve gateway` has none, and `up --only gateway` must not wait for one.
     if name == "gateway" and read_pid(paths.pid_file("token2wav")) is not None:
         env.setdefault("SPEECHRL_GATEWAY_TOKEN2WAV", f"127.0.0.1:{service_port('token2wav')}")
+    if name == "gateway":  # its dashboard (/ui) watches the whole stack; none of these gates its readiness
+        env.setdefault("SPEECHRL_GATEWAY_ENCODER", f"127.0.0.1:{service_port('encoder')}")
+        env.setdefault("SPEECHRL_GATEWAY_ROLLOUT", f"127.0.0.1:{service_port('rollout')}")
+        env.setdefault("SPEECHRL_GATEWAY_TRAINER", f"http://127.0.0.1:{service_port('trainer')}")
+        env.setdefault("SPEECHRL_GATEWAY_REDIS_URL", redis_url())
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                             env=env, start_new_session=True)
     paths.pid_file(name).write_text(str(proc.pid))

@@ -12,6 +12,7 @@ from speechrl.services.ports import DEFAULT_PORTS
 SERVICE = "gateway"
 SCORERS = ("intelligibility", "speaker", "rules")
 BACKENDS = (*SCORERS, "token2wav")  # every service the gateway calls
+WATCHED = ("encoder", "rollout")  # services only the dashboard (/ui) reads the status of
 ERROR_UNITS = ("word", "character", "pinyin")  # speechrl.v1.ErrorUnit's values
 
 
@@ -58,6 +59,20 @@ class GatewayConfig(ListenerConfig):
     adapter_scorer_errors: str = option("reward", "When a scorer call fails as a whole on the OpenRLHF, slime and /v2 routes: "
                                                   "reward (answer 200 with adapter_failure_reward per item) or http "
                                                   "(answer 429/503/504 so the trainer's own retry applies).")
+    # The dashboard (/ui, routes/dashboard.py): what it watches besides the services above.
+    encoder: str = option(f"127.0.0.1:{DEFAULT_PORTS['encoder']}", "Audio encoder endpoints, for the dashboard's "
+                                                                   "service panel only (status, never called); empty: "
+                                                                   "not shown.")
+    rollout: str = option(f"127.0.0.1:{DEFAULT_PORTS['rollout']}", "Rollout generator endpoints, for the dashboard's "
+                                                                   "service panel only; empty: not shown.")
+    trainer: str = option(f"http://127.0.0.1:{DEFAULT_PORTS['trainer']}",
+                          "Base URL of the trainer's job API; the dashboard lists, plots and cancels its jobs through "
+                          "the gateway (sending scorer_token, or the SDK's token variables). Empty: no jobs panel.")
+    redis_url: str = option("redis://127.0.0.1:6379/0", "Redis of the GPU lease, for the dashboard's lease timeline "
+                                                        "and device-memory ledger (read only); empty: no lease panel.")
+    service_metrics: str = option("", "Prometheus /metrics of the services, as name=host:port pairs separated by commas "
+                                      "(docker-compose.yml: each service's :9464); the dashboard's latency, batch and "
+                                      "queue columns come from them. Empty: throughput only, from GetServiceStatus.")
     openrlhf_scorer: str = option("rules", "Scorer of POST /v1/openrlhf/reward and /v1/slime/reward: rules (ASR text) or token2wav_asr (TTS "
                                            "speech tokens, needs a token2wav backend).")
 
@@ -79,9 +94,12 @@ class GatewayConfig(ListenerConfig):
             raise ValueError(f"token2wav_asr_error_unit must be one of {ERROR_UNITS}, got {self.token2wav_asr_error_unit!r}")
         if self.openrlhf_scorer not in ("rules", "token2wav_asr"):
             raise ValueError(f"openrlhf_scorer must be rules or token2wav_asr, got {self.openrlhf_scorer!r}")
-        for name in BACKENDS:
+        for name in (*BACKENDS, *WATCHED):
             if getattr(self, name).strip():
                 parse_endpoints(getattr(self, name))
+        if self.trainer and not self.trainer.startswith(("http://", "https://")):
+            raise ValueError(f"trainer must be an http:// or https:// URL (or empty), got {self.trainer!r}")
+        self.metrics_endpoints()  # checks the pairs
 
     def endpoints(self, scorer: str) -> tuple[str, ...]:
         """The endpoints of a scorer; empty when it is turned off.
@@ -91,3 +109,18 @@ class GatewayConfig(ListenerConfig):
         """
         value = getattr(self, scorer)
         return parse_endpoints(value) if value.strip() else ()
+
+    def metrics_endpoints(self) -> dict[str, str]:
+        """service_metrics as {service: host:port}.
+
+        >>> GatewayConfig(service_metrics="rules=rules:9464, encoder=encoder:9464").metrics_endpoints()
+        {'rules': 'rules:9464', 'encoder': 'encoder:9464'}
+        """
+        pairs = {}
+        for pair in (p.strip() for p in self.service_metrics.split(",") if p.strip()):
+            name, sep, address = (part.strip() for part in pair.partition("="))
+            if not sep or name not in (*BACKENDS, *WATCHED) or ":" not in address:
+                raise ValueError(f"service_metrics: expected service=host:port with a service of "
+                                 f"{', '.join((*BACKENDS, *WATCHED))}, got {pair!r}")
+            pairs[name] = address
+        return pairs

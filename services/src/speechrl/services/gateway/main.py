@@ -15,15 +15,19 @@ from fastapi import FastAPI
 
 from speechrl.adapters.common import token2wav_service
 from speechrl.services import __version__
-from speechrl.services.auth import BearerAuthMiddleware, TokenStore
+from speechrl.services.auth import OPEN_HTTP_PATHS, BearerAuthMiddleware, TokenStore
+from speechrl.services.gateway import ui
 from speechrl.services.gateway.config import GatewayConfig
+from speechrl.services.gateway.dashboard import Sources
 from speechrl.services.gateway.deadline import DeadlineMiddleware
 from speechrl.services.gateway.deps import Scorers
 from speechrl.services.gateway.errors import add_error_handlers
 from speechrl.services.gateway.metrics import MetricsMiddleware
 from speechrl.services.gateway.prompts import PromptPool
 from speechrl.services.gateway.routes import ROUTERS
+from speechrl.services.gateway.routes.dashboard import AUTH_PATH
 from speechrl.services.logs import RequestIdMiddleware
+from speechrl.services.tracing import trace_http
 
 DESCRIPTION = """REST/JSON front of the SpeechRL reward services.
 
@@ -38,15 +42,19 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     """The FastAPI app of the gateway for config (defaults: local scorers on their usual ports)."""
     config = config or GatewayConfig()
     scorers = Scorers.from_config(config)
+    dashboard = Sources.from_config(config)  # what /ui shows: every service, the lease, the trainer's jobs
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await scorers.close()
+        await dashboard.close()
 
     app = FastAPI(title="SpeechRL gateway", version=__version__, description=DESCRIPTION, lifespan=lifespan)
     app.state.config = config
     app.state.scorers = scorers
+    app.state.dashboard = dashboard
+    app.state.tokens = TokenStore(config.auth_tokens, config.auth_token_file)
     if scorers.token2wav is not None:  # tests and embedders may attach their own callable instead
         prompts = None if not config.token2wav_prompts else PromptPool.from_folder(
             config.token2wav_prompts, None if config.token2wav_prompt_seed < 0 else config.token2wav_prompt_seed)
@@ -54,10 +62,13 @@ def create_app(config: GatewayConfig | None = None) -> FastAPI:
     for router in ROUTERS:
         app.include_router(router)
     add_error_handlers(app)
-    # The last added runs first: request id, then metrics (refusals counted too), then the token
-    # check, then the caller's deadline.
+    # The last added runs first: request id, then the trace span (SPEECHRL_TRACING), then metrics
+    # (refusals counted too), then the token check, then the caller's deadline.
     app.add_middleware(DeadlineMiddleware)
-    app.add_middleware(BearerAuthMiddleware, store=TokenStore(config.auth_tokens, config.auth_token_file))
+    # The dashboard page and its assets load without a token (they hold no data) and then ask for one.
+    app.add_middleware(BearerAuthMiddleware, store=app.state.tokens,
+                       open_paths=(*OPEN_HTTP_PATHS, *ui.OPEN_PATHS, AUTH_PATH))
     app.add_middleware(MetricsMiddleware)
+    trace_http(app, "speechrl-gateway")
     app.add_middleware(RequestIdMiddleware)
     return app

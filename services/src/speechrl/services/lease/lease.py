@@ -41,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator, Callable
@@ -59,9 +60,27 @@ PRIORITIES = {"high": 0, "normal": 1, "low": 2}
 """Priority classes: a lower rank is served first; FIFO within a class. The trainer's policy
 update asks for "high" so scorer traffic cannot starve it."""
 
-WAIT_SECONDS = Histogram("speechrl_lease_wait_seconds", "Time from asking for a lease to its grant", ["device"])
-HOLD_SECONDS = Histogram("speechrl_lease_hold_seconds", "Time a lease was held", ["device"])
-LEASE_EVENTS = Counter("speechrl_lease_events_total", "Lease grants, releases and losses", ["device", "event"])
+# Up to 10 min: a scorer waits milliseconds to seconds, the trainer's update up to its 600 s timeout,
+# and the lease-wait alert's 30 s bound (k8s/components/monitoring/alerts.yml) must lie inside the
+# range: histogram_quantile reads a quantile above the top finite bucket as that bucket.
+LEASE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+WAIT_SECONDS = Histogram("speechrl_lease_wait_seconds", "Time from asking for a lease to its grant",
+                         ["device", "owner"], buckets=LEASE_BUCKETS)
+HOLD_SECONDS = Histogram("speechrl_lease_hold_seconds", "Time a lease was held", ["device", "owner"],
+                         buckets=LEASE_BUCKETS)
+LEASE_EVENTS = Counter("speechrl_lease_events_total", "Lease events seen by owner: granted, released, "
+                       "release_after_loss, lost (lapsed under its holder), reclaimed (after a Redis restart), "
+                       "expired (a dead holder's grant this owner found lapsed)", ["device", "owner", "event"])
+
+
+def owner_label(owner: str) -> str:
+    """An owner without its trailing process id: the metrics' `owner` label (restarts add no series) and
+    the dashboard's colour of a holder.
+
+    >>> owner_label("encoder-1234"), owner_label("rollout:99"), owner_label("token2wav-score-7"), owner_label("holder")
+    ('encoder', 'rollout', 'token2wav-score', 'holder')
+    """
+    return re.sub(r"[-:]\d+$", "", owner) or owner
 
 
 class LeaseError(RuntimeError):
@@ -169,6 +188,7 @@ class GpuLease:
         self.owner = owner
         self.settings = settings or LeaseSettings()
         self.clock = clock
+        self._label = owner_label(owner)
         self._acquire = client.register_script(scripts.ACQUIRE)
         self._renew = client.register_script(scripts.RENEW)
         self._release = client.register_script(scripts.RELEASE)
@@ -199,10 +219,11 @@ class GpuLease:
                           self._clean_run_id, s.events_max])
                 enqueue = False
                 if expired:
-                    LEASE_EVENTS.labels(device, "expired").inc()
+                    LEASE_EVENTS.labels(device, self._label, "expired").inc()
                 if state == 1:
-                    WAIT_SECONDS.labels(device).observe(self.clock() - start)
-                    LEASE_EVENTS.labels(device, "granted").inc()
+                    WAIT_SECONDS.labels(device, self._label).observe(self.clock() - start)
+                    LEASE_EVENTS.labels(device, self._label, "granted").inc()
+                    LEASE_EVENTS.labels(device, self._label, "lost")  # at 0 from here: increase() sees a first loss
                     return Grant(device, ticket, int(value), self.clock(), confirmed_at=sent)
                 if recovering:  # maybe this server was declared clean since we last looked
                     await self._read_clean_marker()
@@ -236,7 +257,7 @@ class GpuLease:
     def _mark_lost(self, grant: Grant, why: str) -> None:
         if not grant.lost.is_set():
             grant.lost.set()
-            LEASE_EVENTS.labels(grant.device, "lost").inc()
+            LEASE_EVENTS.labels(grant.device, self._label, "lost").inc()
             log.error("lease %s lost by %s (fence %d): %s", grant.device, self.owner, grant.fence, why)
 
     async def renew(self, grant: Grant) -> bool:
@@ -254,7 +275,7 @@ class GpuLease:
             self._mark_lost(grant, "TTL ran out before a heartbeat, or a restarted Redis could not be reclaimed")
             return False
         if outcome == 2:
-            LEASE_EVENTS.labels(grant.device, "reclaimed").inc()
+            LEASE_EVENTS.labels(grant.device, self._label, "reclaimed").inc()
             log.warning("lease %s reclaimed by %s (fence %d) after Redis lost it", grant.device, self.owner, grant.fence)
         grant.confirmed_at = max(grant.confirmed_at, sent)
         return True
@@ -275,8 +296,8 @@ class GpuLease:
         p, k = self._keys(grant.device)
         released = bool(await self._release(keys=[k["holder"], k["info"], k["queue"], k["stats"], k["owners"]],
                                             args=[grant.ticket, p, self.settings.events_max]))
-        HOLD_SECONDS.labels(grant.device).observe(self.clock() - grant.granted_at)
-        LEASE_EVENTS.labels(grant.device, "released" if released else "release_after_loss").inc()
+        HOLD_SECONDS.labels(grant.device, self._label).observe(self.clock() - grant.granted_at)
+        LEASE_EVENTS.labels(grant.device, self._label, "released" if released else "release_after_loss").inc()
         return released
 
     async def _heartbeat(self, grant: Grant, stop: asyncio.Event) -> None:

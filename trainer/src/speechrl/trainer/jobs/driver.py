@@ -10,8 +10,9 @@
                   and out; a lost lease undoes the update, which is retried once from the same
                   rollouts) -> sync (new weights to the rollout service with the update's fencing
                   token; its reply must echo the new version) -> kind.evaluate when due
-                  -> metrics.jsonl, TensorBoard, progress, a checkpoint every checkpoint_every steps
-        finish    summary.json and training.png
+                  -> metrics.jsonl, TensorBoard, the trackers asked for (trackers.py), progress, a
+                  checkpoint every checkpoint_every steps
+        finish    summary.json and training.png (uploaded to the trackers)
 
 The lease is never optional where a device is shared: a job on cuda:N takes cuda:N's lease unless
 its lease_device says "none" (the device is its own), and between updates its policy, reference
@@ -31,13 +32,14 @@ import json
 import logging
 import os
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from speechrl.services import tracing
 from speechrl.services.lease import GpuLease, LeaseLost, LeaseSettings, lease_redis
 from speechrl.services.ledger import DeviceLedger
 from speechrl.services.residency import DeviceGuard
@@ -57,6 +59,7 @@ from speechrl.trainer.jobs.checkpoint import (
 from speechrl.trainer.jobs.kind import JobConfig, JobKind, Policy, Session
 from speechrl.trainer.jobs.plots import plot_run
 from speechrl.trainer.jobs.progress import MetricsLog, PhaseTimer, Progress
+from speechrl.trainer.jobs.trackers import Trackers
 from speechrl.trainer.jobs.turn import TrainerResidency, UpdateTurn
 from speechrl.trainer.jobs.weights import check_on_policy, push_weights, sync_dir
 
@@ -83,9 +86,11 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
         await distributed.follow(sharded_update(kind, config), control,
                                  lambda: update_lease(lease_device_of(config), config.redis_url))
         return {}
+    tracing.setup("speechrl-trainer")  # a span per step, one per phase, with SPEECHRL_TRACING (rank 0 only)
     out = Path(config.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "job.json").write_text(json.dumps({"kind": kind.name, **asdict(config)}, indent=2) + "\n")
+    job = {"kind": kind.name, **asdict(config)}
+    (out / "job.json").write_text(json.dumps(job, indent=2) + "\n")
     random.seed(config.seed)
     resume = latest_checkpoint(out)
     if launch is not None and grpo.lora:
@@ -115,7 +120,9 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
         state = TrainState.load(resume)
         load_optimizer(resume, optimizer)
         restore_rng(state)
+    trackers = Trackers()  # none until started: a tracker that cannot start its run fails the job here
     try:
+        trackers = Trackers.start(config.tracking, job, out)
         async with kind.connect(config, policy) as session:
             status = await session.rollout.get_service_status()
             # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
@@ -124,19 +131,25 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
                                          max(state.version, status.policy_version) + 1, grpo.lora)
 
             async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
-                metrics, version = await train_step(session, index, version, turn, policy, config)
+                with tracing.span("train.step", {"speechrl.step": index + 1, "speechrl.job_kind": kind.name}):
+                    metrics, version = await train_step(session, index, version, turn, policy, config)
                 state.fence = max(state.fence, int(metrics.get("fence", 0)))
                 return metrics, version
 
             await train_loop(out, state, config.steps, progress, step,
                              lambda f: save_policy(policy, f / "policy", grpo.lora), optimizer, version=version,
-                             checkpoint_every=config.checkpoint_every, evaluate=session.evaluate)
+                             checkpoint_every=config.checkpoint_every, evaluate=session.evaluate,
+                             trackers=trackers)
+    except BaseException:
+        trackers.finish([], failed=True)
+        raise
     finally:
         await turn.aclose()
         if isinstance(optimizer, distributed.DataParallelUpdate):
             optimizer.close()  # ranks > 0 return
     summary = summarize(out, kind)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    trackers.finish([out / "summary.json", out / "training.png"])
     return summary
 
 
@@ -147,7 +160,7 @@ async def train_step(session: Session, step: int, version: int, turn: UpdateTurn
     An update that lost its lease left nothing behind (turn.py) and runs again on the same rollouts;
     a second loss in a row ends the job (LeaseLostTwice). Either way no weights were pushed.
     """
-    timer = PhaseTimer()
+    timer = TracedPhaseTimer()
     collected = await session.collect(step, timer)
     check_on_policy(collected.sampled_versions, version)
     lost = 0
@@ -173,13 +186,22 @@ async def train_step(session: Session, step: int, version: int, turn: UpdateTurn
     return metrics, version
 
 
+class TracedPhaseTimer(PhaseTimer):
+    """A PhaseTimer whose phases are also spans (`train.encode`, ...), children of the step's, when tracing is on."""
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        with tracing.span(f"train.{name}"), super().__call__(name):
+            yield
+
+
 StepFn = Callable[[int, int], Awaitable[tuple[dict[str, Any], int]]]  # (step, version) -> (metrics, version)
 
 
 async def train_loop(out: Path, state: TrainState, steps: int, progress: Progress, step: StepFn,
                      save_policy: Callable[[Path], None], optimizer: OptimizerState, *, version: int,
                      checkpoint_every: int, evaluate: Callable[[int, bool], Awaitable[dict[str, float]]] | None = None,
-                     ) -> None:
+                     trackers: Trackers | None = None) -> None:
     """Run steps until state.step == steps (or cancelled): log, report, evaluate and checkpoint each.
 
     evaluate(step, last) returns the eval metrics due at that step ({} when none are due).
@@ -196,6 +218,8 @@ async def train_loop(out: Path, state: TrainState, steps: int, progress: Progres
             if evaluate is not None:
                 metrics.update(await evaluate(state.step, last))
             log.write(state.step, metrics)
+            if trackers is not None:
+                trackers.log_metrics(state.step, metrics)
             progress.report(state.step, steps, metrics)
             if last or state.step % checkpoint_every == 0:
                 await asyncio.to_thread(save_checkpoint, out, state, save_policy, optimizer)

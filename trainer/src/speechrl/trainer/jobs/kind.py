@@ -28,12 +28,14 @@ from speechrl.services.config import check_choices, from_mapping, option
 from speechrl.trainer.core.config import GRPOConfig
 from speechrl.trainer.core.step import RolloutBatch
 from speechrl.trainer.jobs.progress import PhaseTimer
+from speechrl.trainer.jobs.trackers import TrackingConfig
 
 
 @dataclass
 class JobConfig:
     """The fields every job kind has; a kind's config adds its own. `grpo` is the update's GRPOConfig,
-    given as a mapping in a job file (`grpo: {group_size: 8, kl_beta: 0.05}`)."""
+    given as a mapping in a job file (`grpo: {group_size: 8, kl_beta: 0.05}`), and `tracking` its
+    experiment trackers (`tracking: {trackers: [mlflow]}`, trackers.py)."""
 
     # A kind's reward components (reward_weights may name only these) and the weights of those a job
     # does not name (the others weigh 1).
@@ -64,6 +66,9 @@ class JobConfig:
     seed: int = option(0, "Seed of prompt sampling and rollouts.")
     grpo: GRPOConfig = field(default_factory=GRPOConfig, metadata={
         "help": "GRPOConfig fields (group_size, batch_size, learning_rate, kl_beta, reward_weights, ...)."})
+    tracking: TrackingConfig = field(default_factory=TrackingConfig, metadata={
+        "help": "Experiment trackers besides metrics.jsonl and TensorBoard (TrackingConfig: trackers [mlflow, wandb], "
+                "run_name, mlflow_tracking_uri, wandb_project, wandb_mode, ...); none by default."})
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -77,6 +82,8 @@ class JobConfig:
             raise ValueError(f"checkpoint_every must be >= 1, got {self.checkpoint_every}")
         if isinstance(self.grpo, Mapping):
             self.grpo = from_mapping(GRPOConfig, self.grpo, "grpo")
+        if isinstance(self.tracking, Mapping):
+            self.tracking = from_mapping(TrackingConfig, self.tracking, "tracking")
         for name in self.grpo.reward_weights:
             if name not in self.REWARD_COMPONENTS:
                 raise ValueError(f"reward_weights names {name!r}; components are {', '.join(self.REWARD_COMPONENTS)}")

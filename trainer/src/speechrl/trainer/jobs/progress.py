@@ -7,7 +7,7 @@ import contextlib
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -71,6 +71,16 @@ def mean_of(values: Sequence[float | None]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
+def scalars(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The finite numbers of a step's metrics: what TensorBoard and the trackers (trackers.py) get.
+
+    >>> scalars({"kl": 0.5, "fence": 3, "wer": math.nan, "lora": True, "note": "x"})
+    {'kl': 0.5, 'fence': 3.0, 'lora': 1.0}
+    """
+    return {key: float(value) for key, value in metrics.items()
+            if isinstance(value, (int, float)) and math.isfinite(value)}
+
+
 class MetricsLog:
     """metrics.jsonl and TensorBoard events of a run (a resumed run drops records past its checkpoint)."""
 
@@ -90,9 +100,8 @@ class MetricsLog:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
         if self.writer is not None:
-            for key, value in metrics.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.writer.add_scalar(key, value, step)
+            for key, value in scalars(metrics).items():
+                self.writer.add_scalar(key, value, step)
             self.writer.flush()
 
     def close(self) -> None:

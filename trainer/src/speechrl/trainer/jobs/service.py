@@ -4,8 +4,10 @@
     GET  /v1/jobs                  list jobs, newest first
     GET  /v1/jobs/{id}             one job's status and progress
     GET  /v1/jobs/{id}/metrics     its per-step metrics (?since_step=N for the new ones)
+    GET  /v1/jobs/{id}/checkpoints its complete checkpoints (step, folder, fence), oldest first
     POST /v1/jobs/{id}/cancel      stop it after the current step (it keeps its checkpoints)
     GET  /healthz, /readyz         liveness; readiness = Redis answers
+    GET  /metrics                  Prometheus: jobs finished by status, steps, the jobs' GPU lease
 
 Jobs live in Redis (jobs.py), so a restarted trainer finds them: jobs it was running are queued
 again and resume from their newest checkpoint. The trainer also journals its jobs to files
@@ -26,8 +28,9 @@ from typing import Annotated, Any
 
 import redis
 import yaml
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
 from starlette.concurrency import run_in_threadpool
 
 from speechrl.services.auth import BearerAuthMiddleware, TokenStore
@@ -35,12 +38,18 @@ from speechrl.services.config import ListenerConfig, option, parse_config
 from speechrl.services.ledger import ledger_devices, read_ledger
 from speechrl.services.logs import RequestIdMiddleware, configure_logging
 from speechrl.services.ports import DEFAULT_PORTS
+from speechrl.trainer.jobs.checkpoint import STATE_FILE, TrainState, checkpoint_dir
 from speechrl.trainer.jobs.driver import with_lease_prefix
 from speechrl.trainer.jobs.journal import JobJournal, journal_folder
 from speechrl.trainer.jobs.registry import JobConfigError, parse_job, run_job
 from speechrl.trainer.jobs.store import Job, JobNotFound, JobStore
 
 log = logging.getLogger(__name__)
+
+JOBS = Counter("speechrl_trainer_jobs_total", "Jobs this trainer finished, by final status", ["status"])
+for _status in ("succeeded", "failed", "cancelled"):
+    JOBS.labels(_status)  # exported at 0 from the start, so that increase() counts the first failure
+STEPS = Counter("speechrl_trainer_steps_total", "Training steps completed by this trainer's jobs")
 
 
 @dataclass
@@ -66,6 +75,7 @@ class StoreProgress:
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         self.store.record_step(self.job_id, step, metrics)
+        STEPS.inc()
 
     def resumed(self, step: int) -> None:
         self.store.rewind(self.job_id, step)
@@ -110,8 +120,10 @@ class Worker:
             run_job(kind, with_lease_prefix(config, self.lease_prefix), StoreProgress(self.store, job_id))
             final = "cancelled" if self.store.cancel_requested(job_id) else "succeeded"
             self.store.update(job_id, status=final)
+            JOBS.labels(final).inc()
         except Exception as exc:
             log.exception("job %s failed", job_id)
+            JOBS.labels("failed").inc()
             self.store.update(job_id, status="failed", error=f"{type(exc).__name__}: {exc}\n"
                               + "".join(traceback.format_exc(limit=5)))
 
@@ -127,6 +139,19 @@ def device_memory(job: Job) -> list[dict[str, Any]]:
         return []
     finally:
         client.close()
+
+
+def checkpoints(job: Job) -> list[dict[str, Any]]:
+    """The job's complete checkpoints in its out_dir (the trainer's files: the job API is where others see them)."""
+    found = []
+    for folder in sorted(checkpoint_dir(job.out_dir).glob("step-*")) if job.out_dir else []:
+        try:
+            state = TrainState.load(folder)
+            written = (folder / STATE_FILE).stat().st_mtime
+        except (OSError, ValueError):  # being replaced right now, or not a checkpoint
+            continue
+        found.append({"step": state.step, "path": str(folder), "fence": state.fence, "written": written})
+    return found
 
 
 async def get_store(request: Request) -> JobStore:
@@ -197,6 +222,10 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
         store.get(job_id)
         return store.metrics(job_id, since_step)
 
+    @app.get("/v1/jobs/{job_id}/checkpoints", summary="A job's complete checkpoints, oldest first")
+    def job_checkpoints(job_id: str, store: StoreDep) -> list[dict[str, Any]]:
+        return checkpoints(store.get(job_id))
+
     @app.post("/v1/jobs/{job_id}/cancel", summary="Stop a job after its current step")
     def cancel(job_id: str, store: StoreDep) -> dict[str, Any]:
         job: Job = store.request_cancel(job_id)
@@ -210,6 +239,10 @@ def create_app(config: TrainerConfig, start_worker: bool = True) -> FastAPI:
     def readyz(store: StoreDep) -> dict[str, str]:
         store.client.ping()
         return {"status": "ready"}
+
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    async def metrics() -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
     return app
 
