@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 
 import grpc
@@ -9,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from speechrl.client import RuleRewardsClient
 from speechrl.rewards import rule_rewards
 from speechrl.services.ports import free_port
 from speechrl.services.rules.engine import RuleItem, RuleRewardEngine
@@ -18,11 +20,16 @@ from tests.support.servers import serve_in_thread
 
 
 @pytest.fixture(scope="module")
-def channel() -> Iterator[grpc.Channel]:
+def address() -> Iterator[str]:
     config = RulesConfig(port=free_port(), max_request_items=8, max_text_chars=200)
     with serve_in_thread(lambda: start(config)) as running:
-        with grpc.insecure_channel(f"127.0.0.1:{running.port}") as ch:
-            yield ch
+        yield f"127.0.0.1:{running.port}"
+
+
+@pytest.fixture(scope="module")
+def channel(address: str) -> Iterator[grpc.Channel]:
+    with grpc.insecure_channel(address) as ch:
+        yield ch
 
 
 def item(hyp: str, ref: str, keywords: tuple[str, ...] = ()) -> rule_rewards_pb2.RuleRewardItem:
@@ -64,6 +71,9 @@ def test_bad_items_fail_alone(channel: grpc.Channel) -> None:
     (rule_rewards_pb2.ScoreRulesRequest(items=[item("a", "a")],
                                         weights=rule_rewards_pb2.RuleRewardWeights(accuracy=float("nan"))),
      "weights.accuracy"),
+    (rule_rewards_pb2.ScoreRulesRequest(items=[item("a", "a")], accuracy_floor=0.5), "accuracy_floor"),
+    (rule_rewards_pb2.ScoreRulesRequest(items=[item("a", "a")], accuracy_floor=float("nan")), "accuracy_floor"),
+    (rule_rewards_pb2.ScoreRulesRequest(items=[item("a", "a")], accuracy_mapping=7), "accuracy_mapping"),  # type: ignore[arg-type]
 ])
 def test_malformed_requests_are_invalid_argument_naming_the_field(channel: grpc.Channel, request_, field: str) -> None:
     stub = rule_rewards_pb2_grpc.RuleRewardsStub(channel)
@@ -72,6 +82,20 @@ def test_malformed_requests_are_invalid_argument_naming_the_field(channel: grpc.
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert info.value.details().startswith(field)
     assert stub.ScoreRules(rule_rewards_pb2.ScoreRulesRequest(items=[item("a", "a")])).results[0].score.wer == 0.0
+
+
+def test_r1_takes_the_requests_mapping_and_floor(channel: grpc.Channel, address: str) -> None:
+    """A negative floor reaches R1 and the total; unset, R1 is the paper's clip (the two requests differ
+    only in the floor). The mapping comes through the SDK's name for it, as the trainer sends it."""
+    stub = rule_rewards_pb2_grpc.RuleRewardsStub(channel)
+    looped, ref = "go home now " * 4, "go home now"  # WER 3
+    clipped, floored = (stub.ScoreRules(rule_rewards_pb2.ScoreRulesRequest(items=[item(looped, ref)], **extra)).results[0].score
+                        for extra in ({}, {"accuracy_floor": -1.0}))
+    assert (clipped.wer, clipped.accuracy_reward, floored.accuracy_reward) == (3.0, 0.0, -1.0)
+    assert floored.total == pytest.approx(clipped.total - 1.0)
+    with RuleRewardsClient(address) as client:
+        tanh = client.score(["go home"], [ref], accuracy_mapping="one_minus_tanh_3wer", accuracy_floor=-1.0)[0].score
+    assert tanh is not None and tanh.accuracy_reward == pytest.approx(1 - math.tanh(1.0))
 
 
 def test_health_reflection_and_status(channel: grpc.Channel) -> None:

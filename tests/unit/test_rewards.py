@@ -51,6 +51,27 @@ def test_wer_mappings() -> None:
         wer_reward(0.1, "nope")
 
 
+def test_a_negative_floor_lets_r1_rank_what_the_clip_ties() -> None:
+    assert [wer_reward(w, floor=-1.0) for w in (0.25, 1.0, 1.5, 2.0, 5.0)] == [0.75, 0.0, -0.5, -1.0, -1.0]
+    assert wer_reward(1.5) == wer_reward(3.0) == 0.0  # the paper's clip: a long loop scores as a plain miss
+    assert wer_reward(0.9, "one_minus_tanh_3wer", floor=-1.0) > 0.0  # 1 - tanh never reaches below 0
+    with pytest.raises(ValueError, match="floor must be <= 0"):
+        wer_reward(0.5, floor=0.5)
+
+
+def test_rule_rewards_take_the_r1_mapping_and_floor() -> None:
+    looped = "turn on the light " * 3  # 12 words against 4: WER 2
+    clipped = rule_rewards(looped, "turn on the light")
+    floored = rule_rewards(looped, "turn on the light", config=RuleRewardConfig(accuracy_floor=-1.0))
+    assert (clipped.wer, clipped.accuracy_reward, floored.accuracy_reward) == (2.0, 0.0, -1.0)
+    assert floored.total == -2.0 and floored.hallucination_reasons == clipped.hallucination_reasons
+    tanh = rule_rewards("turn on the lights", "turn on the light", config=RuleRewardConfig(accuracy_mapping="one_minus_tanh_3wer"))
+    assert tanh.accuracy_reward == pytest.approx(1 - math.tanh(0.75))
+    for bad, message in (({"accuracy_floor": 0.5}, "accuracy_floor"), ({"accuracy_mapping": "nope"}, "accuracy_mapping")):
+        with pytest.raises(ValueError, match=message):
+            RuleRewardConfig(**bad)
+
+
 def test_similarity_mappings() -> None:
     assert similarity_reward(-0.5) == -0.5
     assert similarity_reward(-0.5, "shifted") == 0.25

@@ -240,9 +240,19 @@ class _RulesKey:
     accuracy_weight: float | None
     hallucination_weight: float | None
     keyword_weight: float | None
+    accuracy_mapping: str | None
+    accuracy_floor: float | None
     timeout_s: float | None
     request_id: str | None
     caller_deadline: float | None
+
+    def request(self, items: Sequence[rule_rewards_pb2.RuleRewardItem]) -> rule_rewards_pb2.ScoreRulesRequest:
+        request = rule_rewards_pb2.ScoreRulesRequest(
+            items=items, weights=self.weights(),
+            accuracy_mapping=enum_value(intelligibility_pb2.WerRewardMapping, self.accuracy_mapping, "WER_REWARD_MAPPING_"))
+        if self.accuracy_floor is not None:
+            request.accuracy_floor = self.accuracy_floor
+        return request
 
     def weights(self) -> rule_rewards_pb2.RuleRewardWeights:
         weights = rule_rewards_pb2.RuleRewardWeights()
@@ -302,29 +312,33 @@ class AsyncRuleRewardsClient(AsyncClient):
     async def score(self, hypotheses: Sequence[str], references: Sequence[str], *,
                     keywords: Sequence[Sequence[str]] | None = None, language: str | Sequence[str] = "",
                     accuracy_weight: float | None = None, hallucination_weight: float | None = None,
-                    keyword_weight: float | None = None, timeout_s: float | None = None) -> list[RuleResult]:
+                    keyword_weight: float | None = None, accuracy_mapping: str | None = None,
+                    accuracy_floor: float | None = None, timeout_s: float | None = None) -> list[RuleResult]:
         """Score each hypothesis against its reference.
 
         Args:
             keywords: one keyword list per item (for R3), or None for none.
             language: ISO 639-1 code for all items or one per item; "" means "en".
             *_weight: weights of the total; None keeps the server default (1, 1, 0).
+            accuracy_mapping: how WER becomes R1, a name of speechrl.rewards.WER_MAPPINGS; None: one_minus_wer.
+            accuracy_floor: lowest R1, in [-10, 0]; None: 0 (the paper's clip). -1 lets R1 tell a long
+                loop (WER 2) from a plain miss (WER 1).
         """
         count = _same_length(hypotheses=hypotheses, references=references)
         keyword_lists = [()] * count if keywords is None else _per_item(keywords, count, "keywords")
         languages = _per_item(language, count, "language")
         items = [rule_rewards_pb2.RuleRewardItem(hypothesis=h, reference=r, keywords=list(k), language=lang)
                  for h, r, k, lang in zip(hypotheses, references, keyword_lists, languages, strict=True)]
-        key = _RulesKey(accuracy_weight, hallucination_weight, keyword_weight, timeout_s,
-                        REQUEST_ID.get(), CALLER_DEADLINE.get())
+        key = _RulesKey(accuracy_weight, hallucination_weight, keyword_weight, accuracy_mapping, accuracy_floor,
+                        timeout_s, REQUEST_ID.get(), CALLER_DEADLINE.get())
         if self._coalescer is None:
             return await self._send(key, items)
         return await self._coalescer.submit(key, items)
 
     async def _send(self, key: _RulesKey, items: Sequence[rule_rewards_pb2.RuleRewardItem]) -> list[RuleResult]:
         """One ScoreRules request; REQUEST_ID and CALLER_DEADLINE are read from the context it runs in."""
-        request = rule_rewards_pb2.ScoreRulesRequest(items=items, weights=key.weights())
-        reply = await self.connection.unary(rule_rewards_pb2_grpc.RuleRewardsStub, "ScoreRules", request, key.timeout_s)
+        reply = await self.connection.unary(rule_rewards_pb2_grpc.RuleRewardsStub, "ScoreRules", key.request(items),
+                                            key.timeout_s)
         _check_count(reply.results, len(items), "ScoreRules")
         return [rule_result(r) for r in reply.results]
 

@@ -1,6 +1,6 @@
 """The ASR GRPO rewards of arXiv 2509.18569, computed from text alone.
 
-R1 = clip(1 - WER, 0, 1): accuracy.
+R1 = clip(1 - WER, 0, 1): accuracy (another mapping or a negative floor by RuleRewardConfig).
 R2 = -1 when the hypothesis hallucinates, else 0. Rules (each reported by name when it fires):
   - "repeated_ngram": content said again that the audio said once (looping decoders): a short
     n-gram (fewer than phrase_words words) said repeat_threshold times or more in a row, a phrase
@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import jiwer
 
+from speechrl.rewards.mappings import WER_MAPPINGS, wer_reward
 from speechrl.rewards.text import is_character_language, normalize_text
 from speechrl.rewards.wer import Counts, WordAlignment, align_words
 
@@ -40,6 +41,11 @@ class RuleRewardConfig:
     """Weight of R2 in the total."""
     keyword_weight: float = 0.0
     """Weight of R3 in the total; 0 unless the data set carries keywords."""
+    accuracy_mapping: str = "one_minus_wer"
+    """How WER becomes R1: a name of speechrl.rewards.WER_MAPPINGS; the paper's is one_minus_wer."""
+    accuracy_floor: float = 0.0
+    """Lowest R1 (<= 0). The paper's clip at 0 scores every hypothesis with WER >= 1 alike, a long
+    loop as a plain miss; a negative floor (e.g. -1) lets R1 rank them too."""
     repeat_threshold: int = 4
     """Back-to-back copies of a short n-gram (fewer than phrase_words words) that count as a loop."""
     phrase_words: int = 4
@@ -60,6 +66,10 @@ class RuleRewardConfig:
             raise ValueError("max_ngram and insertion_burst must be >= 1, phrase_words >= 2")
         if self.length_ratio <= 1.0:
             raise ValueError(f"length_ratio must be > 1, got {self.length_ratio}")
+        if self.accuracy_mapping not in WER_MAPPINGS:
+            raise ValueError(f"accuracy_mapping must be one of {sorted(WER_MAPPINGS)}, got {self.accuracy_mapping!r}")
+        if not -10.0 <= self.accuracy_floor <= 0.0:
+            raise ValueError(f"accuracy_floor must be in [-10, 0] (0: the paper's clip), got {self.accuracy_floor}")
 
 
 @dataclass(frozen=True)
@@ -178,7 +188,7 @@ def rule_rewards(hypothesis: str, reference: str, keywords: Sequence[str] = (), 
     """
     config = config or RuleRewardConfig()
     words = align_words(hypothesis, reference, language)
-    accuracy = min(1.0, max(0.0, 1.0 - words.wer))
+    accuracy = wer_reward(words.wer, config.accuracy_mapping, config.accuracy_floor)
     reasons = hallucination_reasons(words, hypothesis, reference, config)
     hallucination = -1.0 if reasons else 0.0
     precision, recall = keyword_scores(words.normalized_hypothesis, words.normalized_reference, keywords, language)

@@ -23,27 +23,28 @@ _sym_db = _symbol_database.Default()
 
 
 from speechrl.v1 import common_pb2 as speechrl_dot_v1_dot_common__pb2
+from speechrl.v1 import intelligibility_pb2 as speechrl_dot_v1_dot_intelligibility__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1espeechrl/v1/rule_rewards.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\"[\n\x0eRuleRewardItem\x12\x12\n\nhypothesis\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x10\n\x08language\x18\x04 \x01(\t\"\x87\x01\n\x11RuleRewardWeights\x12\x15\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rhallucination\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07keyword\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_accuracyB\x10\n\x0e_hallucinationB\n\n\x08_keyword\"p\n\x11ScoreRulesRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.speechrl.v1.RuleRewardItem\x12/\n\x07weights\x18\x02 \x01(\x0b\x32\x1e.speechrl.v1.RuleRewardWeights\"u\n\x10RuleRewardResult\x12-\n\x05score\x18\x01 \x01(\x0b\x32\x1c.speechrl.v1.RuleRewardScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\xfd\x01\n\x0fRuleRewardScore\x12\x0b\n\x03wer\x18\x01 \x01(\x01\x12-\n\x0bword_counts\x18\x02 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12\x17\n\x0f\x61\x63\x63uracy_reward\x18\x03 \x01(\x01\x12\x1c\n\x14hallucination_reward\x18\x04 \x01(\x01\x12\x1d\n\x15hallucination_reasons\x18\x05 \x03(\t\x12\x19\n\x11keyword_precision\x18\x06 \x01(\x01\x12\x16\n\x0ekeyword_recall\x18\x07 \x01(\x01\x12\x16\n\x0ekeyword_reward\x18\x08 \x01(\x01\x12\r\n\x05total\x18\t \x01(\x01\"D\n\x12ScoreRulesResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.speechrl.v1.RuleRewardResult2\\\n\x0bRuleRewards\x12M\n\nScoreRules\x12\x1e.speechrl.v1.ScoreRulesRequest\x1a\x1f.speechrl.v1.ScoreRulesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1espeechrl/v1/rule_rewards.proto\x12\x0bspeechrl.v1\x1a\x18speechrl/v1/common.proto\x1a!speechrl/v1/intelligibility.proto\"[\n\x0eRuleRewardItem\x12\x12\n\nhypothesis\x18\x01 \x01(\t\x12\x11\n\treference\x18\x02 \x01(\t\x12\x10\n\x08keywords\x18\x03 \x03(\t\x12\x10\n\x08language\x18\x04 \x01(\t\"\x87\x01\n\x11RuleRewardWeights\x12\x15\n\x08\x61\x63\x63uracy\x18\x01 \x01(\x01H\x00\x88\x01\x01\x12\x1a\n\rhallucination\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x14\n\x07keyword\x18\x03 \x01(\x01H\x02\x88\x01\x01\x42\x0b\n\t_accuracyB\x10\n\x0e_hallucinationB\n\n\x08_keyword\"\xd9\x01\n\x11ScoreRulesRequest\x12*\n\x05items\x18\x01 \x03(\x0b\x32\x1b.speechrl.v1.RuleRewardItem\x12/\n\x07weights\x18\x02 \x01(\x0b\x32\x1e.speechrl.v1.RuleRewardWeights\x12\x37\n\x10\x61\x63\x63uracy_mapping\x18\x03 \x01(\x0e\x32\x1d.speechrl.v1.WerRewardMapping\x12\x1b\n\x0e\x61\x63\x63uracy_floor\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x11\n\x0f_accuracy_floor\"u\n\x10RuleRewardResult\x12-\n\x05score\x18\x01 \x01(\x0b\x32\x1c.speechrl.v1.RuleRewardScoreH\x00\x12\'\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x16.speechrl.v1.ItemErrorH\x00\x42\t\n\x07outcome\"\xfd\x01\n\x0fRuleRewardScore\x12\x0b\n\x03wer\x18\x01 \x01(\x01\x12-\n\x0bword_counts\x18\x02 \x01(\x0b\x32\x18.speechrl.v1.ErrorCounts\x12\x17\n\x0f\x61\x63\x63uracy_reward\x18\x03 \x01(\x01\x12\x1c\n\x14hallucination_reward\x18\x04 \x01(\x01\x12\x1d\n\x15hallucination_reasons\x18\x05 \x03(\t\x12\x19\n\x11keyword_precision\x18\x06 \x01(\x01\x12\x16\n\x0ekeyword_recall\x18\x07 \x01(\x01\x12\x16\n\x0ekeyword_reward\x18\x08 \x01(\x01\x12\r\n\x05total\x18\t \x01(\x01\"D\n\x12ScoreRulesResponse\x12.\n\x07results\x18\x01 \x03(\x0b\x32\x1d.speechrl.v1.RuleRewardResult2\\\n\x0bRuleRewards\x12M\n\nScoreRules\x12\x1e.speechrl.v1.ScoreRulesRequest\x1a\x1f.speechrl.v1.ScoreRulesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'speechrl.v1.rule_rewards_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RULEREWARDITEM']._serialized_start=73
-  _globals['_RULEREWARDITEM']._serialized_end=164
-  _globals['_RULEREWARDWEIGHTS']._serialized_start=167
-  _globals['_RULEREWARDWEIGHTS']._serialized_end=302
-  _globals['_SCORERULESREQUEST']._serialized_start=304
-  _globals['_SCORERULESREQUEST']._serialized_end=416
-  _globals['_RULEREWARDRESULT']._serialized_start=418
-  _globals['_RULEREWARDRESULT']._serialized_end=535
-  _globals['_RULEREWARDSCORE']._serialized_start=538
-  _globals['_RULEREWARDSCORE']._serialized_end=791
-  _globals['_SCORERULESRESPONSE']._serialized_start=793
-  _globals['_SCORERULESRESPONSE']._serialized_end=861
-  _globals['_RULEREWARDS']._serialized_start=863
-  _globals['_RULEREWARDS']._serialized_end=955
+  _globals['_RULEREWARDITEM']._serialized_start=108
+  _globals['_RULEREWARDITEM']._serialized_end=199
+  _globals['_RULEREWARDWEIGHTS']._serialized_start=202
+  _globals['_RULEREWARDWEIGHTS']._serialized_end=337
+  _globals['_SCORERULESREQUEST']._serialized_start=340
+  _globals['_SCORERULESREQUEST']._serialized_end=557
+  _globals['_RULEREWARDRESULT']._serialized_start=559
+  _globals['_RULEREWARDRESULT']._serialized_end=676
+  _globals['_RULEREWARDSCORE']._serialized_start=679
+  _globals['_RULEREWARDSCORE']._serialized_end=932
+  _globals['_SCORERULESRESPONSE']._serialized_start=934
+  _globals['_SCORERULESRESPONSE']._serialized_end=1002
+  _globals['_RULEREWARDS']._serialized_start=1004
+  _globals['_RULEREWARDS']._serialized_end=1096
 # @@protoc_insertion_point(module_scope)

@@ -1,4 +1,5 @@
 from speechrl.v1 import common_pb2 as _common_pb2
+from speechrl.v1 import intelligibility_pb2 as _intelligibility_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -30,12 +31,16 @@ class RuleRewardWeights(_message.Message):
     def __init__(self, accuracy: _Optional[float] = ..., hallucination: _Optional[float] = ..., keyword: _Optional[float] = ...) -> None: ...
 
 class ScoreRulesRequest(_message.Message):
-    __slots__ = ("items", "weights")
+    __slots__ = ("items", "weights", "accuracy_mapping", "accuracy_floor")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_MAPPING_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FLOOR_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[RuleRewardItem]
     weights: RuleRewardWeights
-    def __init__(self, items: _Optional[_Iterable[_Union[RuleRewardItem, _Mapping]]] = ..., weights: _Optional[_Union[RuleRewardWeights, _Mapping]] = ...) -> None: ...
+    accuracy_mapping: _intelligibility_pb2.WerRewardMapping
+    accuracy_floor: float
+    def __init__(self, items: _Optional[_Iterable[_Union[RuleRewardItem, _Mapping]]] = ..., weights: _Optional[_Union[RuleRewardWeights, _Mapping]] = ..., accuracy_mapping: _Optional[_Union[_intelligibility_pb2.WerRewardMapping, str]] = ..., accuracy_floor: _Optional[float] = ...) -> None: ...
 
 class RuleRewardResult(_message.Message):
     __slots__ = ("score", "error")

@@ -20,11 +20,29 @@ from speechrl.services.audio import AudioInput
 from speechrl.services.batching import REQUEST_DEADLINE, DeadlineExpired, QueueFull
 from speechrl.services.errors import ItemFailure, RequestInvalid, StaleFence
 from speechrl.services.lease import LeaseError
-from speechrl.v1 import common_pb2
+from speechrl.v1 import common_pb2, intelligibility_pb2
 
 log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])  # a coroutine function or an async generator function
+
+# Proto WerRewardMapping value <-> speechrl.rewards.WER_MAPPINGS name: the intelligibility scorer's
+# reward and the rule rewards' R1.
+WER_MAPPING_NAMES = {
+    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_WER: "one_minus_wer",
+    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER: "one_minus_tanh_3wer",
+    intelligibility_pb2.WER_REWARD_MAPPING_NEGATIVE_WER: "negative_wer",
+}
+WER_MAPPING_VALUES = {name: value for value, name in WER_MAPPING_NAMES.items()}
+
+
+def wer_mapping_name(value: int, field: str, default: str) -> str:
+    """The WER_MAPPINGS name of a request's WerRewardMapping field; default where it is unset."""
+    if value == intelligibility_pb2.WER_REWARD_MAPPING_UNSPECIFIED:
+        return default
+    if value not in WER_MAPPING_NAMES:
+        raise RequestInvalid(field, f"unknown WerRewardMapping value {value}")
+    return WER_MAPPING_NAMES[value]  # type: ignore[index]
 
 
 def audio_from_proto(audio: common_pb2.Audio) -> AudioInput:

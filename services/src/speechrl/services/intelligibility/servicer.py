@@ -8,16 +8,16 @@ from speechrl.rewards.wer import Counts
 from speechrl.services.batching import DynamicBatcher
 from speechrl.services.errors import ItemFailure, RequestInvalid
 from speechrl.services.intelligibility.engine import IntelligibilityItem, IntelligibilityResult
-from speechrl.services.servicing import audio_from_proto, check_count, grpc_method, item_error
+from speechrl.services.servicing import (
+    WER_MAPPING_VALUES,
+    audio_from_proto,
+    check_count,
+    grpc_method,
+    item_error,
+    wer_mapping_name,
+)
 from speechrl.v1 import common_pb2, intelligibility_pb2, intelligibility_pb2_grpc
 
-# Proto enum value <-> speechrl.rewards.WER_MAPPINGS name.
-MAPPING_NAMES = {
-    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_WER: "one_minus_wer",
-    intelligibility_pb2.WER_REWARD_MAPPING_ONE_MINUS_TANH_3WER: "one_minus_tanh_3wer",
-    intelligibility_pb2.WER_REWARD_MAPPING_NEGATIVE_WER: "negative_wer",
-}
-MAPPING_VALUES = {name: value for value, name in MAPPING_NAMES.items()}
 UNIT_NAMES = {
     intelligibility_pb2.ERROR_UNIT_WORD: "word",
     intelligibility_pb2.ERROR_UNIT_CHARACTER: "character",
@@ -37,7 +37,7 @@ def _score_proto(result: IntelligibilityResult) -> intelligibility_pb2.Intelligi
         transcript=result.transcript, normalized_transcript=rates.normalized_hypothesis,
         normalized_reference=rates.normalized_reference, wer=rates.wer, cer=rates.cer,
         word_counts=_counts(rates.word_counts), char_counts=_counts(rates.char_counts), reward=result.reward,
-        reward_mapping=MAPPING_VALUES[result.mapping], audio_duration_seconds=result.audio_seconds,
+        reward_mapping=WER_MAPPING_VALUES[result.mapping], audio_duration_seconds=result.audio_seconds,
         error_rate=result.error_rate, error_unit=UNIT_VALUES[result.unit])
 
 
@@ -60,7 +60,7 @@ class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServ
     async def ScoreIntelligibility(self, request: intelligibility_pb2.ScoreIntelligibilityRequest,
                                    context: grpc.aio.ServicerContext) -> intelligibility_pb2.ScoreIntelligibilityResponse:
         check_count(request.items, "items", self.max_request_items)
-        mapping = self._mapping(request.reward_mapping)
+        mapping = wer_mapping_name(request.reward_mapping, "reward_mapping", self.default_mapping)
         unit = self._unit(request.error_unit)
         items = []
         for index, item in enumerate(request.items):
@@ -79,13 +79,6 @@ class IntelligibilityServicer(intelligibility_pb2_grpc.IntelligibilityScorerServ
             else:
                 response.results.add(score=_score_proto(result))
         return response
-
-    def _mapping(self, value: int) -> str:
-        if value == intelligibility_pb2.WER_REWARD_MAPPING_UNSPECIFIED:
-            return self.default_mapping
-        if value not in MAPPING_NAMES:
-            raise RequestInvalid("reward_mapping", f"unknown WerRewardMapping value {value}")
-        return MAPPING_NAMES[value]  # type: ignore[index]
 
     @staticmethod
     def _unit(value: int) -> str:

@@ -50,10 +50,13 @@ class RuleRewardEngine:
             return ItemFailure(ErrorCode.EMPTY_TEXT, str(exc), "reference")
 
 
-def weighted_config(accuracy: float | None, hallucination: float | None, keyword: float | None) -> RuleRewardConfig:
-    """The default config with the weights a request set."""
+def weighted_config(accuracy: float | None, hallucination: float | None, keyword: float | None,
+                    accuracy_mapping: str | None = None, accuracy_floor: float | None = None) -> RuleRewardConfig:
+    """The default config with the weights, R1 mapping and R1 floor a request set (None: the default)."""
     base = RuleRewardConfig()
     return replace(base,
                    accuracy_weight=base.accuracy_weight if accuracy is None else accuracy,
                    hallucination_weight=base.hallucination_weight if hallucination is None else hallucination,
-                   keyword_weight=base.keyword_weight if keyword is None else keyword)
+                   keyword_weight=base.keyword_weight if keyword is None else keyword,
+                   accuracy_mapping=accuracy_mapping or base.accuracy_mapping,
+                   accuracy_floor=base.accuracy_floor if accuracy_floor is None else accuracy_floor)

@@ -10,7 +10,7 @@ from speechrl.rewards import RuleRewardResult
 from speechrl.services.batching import DynamicBatcher
 from speechrl.services.errors import ItemFailure, RequestInvalid
 from speechrl.services.rules.engine import RuleItem, weighted_config
-from speechrl.services.servicing import check_count, grpc_method, item_error
+from speechrl.services.servicing import check_count, grpc_method, item_error, wer_mapping_name
 from speechrl.v1 import common_pb2, rule_rewards_pb2, rule_rewards_pb2_grpc
 
 
@@ -41,7 +41,11 @@ class RuleRewardsServicer(rule_rewards_pb2_grpc.RuleRewardsServicer):
         for name, value in weights.items():
             if value is not None and not math.isfinite(value):
                 raise RequestInvalid(f"weights.{name}", f"must be finite, got {value}")
-        config = weighted_config(**weights)
+        floor = request.accuracy_floor if request.HasField("accuracy_floor") else None
+        if floor is not None and not -10.0 <= floor <= 0.0:  # also refuses NaN
+            raise RequestInvalid("accuracy_floor", f"must be in [-10, 0] (0: the paper's clip), got {floor}")
+        config = weighted_config(**weights, accuracy_mapping=wer_mapping_name(
+            request.accuracy_mapping, "accuracy_mapping", "one_minus_wer"), accuracy_floor=floor)
         items = [RuleItem(i.hypothesis, i.reference, tuple(i.keywords), i.language or "en", config) for i in request.items]
         results = await self.batcher.submit(items)
         response = rule_rewards_pb2.ScoreRulesResponse()
