@@ -18,7 +18,7 @@ import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
@@ -33,6 +33,7 @@ from speechrl.trainer.jobs.progress import PhaseTimer, mean_of
 from speechrl.trainer.models.asr_policy import AsrPolicy, PromptLayout
 
 REWARD_COMPONENTS = ("accuracy", "hallucination", "keyword")
+WerMapping = Literal["one_minus_wer", "one_minus_tanh_3wer", "negative_wer"]  # speechrl.rewards.WER_MAPPINGS
 
 
 @dataclass
@@ -60,6 +61,17 @@ class AsrJobConfig(JobConfig):
                                          "prompts are not padded to a long one (several times cheaper on a CPU).")
     prefetch_embeddings: bool = option(False, "Encode every prompt of train_split (up to embedding_cache) once "
                                               "before the first step: worth it when steps will draw them again.")
+    accuracy_mapping: WerMapping = option(
+        "one_minus_wer", "How WER becomes R1 (speechrl.rewards.WER_MAPPINGS): one_minus_wer is the paper's, "
+                         "one_minus_tanh_3wer CosyVoice's GRPO recipe's.")
+    accuracy_floor: float = option(0.0, "Lowest R1, in [-10, 0]. 0 is the paper's clip, under which every "
+                                        "hypothesis with WER >= 1 scores alike (a long loop as a plain miss); -1 "
+                                        "keeps a WER-2 loop below a WER-1 miss, so R1 sees how far it ran on.")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not -10.0 <= self.accuracy_floor <= 0.0:
+            raise ValueError(f"accuracy_floor must be in [-10, 0] (0: the paper's clip), got {self.accuracy_floor}")
 
 
 @dataclass
@@ -130,10 +142,14 @@ class EmbeddingCache:
             await self.encode(services, todo[start:start + batch_size])
 
 
-async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Row]) -> dict[str, list[Any]]:
-    """Rule-reward components per hypothesis (None where unscored), plus WER and insertions."""
-    results = await services.rules.score(list(hypotheses), [r.text for r in rows],
-                                         keywords=[list(r.keywords) for r in rows])
+async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Row],
+                config: AsrJobConfig | None = None) -> dict[str, list[Any]]:
+    """Rule-reward components per hypothesis (None where unscored), plus WER and insertions; R1 as
+    config's accuracy_mapping and accuracy_floor (None: the service's default, the paper's)."""
+    results = await services.rules.score(
+        list(hypotheses), [r.text for r in rows], keywords=[list(r.keywords) for r in rows],
+        accuracy_mapping=config.accuracy_mapping if config else None,
+        accuracy_floor=config.accuracy_floor if config else None)
     scores = [r.score for r in results]
     return {
         "accuracy": [s.accuracy_reward if s else None for s in scores],
@@ -199,7 +215,7 @@ class AsrSession:
             samples = [s for r in results for s in r.unwrap()]  # P * G, group order
         group_rows = [row for row in rows for _ in range(grpo.group_size)]
         with timer("score"):
-            components = await score(self.services, [s.text for s in samples], group_rows)
+            components = await score(self.services, [s.text for s in samples], group_rows, self.config)
         rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
         metrics: dict[str, Any] = {
             **{f"reward/{k}": mean_of(components[k]) for k in REWARD_COMPONENTS},

@@ -44,20 +44,22 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from speechrl.services import stack
 from speechrl.services.config import option, parse_config
 from speechrl.services.ports import free_port
 from speechrl.trainer.core.advantages import weighted_rewards
 from speechrl.trainer.core.config import GRPOConfig
 from speechrl.trainer.jobs import asr
-from speechrl.trainer.jobs.asr import REWARD_COMPONENTS, AsrJobConfig, EmbeddingCache, Services, evaluate
+from speechrl.trainer.jobs.asr import REWARD_COMPONENTS, AsrJobConfig, EmbeddingCache, Services, WerMapping, evaluate
 from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
 from speechrl.trainer.jobs.progress import LineProgress
 from speechrl.trainer.jobs.registry import run_job
 from speechrl.trainer.jobs.weights import sync_dir
 from speechrl.trainer.models.asr_policy import PromptLayout
 from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset, select_informative_groups
-from speechrl.trainer.recipes.reporting import stage_timer, write_results
+from speechrl.trainer.recipes.reporting import mean_spread, over_seeds, parse_seeds, stage_timer, write_results
 from speechrl.trainer.recipes.warmstart import WarmStartConfig, run_warmstart
 
 VARIANTS: dict[str, dict[str, float]] = {
@@ -66,6 +68,7 @@ VARIANTS: dict[str, dict[str, float]] = {
     "R1+R2+R3": {"accuracy": 1.0, "hallucination": 1.0, "keyword": 1.0},
 }
 STACK = ("rules", "encoder", "rollout")
+BASELINE = "warm start (baseline)"  # the table's row of the warm start
 STAGES_FILE = "stages.json"  # wall seconds of the stages a run folder built (corpus, warm start)
 PROMPT_SPLITS = {"train": "rl", "rl_pool": "rl", "long_train": "rl_long"}  # the selected RL prompts, in the run's prompts manifest
 
@@ -110,6 +113,9 @@ class ReproConfig:
                                       "clip holds the later ones near the sampling policy). 1: one step per batch.")
     prompt_candidates: int = option(128, "Training utterances the warm start samples G times to choose the RL "
                                          "prompts from (0: no selection, every train and long_train row is a prompt).")
+    tight_candidates: int = option(0, "Tight-cut training utterances among the candidates besides the recorded RL pool "
+                                      "(the prompt mix): prompts that are all recorded teach the policy what to do "
+                                      "with silence, and tight ones keep it from unlearning tight audio meanwhile.")
     long_candidates: int = option(16, "long_train segments among the candidates (where the warm start invents words "
                                       "in pauses and loops: what R2 penalises).")
     prompt_pool: int = option(64, "RL prompts kept: the candidates whose samples' rewards spread the widest.")
@@ -119,7 +125,13 @@ class ReproConfig:
                                 "0: no quota, widest overall (11 of 64 in a measured run).")
     long_dev: int = option(0, "long_train segments held out of the candidates and evaluated with dev (split "
                               "dev_long) for the best-dev step, so a long-segment gain counts there too; 0: dev only.")
-    seed: int = option(0, "Seed of data, warm start and rollouts.")
+    seed: int = option(0, "Seed of the corpus, the warm start and the prompt selection.")
+    seeds: str = option("0", "Seeds of the GRPO runs (rollout sampling, prompt order), comma-separated: each variant "
+                             "runs once per seed from the same warm start and prompts, and the table gives every "
+                             "seed's row and their mean and spread (the noise band a difference has to clear).")
+    accuracy_mapping: WerMapping = option("one_minus_wer", "How WER becomes R1 (AsrJobConfig.accuracy_mapping).")
+    accuracy_floor: float = option(0.0, "Lowest R1 (AsrJobConfig.accuracy_floor): 0 is the paper's clip; -1 lets R1 "
+                                        "rank a long loop below a plain miss.")
 
 
 def prepare(config: ReproConfig, stages: dict[str, Any]) -> tuple[Path, Path]:
@@ -170,7 +182,8 @@ def job_config(config: ReproConfig, manifest: Path, policy: Path, out_dir: Path,
         policy=str(policy), data=str(manifest), out_dir=str(out_dir), steps=config.steps, eval_split=eval_split,
         train_split=train_split, batch_by_split=True,  # long segments in steps of their own: short steps stay cheap
         eval_size=config.dev + (config.long_dev if "dev_long" in eval_split else 0), eval_every=config.eval_every,
-        checkpoint_every=config.steps, seed=config.seed,
+        checkpoint_every=config.steps, seed=config.seed, accuracy_mapping=config.accuracy_mapping,
+        accuracy_floor=config.accuracy_floor,
         encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
         rules=f"127.0.0.1:{ports['rules']}",
         grpo=GRPOConfig(group_size=config.group_size, batch_size=config.batch_size, learning_rate=config.learning_rate,
@@ -213,7 +226,7 @@ async def sample_rewards(job: AsrJobConfig, policy: Path, rows: list[Row], cache
                 max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), seed=job.seed * 7919 + start,
                 **layout.token_ids_around_audio())
             texts = [s.text for r in results for s in r.unwrap()]  # P * G, group order
-            components = await asr.score(services, texts, [row for row in batch for _ in range(grpo.group_size)])
+            components = await asr.score(services, texts, [row for row in batch for _ in range(grpo.group_size)], job)
             rewards = weighted_rewards({k: components[k] for k in REWARD_COMPONENTS}, grpo.reward_weights)
             groups += [rewards[i:i + grpo.group_size] for i in range(0, len(rewards), grpo.group_size)]
     return groups
@@ -253,6 +266,9 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
         rng.shuffle(long)
         long_dev, long = long[:config.long_dev], long[config.long_dev:]
     candidates = rng.sample(short, min(config.prompt_candidates, len(short)))
+    if config.tight_candidates and any(r.split == "rl_pool" for r in short):
+        tight = [r for r in rows if r.split == "train"]
+        candidates += rng.sample(tight, min(config.tight_candidates, len(tight)))
     candidates += (long[:config.long_candidates] if long_dev
                    else rng.sample(long, min(config.long_candidates, len(long))))
     groups = asyncio.run(sample_rewards(job, policy, candidates, cache))
@@ -321,7 +337,7 @@ def run(config: ReproConfig) -> dict[str, Any]:
         baseline_job = job_config(config, manifest, policy, out / "baseline", VARIANTS["R1+R2"])
         print("[4/6] evaluating the warm start", flush=True)
         with stage_timer(stages, "eval warm start"):
-            table["warm start (baseline)"] = asyncio.run(evaluate_splits(baseline_job, policy, manifest, cache))
+            table[BASELINE] = asyncio.run(evaluate_splits(baseline_job, policy, manifest, cache))
         prompts, train_split, eval_split = manifest, "train,long_train", "dev"
         if config.prompt_candidates:
             print(f"[5/6] choosing {config.prompt_pool} RL prompts among {config.prompt_candidates} + "
@@ -331,23 +347,46 @@ def run(config: ReproConfig) -> dict[str, Any]:
             train_split = ",".join(PROMPT_SPLITS.values())
             eval_split = dev_split(read_manifest(manifest)) + (",dev_long" if config.long_dev else "")
             print(f"  {selection}", flush=True)
-        print(f"[6/6] GRPO runs: {config.variants}", flush=True)
+        seeds = parse_seeds(config.seeds)
+        print(f"[6/6] GRPO runs: {config.variants}" + (f", seeds {config.seeds}" if len(seeds) > 1 else ""),
+              flush=True)
         for name in config.variants.split(","):
-            job = job_config(config, prompts, policy, out / name.replace("+", "_"), VARIANTS[name], train_split,
-                             eval_split)
-            progress = BestDevProgress(name, job)
-            with stage_timer(stages, f"GRPO {name}"):
-                run_job(asr.AsrGrpo(cache), job, progress)
-            with stage_timer(stages, f"eval {name}"):
-                served = asyncio.run(serve_best(job, progress))
-                table[name] = {**asyncio.run(evaluate_splits(job, policy, manifest, cache)), "step": served}
-            print(f"  {name}: test and long evaluated at step {served} (lowest dev WER)", flush=True)
+            for seed in seeds:
+                label = run_label(name, seed, seeds)
+                job = job_config(replace(config, seed=seed), prompts, policy, out / label_folder(label),
+                                 VARIANTS[name], train_split, eval_split)
+                progress = BestDevProgress(label, job)
+                with stage_timer(stages, f"GRPO {label}"):
+                    run_job(asr.AsrGrpo(cache), job, progress)
+                with stage_timer(stages, f"eval {label}"):
+                    served = asyncio.run(serve_best(job, progress))
+                    table[label] = {**asyncio.run(evaluate_splits(job, policy, manifest, cache)), "step": served}
+                print(f"  {label}: test and long evaluated at step {served} (lowest dev WER)", flush=True)
     minutes = round((time.monotonic() - started) / 60, 1)
+    summary = seed_summaries(table, config.variants.split(","), seeds)
     results = {"config": asdict(config), "minutes": minutes, "stages_seconds": stages, "prompt_selection": selection,
-               "table": table}
-    write_results(out, results, markdown_table(table, minutes, stages))
-    plot_table(table, out / "results.png")
+               "table": table, "over_seeds": {name: {k: list(v) for k, v in s.items()} for name, s in summary.items()}}
+    write_results(out, results, markdown_table(table, minutes, stages, summary))
+    plot_table(table, out / "results.png", summary)
     return results
+
+
+def run_label(variant: str, seed: int, seeds: Sequence[int]) -> str:
+    """A run's row in the table: the variant, and its seed when there are several."""
+    return variant if len(seeds) == 1 else f"{variant}, seed {seed}"
+
+
+def label_folder(label: str) -> str:
+    """A run's folder under out: "R1+R2, seed 1" -> "R1_R2-seed1"."""
+    return label.replace("+", "_").replace(", seed ", "-seed")
+
+
+def seed_summaries(table: dict[str, dict[str, float]], variants: Sequence[str],
+                   seeds: Sequence[int]) -> dict[str, dict[str, tuple[float, float]]]:
+    """Each variant's metrics over its seeds (mean, spread); empty with one seed."""
+    if len(seeds) == 1:
+        return {}
+    return {name: over_seeds([table[run_label(name, seed, seeds)] for seed in seeds]) for name in variants}
 
 
 COLUMNS = (("test_recorded/wer", "test WER, recorded"), ("test_recorded/insertions", "test insertions/utt, recorded"),
@@ -360,13 +399,20 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.1f} min"
 
 
-def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, Any] | None = None) -> str:
-    lines = ["| model | " + " | ".join(label for _, label in COLUMNS) + " | GRPO step (lowest dev WER) |",
-             "|---|" + "---|" * (len(COLUMNS) + 1)]
+def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: dict[str, Any] | None = None,
+                   summary: dict[str, dict[str, tuple[float, float]]] | None = None) -> str:
+    header = "| model | " + " | ".join(label for _, label in COLUMNS) + " | GRPO step (lowest dev WER) |"
+    rule = "|---|" + "---|" * (len(COLUMNS) + 1)
+    lines = [header, rule]
     for name, scores in table.items():
         step = f"{scores['step']:.0f}" if "step" in scores else "-"
         lines.append(f"| {name} | " + " | ".join(f"{scores.get(key, float('nan')):.3f}" for key, _ in COLUMNS)
                      + f" | {step} |")
+    if summary:
+        lines += ["", "Over the seeds: mean ± spread (sample standard deviation).", "", header, rule]
+        for name, stats in summary.items():
+            lines.append(f"| {name} | " + " | ".join(mean_spread(stats[key]) if key in stats else "-" for key, _ in COLUMNS)
+                         + f" | {mean_spread(stats['step'], 0) if 'step' in stats else '-'} |")
     text = "\n".join(lines) + "\n"
     if stages:
         text += "\n| stage | wall time |\n|---|---|\n" + "".join(
@@ -375,19 +421,30 @@ def markdown_table(table: dict[str, dict[str, float]], minutes: float, stages: d
     return text + f"\nWhole run: {minutes} min.\n"
 
 
-def plot_table(table: dict[str, dict[str, float]], path: Path) -> None:
+def plot_table(table: dict[str, dict[str, float]], path: Path,
+               summary: dict[str, dict[str, tuple[float, float]]] | None = None) -> None:
+    """Bars of test WER (recorded, tight) and long-segment insertions per model; with seeds, one bar
+    per variant at its mean with the spread as an error bar, each seed a dot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(table)
+    groups: dict[str, list[dict[str, float]]] = {}
+    for name, scores in table.items():  # "R1+R2, seed 1" joins its variant's bar
+        groups.setdefault(name.split(", seed ")[0] if summary else name, []).append(scores)
+    names = list(groups)
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     plotted = [column for column in COLUMNS if column[0] in ("test_recorded/wer", "test/wer", "long/insertions")]
     for ax, (key, label) in zip(axes, plotted, strict=True):
-        ax.bar(range(len(names)), [table[n].get(key, 0.0) for n in names], color="tab:blue")
+        means = [float(np.mean([s.get(key, 0.0) for s in groups[n]])) for n in names]
+        spreads = [summary[n][key][1] if summary and n in summary and key in summary[n] else 0.0 for n in names]
+        ax.bar(range(len(names)), means, yerr=spreads, capsize=4, color="tab:blue")
+        for i, n in enumerate(names):
+            if len(groups[n]) > 1:
+                ax.plot([i] * len(groups[n]), [s.get(key, 0.0) for s in groups[n]], "o", color="black", ms=3)
         ax.set_xticks(range(len(names)), names, rotation=20, ha="right")
-        ax.set_title(label)
+        ax.set_title(label + (" (mean ± spread over seeds)" if summary else ""), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
