@@ -9,18 +9,20 @@ import pytest
 import soundfile
 
 from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
-from speechrl.trainer.recipes.asr_data import (
-    KEYWORDS,
-    DataConfig,
-    build_asr_dataset,
-    build_long_segments,
-    generate_sentences,
+from speechrl.trainer.jobs.selection import (
     hypothesis_disagreement,
     select_hard_cases,
     select_informative_groups,
     select_keyword_rich,
     select_max_duration,
     select_random,
+)
+from speechrl.trainer.recipes.asr_data import (
+    KEYWORDS,
+    DataConfig,
+    build_asr_dataset,
+    build_long_segments,
+    generate_sentences,
 )
 
 

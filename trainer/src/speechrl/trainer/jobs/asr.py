@@ -7,33 +7,48 @@
 
 Every GPU phase takes its device's lease: the encoder and rollout services take theirs per batch,
 the driver the update's. Per step: every reward component, WER, insertions, the hallucination
-rate; greedy evaluation on eval_split every eval_every steps. Data-parallel updates under torchrun
+rate; greedy evaluation on eval_split every eval_every steps. The prompts are train_split's rows, or
+those a prompt_selection keeps (jobs/selection.py: random, hard cases, under 20 s, keyword-rich),
+chosen at the first step and written to <out_dir>/prompts.json. Data-parallel updates under torchrun
 and LoRA come from the driver (driver.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import logging
 import random
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
-from speechrl.client import AsyncAudioEncoderClient, AsyncRolloutClient, AsyncRuleRewardsClient
+from speechrl.client import (
+    AsyncAudioEncoderClient,
+    AsyncIntelligibilityClient,
+    AsyncRolloutClient,
+    AsyncRuleRewardsClient,
+)
 from speechrl.services.config import option
 from speechrl.trainer.core.advantages import weighted_rewards
 from speechrl.trainer.core.step import RolloutBatch, pad_right, sampled_sequences
 from speechrl.trainer.jobs.datasets import Row, read_manifest
 from speechrl.trainer.jobs.kind import Collected, JobConfig
 from speechrl.trainer.jobs.progress import PhaseTimer, mean_of
+from speechrl.trainer.jobs.selection import MAX_SECONDS, MIN_DISAGREEMENT, MIN_KEYWORDS, PromptSelection, pick_prompts
 from speechrl.trainer.models.asr_policy import AsrPolicy, PromptLayout
+
+log = logging.getLogger(__name__)
 
 REWARD_COMPONENTS = ("accuracy", "hallucination", "keyword")
 WerMapping = Literal["one_minus_wer", "one_minus_tanh_3wer", "negative_wer"]  # speechrl.rewards.WER_MAPPINGS
+PROMPTS_FILE = "prompts.json"  # in out_dir: the selection's settings and the ids of the rows it kept
 
 
 @dataclass
@@ -61,6 +76,17 @@ class AsrJobConfig(JobConfig):
                                          "prompts are not padded to a long one (several times cheaper on a CPU).")
     prefetch_embeddings: bool = option(False, "Encode every prompt of train_split (up to embedding_cache) once "
                                               "before the first step: worth it when steps will draw them again.")
+    prompt_selection: PromptSelection = option(
+        "all", "Which rows of train_split are the prompts (jobs/selection.py, the paper's RL data sets), chosen at "
+               "the first step and kept in <out_dir>/prompts.json (a resumed job reuses them): all; random "
+               "(prompt_count rows at random); hard (the rows where the policy's greedy transcript and Whisper's, "
+               f"from the intelligibility service, differ by WER > {MIN_DISAGREEMENT}, the most first, and the long "
+               f"segments that say a sentence twice); short (audio under {MAX_SECONDS:.0f} s); keyword (references "
+               f"with >= {MIN_KEYWORDS} keywords).")
+    prompt_count: int = option(0, "At most this many prompts from prompt_selection (hard: the hardest; short, "
+                                  "keyword: drawn at random with seed); 0: every row it keeps. random needs it.")
+    intelligibility: str = option("", "Intelligibility-scorer endpoint(s) (Whisper): the second system of "
+                                      "prompt_selection hard, which alone needs it.")
     accuracy_mapping: WerMapping = option(
         "one_minus_wer", "How WER becomes R1 (speechrl.rewards.WER_MAPPINGS): one_minus_wer is the paper's, "
                          "one_minus_tanh_3wer CosyVoice's GRPO recipe's.")
@@ -72,6 +98,16 @@ class AsrJobConfig(JobConfig):
         super().__post_init__()
         if not -10.0 <= self.accuracy_floor <= 0.0:
             raise ValueError(f"accuracy_floor must be in [-10, 0] (0: the paper's clip), got {self.accuracy_floor}")
+        if self.prompt_count < 0:
+            raise ValueError(f"prompt_count must be >= 0 (0: every row the selection keeps), got {self.prompt_count}")
+        if self.prompt_selection == "random" and not self.prompt_count:
+            raise ValueError("prompt_selection random draws prompt_count rows: set prompt_count > 0")
+        if self.prompt_selection == "all" and self.prompt_count:
+            raise ValueError(f"prompt_count {self.prompt_count} with prompt_selection all: use prompt_selection "
+                             "random to draw that many rows, or prompt_count 0 for all of them")
+        if self.prompt_selection == "hard" and not self.intelligibility:
+            raise ValueError("prompt_selection hard compares the policy's transcripts with Whisper's: set "
+                             "intelligibility to the intelligibility scorer's endpoint (e.g. 127.0.0.1:50051)")
 
 
 @dataclass
@@ -157,6 +193,8 @@ async def score(services: Services, hypotheses: Sequence[str], rows: Sequence[Ro
         "keyword": [s.keyword_reward if s else None for s in scores],
         "wer": [s.wer if s else None for s in scores],
         "insertions": [s.word_counts.insertions if s else None for s in scores],
+        "keyword_precision": [s.keyword_precision if s else None for s in scores],  # 1 where a row has no keywords
+        "keyword_recall": [s.keyword_recall if s else None for s in scores],
     }
 
 
@@ -170,16 +208,70 @@ def rollout_batch(policy: AsrPolicy, audio: Sequence[torch.Tensor], samples: Seq
                         prompt_mask=prompts.attention_mask, prompt_embeds=prompts.inputs_embeds.detach())
 
 
-async def evaluate(services: Services, rows: Sequence[Row], layout: PromptLayout,
-                   cache: EmbeddingCache | None = None) -> dict[str, float]:
-    """Greedy transcripts of rows from the rollout service (current weights), scored by the rule rewards."""
+async def transcribe(services: Services, rows: Sequence[Row], layout: PromptLayout,
+                     cache: EmbeddingCache | None = None) -> list[str]:
+    """Greedy transcripts of rows from the rollout service (its current weights), in one request."""
     audio = await encode(services, rows, cache)
     results = await services.rollout.generate(
         [a.numpy() for a in audio], n=1, temperature=0.0,
         max_tokens=max(layout.max_new_tokens(a.shape[0]) for a in audio), **layout.token_ids_around_audio())
-    components = await score(services, [r.unwrap()[0].text for r in results], rows)
+    return [r.unwrap()[0].text for r in results]
+
+
+async def evaluate(services: Services, rows: Sequence[Row], layout: PromptLayout,
+                   cache: EmbeddingCache | None = None) -> dict[str, float]:
+    """Greedy transcripts of rows from the rollout service (current weights), scored by the rule rewards."""
+    components = await score(services, await transcribe(services, rows, layout, cache), rows)
     return {"eval/wer": mean_of(components["wer"]), "eval/insertions": mean_of(components["insertions"]),
             "eval/hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]])}
+
+
+async def hard_case_transcripts(config: AsrJobConfig, services: Services, rows: Sequence[Row], layout: PromptLayout,
+                                cache: EmbeddingCache | None = None, batch_size: int = 32) -> tuple[list[str], list[str]]:
+    """The two systems of prompt_selection hard: Whisper's transcripts of rows (the intelligibility
+    service) and the policy's greedy ones (the rollout service), batch_size rows a request, like
+    durations together (a batch decodes as long as its longest)."""
+    order = sorted(range(len(rows)), key=lambda i: rows[i].duration)
+    whisper, policy = [""] * len(rows), [""] * len(rows)
+    async with AsyncIntelligibilityClient(config.intelligibility, timeout_s=600) as scorer:
+        for start in range(0, len(order), batch_size):
+            part = order[start:start + batch_size]
+            batch = [rows[i] for i in part]
+            scored, greedy = await asyncio.gather(scorer.score([r.audio for r in batch], [r.text for r in batch]),
+                                                  transcribe(services, batch, layout, cache))
+            for i, result, text in zip(part, scored, greedy, strict=True):
+                whisper[i], policy[i] = result.unwrap().transcript, text
+    return whisper, policy
+
+
+async def choose_prompts(config: AsrJobConfig, rows: Sequence[Row], services: Services, layout: PromptLayout,
+                         cache: EmbeddingCache | None = None) -> list[Row]:
+    """The job's prompts: config.prompt_selection applied to rows (train_split's), their ids written to
+    <out_dir>/prompts.json with the settings that chose them; a job whose out_dir holds ids chosen with
+    the same settings (a resumed job, or one given another's hard cases: those do not depend on the
+    seed) takes those. Called at the first step, when the rollout service serves this job's weights:
+    "hard" compares the policy's own transcripts."""
+    if config.prompt_selection == "all":
+        return list(rows)
+    settings = {"prompt_selection": config.prompt_selection, "prompt_count": config.prompt_count,
+                "data": config.data, "train_split": config.train_split, "policy": config.policy,
+                **({} if config.prompt_selection == "hard" else {"seed": config.seed})}  # hard does not draw
+    path = Path(config.out_dir) / PROMPTS_FILE
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    if saved.get("settings") == settings:
+        ids = set(saved["ids"])
+        kept = [row for row in rows if row.id in ids]
+    else:
+        hypotheses = (await hard_case_transcripts(config, services, rows, layout, cache)
+                      if config.prompt_selection == "hard" else None)
+        kept = pick_prompts(rows, config.prompt_selection, config.prompt_count, config.seed, hypotheses)
+        path.write_text(json.dumps({"settings": settings, "ids": [row.id for row in kept]}, indent=2) + "\n")
+    if not kept:
+        raise ValueError(f"prompt_selection {config.prompt_selection} kept none of the {len(rows)} rows of "
+                         f"train_split {config.train_split!r}: add splits that have such rows, or choose another")
+    log.info("prompt_selection %s: %d of %d rows of %s are the prompts (%s)", config.prompt_selection, len(kept),
+             len(rows), config.train_split, path)
+    return kept
 
 
 def draw_prompts(rows: Sequence[Row], count: int, by_split: bool = False) -> list[Row]:
@@ -197,12 +289,17 @@ class AsrSession:
     def __init__(self, config: AsrJobConfig, policy: AsrPolicy, services: Services, cache: EmbeddingCache):
         self.config, self.grpo, self.policy, self.services, self.cache = config, config.grpo, policy, services, cache
         self.rollout = services.rollout
-        self.rows = read_manifest(config.data, config.train_split)
+        self.candidates = read_manifest(config.data, config.train_split)
+        self.rows: list[Row] = []  # the prompts: candidates as prompt_selection keeps them, at the first step
         self.eval_rows = read_manifest(config.data, config.eval_split)[:config.eval_size] if config.eval_split else []
 
     async def collect(self, step: int, timer: PhaseTimer) -> Collected:
         """encode -> rollout -> score for one batch of prompts."""
         grpo, layout = self.grpo, self.policy.layout
+        chosen = not self.rows
+        if chosen:
+            with timer("select"):
+                self.rows = await choose_prompts(self.config, self.candidates, self.services, layout, self.cache)
         rows = draw_prompts(self.rows, grpo.batch_size, self.config.batch_by_split)
         encoded_before = self.cache.misses
         with timer("encode"):
@@ -223,6 +320,7 @@ class AsrSession:
             "hallucination_rate": mean_of([None if h is None else float(h < 0) for h in components["hallucination"]]),
             "completion_tokens": float(np.mean([len(s.token_ids) for s in samples])),
             "encoded": self.cache.misses - encoded_before,  # sent to the encoder
+            **({"prompts": len(self.rows)} if chosen else {}),  # how many rows prompt_selection kept
         }
         return Collected(rollout_batch(self.policy, audio, samples, rewards), [s.policy_version for s in samples],
                          metrics)
@@ -262,5 +360,5 @@ class AsrGrpo:
         async with Services.connect(config) as services:
             session = AsrSession(config, policy, services, cache)
             if config.prefetch_embeddings:
-                await cache.prefetch(services, session.rows)
+                await cache.prefetch(services, session.candidates)
             yield session

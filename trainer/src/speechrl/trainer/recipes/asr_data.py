@@ -20,10 +20,13 @@ RL prompts, never trained on by the warm start, recorded like dev_recorded); joi
 utterances, 6-14 s: the warm start learns to go on past a sentence end); long (test utterances
 joined into 15-28 s segments with pauses of long_gap_seconds between them: long-form audio beyond
 anything the warm start saw, where it invents words for the silences, loops and drops sentences);
-long_train (the same from training utterances, RL prompts for the hallucination reward).
+long_train (the same from training utterances, RL prompts for the hallucination reward); long_repeat
+(long training segments that say one of their sentences twice in a row: the long repeats among the
+paper's hard cases, where an LLM-ASR drops the second saying or loops).
 
-Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction) pick
-the RL prompts; `build_long_segments` makes the hallucination-prone long inputs.
+Selectors (functions over rows, after arXiv 2509.18569, section on RL data construction; in
+jobs/selection.py) pick the RL prompts, and a job applies one at its start
+(AsrJobConfig.prompt_selection); `build_long_segments` makes the hallucination-prone long inputs.
 
     python -m speechrl.trainer.recipes.asr_data --out runs/asr-data --train 1200 --dev 150 --test 150
 """
@@ -42,10 +45,10 @@ import soundfile
 import soxr
 from tqdm import tqdm
 
-from speechrl.rewards import error_rates, normalize_text
 from speechrl.services.config import option, parse_config
 from speechrl.services.espeak import EspeakSynthesizer
 from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
+from speechrl.trainer.jobs.selection import select_max_duration
 
 SAMPLE_RATE = 16_000
 VOICES = "en-us,en-gb,en-gb-scotland,en-us+f3,en-us+m7,en-gb-x-rp+f2,en-029,en-us-nyc+m3"
@@ -154,6 +157,8 @@ class DataConfig:
                                              "which stay beyond what the warm start saw).")
     long_test: int = option(40, "Long segments joined from test utterances: split 'long' (0: none).")
     long_train: int = option(0, "Long segments joined from training utterances: split 'long_train' (0: none).")
+    long_repeat: int = option(0, "Long segments of training utterances in which one sentence is said twice in a row: "
+                                 "split 'long_repeat', the long repeats of the paper's hard cases (0: none).")
     long_min_seconds: float = option(15.0, "Shortest long segment.")
     long_max_seconds: float = option(28.0, "Longest long segment; under the encoder's 30 s window.")
     gap_seconds: float = option(0.3, "Silence between the utterances of a joined training segment.")
@@ -239,7 +244,19 @@ def build_asr_dataset(config: DataConfig, progress: bool = True) -> Path:
         if count:
             rows += build_long_segments([r for r in rows if r.split == source], out, split=split, limit=count,
                                         min_seconds=shortest, max_seconds=longest, gap_seconds=gap, seed=config.seed)
+    if config.long_repeat:
+        rows += build_long_repeats(rows, out, config)
     return write_manifest(out / MANIFEST, rows)
+
+
+def build_long_repeats(rows: Sequence[Row], out: Path, config: DataConfig) -> list[Row]:
+    """config.long_repeat long segments (split long_repeat) of the training utterances among rows, each
+    saying one of its sentences twice in a row (build_long_segments with repeat=True), sized and paused
+    as the long segments are. Seeded apart from long_train (seed + 1), so they join other utterances."""
+    return build_long_segments([r for r in rows if r.split == "train"], out, split="long_repeat",
+                               limit=config.long_repeat, min_seconds=config.long_min_seconds,
+                               max_seconds=config.long_max_seconds, gap_seconds=config.long_gap_seconds,
+                               seed=config.seed + 1, repeat=True)
 
 
 RECORDED_SPLITS = {"dev": "dev_recorded", "test": "test_recorded"}  # tight split -> its recorded copy
@@ -293,9 +310,24 @@ def _runs(rows: Sequence[Row], rng: random.Random, min_seconds: float, max_secon
             run, target = [], rng.uniform(min_seconds, max_seconds)
 
 
+def _said_twice(run: list[Row], rng: random.Random, min_seconds: float, max_seconds: float,
+                gap_seconds: float) -> list[Row] | None:
+    """run with one of its utterances (drawn) said again right after itself, within max_seconds: its last
+    utterances dropped as needed to make room; None when no such segment reaches min_seconds."""
+    run = list(run)
+    while run:
+        length = sum(r.duration for r in run) + gap_seconds * (len(run) - 1)
+        fits = [j for j, r in enumerate(run) if length + gap_seconds + r.duration <= max_seconds]
+        if fits:
+            j = rng.choice(fits)
+            return run[:j + 1] + run[j:] if length + gap_seconds + run[j].duration >= min_seconds else None
+        run.pop()
+    return None
+
+
 def build_long_segments(rows: Sequence[Row], out: str | Path, *, split: str = "long", min_seconds: float = 15.0,
                         max_seconds: float = 28.0, gap_seconds: float = 0.3, seed: int = 0,
-                        limit: int | None = None) -> list[Row]:
+                        limit: int | None = None, repeat: bool = False) -> list[Row]:
     """Join consecutive utterances of the same voice into long segments with their joined references.
 
     Why: an LLM-ASR warm-started on short utterances meets long inputs rarely, and there it
@@ -304,6 +336,10 @@ def build_long_segments(rows: Sequence[Row], out: str | Path, *, split: str = "l
     (under the encoder's 30 s window), its audio the sources with gap_seconds of silence between,
     its text the sources' texts joined by spaces, its duration their sum plus the gaps. Segments
     are ordered by their first source; the first `limit` are kept. WAVs go to out/wav/<id>.wav.
+
+    repeat: each segment says one of its utterances twice in a row (its id twice in sources), the
+    long repeats where an LLM-ASR drops the second saying or loops on it; runs that cannot take the
+    repeat within max_seconds lose their last utterances, and are skipped below min_seconds.
     """
     out = Path(out).resolve()
     rng = random.Random(seed)
@@ -314,6 +350,8 @@ def build_long_segments(rows: Sequence[Row], out: str | Path, *, split: str = "l
     runs = [run for voice in sorted(by_voice) for run in _runs(by_voice[voice], rng, min_seconds, max_seconds,
                                                                  gap_seconds)]
     runs.sort(key=lambda run: position[run[0].id])
+    if repeat:  # drawn after the runs: the segments without repeat stay as they were
+        runs = [twice for run in runs if (twice := _said_twice(run, rng, min_seconds, max_seconds, gap_seconds))]
     gap = np.zeros(round(gap_seconds * SAMPLE_RATE), dtype=np.float32)
     segments = []
     for i, run in enumerate(runs[:limit]):
@@ -332,92 +370,6 @@ def build_long_segments(rows: Sequence[Row], out: str | Path, *, split: str = "l
                             duration=audio.shape[0] / SAMPLE_RATE, keywords=keywords, split=split,
                             sources=tuple(r.id for r in run)))
     return segments
-
-
-# -- selectors ---------------------------------------------------------------------------------
-
-
-def select_random(rows: Sequence[Row], count: int, seed: int = 0) -> list[Row]:
-    """A uniform random subset of count rows (all when there are fewer), in manifest order.
-
-    Why: the paper's baseline RL set; it shows what RL gains without any targeting of the data.
-    """
-    if count >= len(rows):
-        return list(rows)
-    keep = set(random.Random(seed).sample(range(len(rows)), count))
-    return [row for i, row in enumerate(rows) if i in keep]
-
-
-def hypothesis_disagreement(first: str, second: str) -> float:
-    """WER of second against first as the reference (normalised text); 1 when exactly one is empty."""
-    if not normalize_text(first).strip():
-        return 0.0 if not normalize_text(second).strip() else 1.0
-    return error_rates(second, first).wer
-
-
-def select_hard_cases(rows: Sequence[Row], first: Sequence[str], second: Sequence[str] | None = None, *,
-                      min_disagreement: float = 0.2, min_wer: float | None = None) -> list[Row]:
-    """Rows where two systems disagree, or where the baseline is wrong: the hard cases.
-
-    first[i] and second[i] are hypotheses of rows[i] from two ASR systems (e.g. Whisper and the
-    policy) or two checkpoints of the policy. A row is hard when WER(second | first as reference) >
-    min_disagreement, or, with min_wer set, when the baseline `first` has WER > min_wer against the
-    row's reference. Why: GRPO learns only from groups whose rewards differ; utterances that every
-    sample already gets right give zero advantage, so the paper spends its RL data on the
-    utterances the models are unsure about, which is where disagreement and high WER point.
-    """
-    if len(first) != len(rows) or (second is not None and len(second) != len(rows)):
-        raise ValueError(f"need one hypothesis per row: {len(rows)} rows, {len(first)} first, "
-                         f"{len(second) if second is not None else 0} second")
-    if second is None and min_wer is None:
-        raise ValueError("give a second hypothesis list, a min_wer, or both")
-    hard = []
-    for i, row in enumerate(rows):
-        disagree = second is not None and hypothesis_disagreement(first[i], second[i]) > min_disagreement
-        wrong = min_wer is not None and error_rates(first[i], row.text).wer > min_wer
-        if disagree or wrong:
-            hard.append(row)
-    return hard
-
-
-def select_informative_groups(rows: Sequence[Row], group_rewards: Sequence[Sequence[float | None]],
-                              count: int | None = None, min_std: float = 1e-6) -> list[Row]:
-    """The rows whose G sampled hypotheses earned different rewards, the widest spread first.
-
-    group_rewards[i] holds the rewards of G samples of rows[i] from the policy about to be trained
-    (None: unscored, skipped). A row is kept when the standard deviation of its rewards exceeds
-    min_std; the count rows with the largest deviation are returned, in manifest order. Why: GRPO's
-    advantage is (r - mean) / std within a group, so a prompt whose samples all score alike gives
-    zero gradient; spending the RL steps on the prompts the policy is unsure about is what the
-    paper's hard-case selection aims at, measured here directly on the policy's own samples.
-    """
-    if len(group_rewards) != len(rows):
-        raise ValueError(f"need one group of rewards per row: {len(rows)} rows, {len(group_rewards)} groups")
-    spread = {}
-    for i, rewards in enumerate(group_rewards):
-        scored = [r for r in rewards if r is not None]
-        if len(scored) > 1 and float(np.std(scored)) > min_std:
-            spread[i] = float(np.std(scored))
-    kept = sorted(spread, key=lambda i: -spread[i])[:count]
-    return [rows[i] for i in sorted(kept)]
-
-
-def select_max_duration(rows: Sequence[Row], max_seconds: float = 20.0) -> list[Row]:
-    """Rows shorter than max_seconds.
-
-    Why: the paper caps RL audio at 20 s; longer inputs cost memory quadratically in attention and
-    fall outside what the warm start saw (long inputs are studied on their own, see long segments).
-    """
-    return [row for row in rows if row.duration < max_seconds]
-
-
-def select_keyword_rich(rows: Sequence[Row], min_keywords: int = 2) -> list[Row]:
-    """Rows whose reference holds at least min_keywords keywords.
-
-    Why: the keyword reward (R3: keyword precision and recall) only has signal where there are
-    keywords; a set rich in rare domain words is where the paper trains and measures it.
-    """
-    return [row for row in rows if len(row.keywords) >= min_keywords]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -56,9 +56,10 @@ from speechrl.trainer.jobs.asr import REWARD_COMPONENTS, AsrJobConfig, Embedding
 from speechrl.trainer.jobs.datasets import MANIFEST, Row, read_manifest, write_manifest
 from speechrl.trainer.jobs.progress import LineProgress
 from speechrl.trainer.jobs.registry import run_job
+from speechrl.trainer.jobs.selection import select_informative_groups
 from speechrl.trainer.jobs.weights import sync_dir
 from speechrl.trainer.models.asr_policy import PromptLayout
-from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset, select_informative_groups
+from speechrl.trainer.recipes.asr_data import DataConfig, build_asr_dataset
 from speechrl.trainer.recipes.reporting import mean_spread, over_seeds, parse_seeds, stage_timer, write_results
 from speechrl.trainer.recipes.warmstart import WarmStartConfig, run_warmstart
 
