@@ -14,8 +14,9 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("scorers", "lease", "load", "trainer_step", "gpu", "asr_repro", "tts_repro")  # *_repro: written from
-# reproduce.py's and reproduce_tts.py's runs (no bench script: run_all never re-runs them)
+ORDER = ("scorers", "lease", "load", "peers", "trainer_step", "gpu", "demo", "asr_repro", "asr_data_repro",
+         "tts_repro")  # demo, *_repro: written from speechrl demo's and the reproductions' runs (no bench script:
+# run_all never re-runs them)
 
 
 def main() -> None:
