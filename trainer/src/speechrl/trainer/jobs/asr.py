@@ -297,8 +297,8 @@ class AsrSession:
         """encode -> rollout -> score for one batch of prompts."""
         grpo, layout = self.grpo, self.policy.layout
         chosen = not self.rows
-        if chosen:
-            with timer("select"):
+        if chosen:  # a phase of its own only where it does work: "all" keeps every candidate
+            with timer("select") if self.config.prompt_selection != "all" else contextlib.nullcontext():
                 self.rows = await choose_prompts(self.config, self.candidates, self.services, layout, self.cache)
         rows = draw_prompts(self.rows, grpo.batch_size, self.config.batch_by_split)
         encoded_before = self.cache.misses
