@@ -324,8 +324,8 @@ def report(results: dict[str, dict[str, dict[str, Cell]]], notes: list[str], set
                          + " | ".join(cells[c].text() if c in cells else "-" for c in columns) + f" | {verdict(cells)} |")
             cpu.append(f"| {scorer} | ({load}) {what} | " + " | ".join(cells[c].cpu_text() if c in cells else "-"
                                                                        for c in columns) + " |")
-    head = ("**Quick run** (`--quick`: a fraction of the items, one round, 5-10 s of timed load; a correctness run "
-            "on a busy machine, not the measurement).\n\n" if quick else "")
+    head = ("**Quick run** (`--quick`: a fraction of the items, one round, 5 s of timed load; a correctness run "
+            "on a shared machine, not the measurement).\n\n" if quick else "")
     return "\n".join([
         head + "Command (from nothing: environments, servers, checks, loads): `.venv/bin/python bench/peers.py`.",
         "",
@@ -412,17 +412,22 @@ WHY = [
     "1.8-2.2 ms of CPU per item under many callers, against PyTriton's 1.2-1.5 ms (quick runs): that is the row its "
     "items/s comes closest to a peer's.",
     "- Speaker similarity (Resemblyzer: a small torch LSTM, many short OpenMP regions): SpeechRL loads and runs the "
-    "model on one thread (batching.model_thread: one OpenMP team), and libgomp's threads then spin at every barrier. "
-    "When anything else wants the cores (the client, the server's own event loop, another service), a spinning thread "
-    "holds a core its partner needs: measured on the busy machine, 4 sequential batch-8 calls took 6.3-8.1 s on the "
-    "SpeechRL server against 0.9 s on PyTriton, whose infer function runs on another thread than the one the model was "
-    "loaded on (two OpenMP teams, more threads than cores: libgomp stops spinning). The same SpeechRL server with "
-    "OMP_WAIT_POLICY=PASSIVE took 0.70-1.46 s (GOMP_SPINCOUNT=10000: 3.0-3.8 s), with a third of the CPU; the "
-    "engine alone and PyTriton's numpy 1.26 are not the cause (the two engine-alone columns agree). The ASR scorer "
-    "(CTranslate2) is unaffected: 18.7-19.4 s with PASSIVE against 18.9-22.4 s without, PyTriton 19.6-26.5 s.",
-    "- Intelligibility (Whisper tiny.en, ~0.35 s of CPU per item): every stack runs the same batches of the same "
-    "engine, so the rows differ by the batching and the machine's noise; SpeechRL's server adds nothing measurable "
-    "over its engine (the overhead line above).",
+    "model on one thread (batching.model_thread: one OpenMP team), whose libgomp threads spin at every barrier. "
+    "On a quiet machine that is the fastest way (SpeechRL led every speaker row, 1.16-1.61x, in the 13:28 quick run). "
+    "When anything else wants the cores, a spinning thread holds a core its partner needs: with other work on the "
+    "machine, 4 sequential batch-8 calls took 4.3-8.1 s on the SpeechRL server against 0.8-1.7 s on PyTriton, whose "
+    "infer function runs on another thread than the one the model was loaded on (two OpenMP teams, more threads than "
+    "cores: libgomp stops spinning). The same SpeechRL server with OMP_WAIT_POLICY=PASSIVE took 0.70-1.46 s with a "
+    "third of the CPU (GOMP_SPINCOUNT=10000: 3.0-3.8 s). PyTriton's numpy 1.26 is not the cause (the two engine-alone "
+    "columns agree). The ASR scorer (CTranslate2) is unaffected: 18.7-19.4 s for 32 items with PASSIVE against "
+    "18.9-22.4 s without, PyTriton 19.6-26.5 s.",
+    "- Intelligibility (Whisper tiny.en, ~0.4 s of CPU per item): every stack runs the same batches of the same "
+    "engine, and SpeechRL's server adds nothing measurable over it (the overhead line above: within 10%). Under 32 "
+    "one-item callers PyTriton was ahead by 1-15% (median 3%) in 8 alternated rounds of 32 items: SpeechRL's batcher "
+    "closes a batch once it is as large as the one before, so each burst of 32 ran as two batches (its metrics: 2 "
+    "batches per round), where Triton's 10 ms queue delay gathered one. Whether the split itself costs that "
+    "(in-process, 32 at once against 8 then 24: median 7.02 against 7.63 s, paired ratios 0.91-1.12) is within this "
+    "machine's noise.",
     "- Ray Serve and LitServe use CPU while idle (background line): Serve's controller and Ray's daemons; LitServe's "
     "workers poll their queues every millisecond once batching is on. Ray keeps running during every other stack's "
     "measurement.",
