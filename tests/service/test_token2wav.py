@@ -12,7 +12,7 @@ from speechrl.services.intelligibility.backends import BackendOptions as AsrOpti
 from speechrl.services.intelligibility.backends import load_backend as load_asr
 from speechrl.services.token2wav.backends import BackendOptions, SynthesisItem, Waveform, load_backend
 from speechrl.services.token2wav.engine import Token2WavEngine
-from speechrl.services.token2wav.tokens import VOCABULARY, PhonemeVocabulary
+from speechrl.services.token2wav.tokens import VOCABULARY, VOICE_TOKENS, PhonemeVocabulary
 
 SENTENCES = ["The weather today is sunny with a light breeze from the west.",
              "Please call Stella and ask her to bring these things from the store."]
@@ -52,6 +52,40 @@ def test_bad_items_fail_alone(engine: Token2WavEngine) -> None:
     assert [type(r) for r in results] == [ItemFailure, ItemFailure, Waveform, ItemFailure, ItemFailure]
     codes = [r.code for r in results if isinstance(r, ItemFailure)]
     assert codes == [ErrorCode.EMPTY_TEXT, ErrorCode.INVALID_TENSOR, ErrorCode.UNKNOWN_SPEAKER, ErrorCode.EMPTY_TEXT]
+
+
+def test_a_voice_token_names_the_voice_and_says_nothing(engine: Token2WavEngine) -> None:
+    """The first voice token replaces the variant of the item's voice, wherever it stands; later ones and the
+    token itself are silent; a sequence without one is spoken in the item's voice, as before they existed."""
+    ids = PhonemeVocabulary().text_to_ids("the weather today is sunny")
+    m3, m1 = VOCABULARY.index("+m3"), VOCABULARY.index("+m1")
+    first, inside, plain, as_m3, alone = engine.synthesize_batch([
+        SynthesisItem([m3, *ids], voice="en-us+m7"), SynthesisItem([*ids[:3], m3, *ids[3:], m1], voice="en-us+m7"),
+        SynthesisItem(ids, voice="en-us+m7"), SynthesisItem(ids, voice="en-us+m3"), SynthesisItem([m3], voice="en-us")])
+    assert isinstance(first, Waveform) and isinstance(inside, Waveform) and isinstance(plain, Waveform)
+    assert isinstance(as_m3, Waveform)
+    assert np.array_equal(first.samples, as_m3.samples) and np.array_equal(inside.samples, as_m3.samples)
+    assert not np.array_equal(plain.samples, as_m3.samples)
+    assert isinstance(alone, ItemFailure) and alone.code == ErrorCode.EMPTY_TEXT
+
+
+def test_voice_tokens_move_the_speaker_similarity(engine: Token2WavEngine) -> None:
+    """What the TTS reproduction's SIM reward acts through: Resemblyzer's cosine of a sentence to a reference
+    sentence in en-us+m7 is high when the voice token says +m7, and clearly lower for every other one."""
+    from speechrl.services.speaker.backends import load_backend as load_speaker
+
+    speaker = load_speaker("resemblyzer", threads=1)
+    vocab = PhonemeVocabulary()
+    ids = vocab.text_to_ids(SENTENCES[1])
+    waves = engine.synthesize_batch([SynthesisItem(vocab.text_to_ids(SENTENCES[0]), voice="en-us+m7"),
+                                     *(SynthesisItem([VOCABULARY.index(t), *ids], voice="en-us+m7")
+                                       for t in VOICE_TOKENS)])
+    audio = [soxr.resample(w.samples, w.sample_rate_hertz, speaker.sample_rate).astype(np.float32)
+             for w in waves if isinstance(w, Waveform)]
+    embeddings = speaker.embed(audio)  # [1 + V, D] unit rows: the reference, then one per voice token
+    cosine = dict(zip(VOICE_TOKENS, (embeddings[1:] @ embeddings[0]).tolist(), strict=True))
+    assert cosine["+m7"] > 0.85, cosine
+    assert all(c < cosine["+m7"] - 0.1 for t, c in cosine.items() if t != "+m7"), cosine
 
 
 def test_cosyvoice2_without_its_folder_says_what_it_needs(tmp_path: object) -> None:

@@ -1,6 +1,7 @@
 """token2wav backends by name: each turns a batch of speech-token sequences into waveforms.
 
-    espeak-phonemes  espeak-ng renders the phoneme tokens of tokens.py; CPU, runs anywhere with espeak-ng
+    espeak-phonemes  espeak-ng renders the phoneme tokens of tokens.py, in the voice its voice token
+                     names (else the item's); CPU, runs anywhere with espeak-ng
     cosyvoice2       CosyVoice2's flow matching (tokens -> mel, conditioned on a prompt speaker) + HiFT
                      vocoder, from a local CosyVoice2 folder; needs the cosyvoice package and a GPU
 
@@ -89,7 +90,7 @@ class EspeakPhonemeBackend:
         phonemes = self.vocabulary.ids_to_phonemes(item.tokens)
         if not phonemes:
             return ValueError("no speakable phoneme tokens")
-        voice = item.voice or self.options.default_voice
+        voice = self.vocabulary.spoken_voice(item.tokens, item.voice or self.options.default_voice)
         rate = item.rate_wpm or self.options.default_rate_wpm
         with tempfile.TemporaryDirectory() as folder:
             out = Path(folder) / "out.wav"

@@ -23,8 +23,14 @@ from speechrl.trainer.core.policy import supervised_step
 
 def train(pairs: Sequence[tuple[Sequence[int], str]], config: Token2RewardConfig, *, steps: int = 300,
           batch_size: int = 16, learning_rate: float = 3e-3, seed: int = 0,
-          log: Callable[[int, float], None] | None = None) -> Token2Reward:
-    """Fit a Token2Reward on (token ids, text) pairs by CTC; returns it in eval mode."""
+          log: Callable[[int, float], None] | None = None,
+          augment: Callable[[Sequence[int], random.Random], list[int]] | None = None) -> Token2Reward:
+    """Fit a Token2Reward on (token ids, text) pairs by CTC; returns it in eval mode.
+
+    augment(tokens, rng), when given, rewrites each drawn pair's tokens afresh every time it is drawn
+    (the text stays): training on the tokens a policy samples (its voice tokens, its substitutions and
+    drops) rather than only clean ones, so log P(text | tokens) is calibrated where DiffRO reads it.
+    """
     if not pairs:
         raise ValueError("train needs at least one (tokens, text) pair")
     torch.manual_seed(seed)
@@ -34,7 +40,7 @@ def train(pairs: Sequence[tuple[Sequence[int], str]], config: Token2RewardConfig
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, learning_rate, total_steps=steps, pct_start=0.1)
     for step in range(steps):
         chosen = [pairs[rng.randrange(len(pairs))] for _ in range(min(batch_size, len(pairs)))]
-        tokens, mask = pad([list(t) for t, _ in chosen])  # [B, T], [B, T]
+        tokens, mask = pad([augment(t, rng) if augment else list(t) for t, _ in chosen])  # [B, T], [B, T]
         loss = -model.log_prob_text(tokens, mask, [text for _, text in chosen]).mean()  # []
         value = supervised_step(model, optimizer, loss, schedule=schedule)
         if log is not None:

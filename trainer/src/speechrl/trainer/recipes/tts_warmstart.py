@@ -7,6 +7,9 @@
    with probability `substitute` and dropped with probability `drop`, fresh every epoch, and
    training stops after `steps` updates, well before convergence. The policy that comes out
    mostly speaks right but spreads probability over wrong phonemes: room for RL to sharpen it.
+3. Each target begins with a voice token (tokens.VOICE_TOKENS: the espeak variant token2wav speaks
+   it in) drawn uniformly from `voice_tokens`, fresh every epoch: the policy learns a voice
+   distribution that knows nothing of the prompt speaker, which only a speaker reward can correct.
 
     python -m speechrl.trainer.recipes.tts_warmstart --out runs/tts-warmstart --sentences 600 --steps 300
 """
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 
 from speechrl.services.config import option, parse_config
-from speechrl.services.token2wav.tokens import PHONEMES, VOCABULARY, PhonemeVocabulary
+from speechrl.services.token2wav.tokens import PHONEMES, SPOKEN, VOCABULARY, VOICE_TOKENS, PhonemeVocabulary
 from speechrl.trainer.core.policy import supervised_step
 from speechrl.trainer.jobs.datasets import CORPUS
 from speechrl.trainer.models.tts_policy import TtsLayout, TtsPolicy
@@ -51,6 +54,9 @@ class TtsWarmStartConfig:
     learning_rate: float = option(3e-3, "AdamW peak learning rate (linear warm-up, cosine decay).")
     substitute: float = option(0.08, "Probability that a target token is replaced by a random phoneme.")
     drop: float = option(0.04, "Probability that a target token is dropped.")
+    voice_tokens: str = option(",".join(VOICE_TOKENS), "Voice tokens (tokens.VOICE_TOKENS), comma-separated: each "
+                                                       "target begins with one drawn uniformly. Empty: no voice "
+                                                       "token (token2wav speaks the prompt's voice).")
     threads: int = option(0, "torch threads; 0 leaves torch's default.")
     seed: int = option(0, "Seed of sentences, corruption and initialisation.")
 
@@ -94,20 +100,44 @@ def corrupt(tokens: Sequence[int], rng: random.Random, substitute: float, drop: 
     >>> corrupt([5, 6, 7], random.Random(0), 0.0, 0.0)
     [5, 6, 7]
     """
-    first_phoneme = len(VOCABULARY) - len(PHONEMES)  # boundaries and stress marks are never substituted in
+    first_phoneme = len(SPOKEN) - len(PHONEMES)  # boundaries, stress marks, voice tokens: never substituted in
     out = []
     for token in tokens:
         roll = rng.random()
         if roll < drop:
             continue
-        out.append(rng.randrange(first_phoneme, len(VOCABULARY)) if roll < drop + substitute else token)
+        out.append(rng.randrange(first_phoneme, len(SPOKEN)) if roll < drop + substitute else token)
     return out
+
+
+def voice_ids(voice_tokens: str) -> list[int]:
+    """Token ids of a comma-separated list of VOICE_TOKENS ("" -> []).
+
+    >>> [VOCABULARY[i] for i in voice_ids("+m1, +m7")]
+    ['+m1', '+m7']
+    """
+    names = [v.strip() for v in voice_tokens.split(",") if v.strip()]
+    unknown = [v for v in names if v not in VOICE_TOKENS]
+    if unknown:
+        raise ValueError(f"voice tokens {unknown} are not among tokens.VOICE_TOKENS {VOICE_TOKENS}")
+    return [VOCABULARY.index(v) for v in names]
+
+
+def noisy_target(tokens: Sequence[int], rng: random.Random, substitute: float, drop: float,
+                 voices: Sequence[int] = ()) -> list[int]:
+    """A warm-start target: corrupt(tokens), after a voice token drawn uniformly from voices (none if empty).
+
+    >>> noisy_target([5, 6, 7], random.Random(0), 0.0, 0.0, voices=[80])
+    [80, 5, 6, 7]
+    """
+    return ([rng.choice(voices)] if voices else []) + corrupt(tokens, rng, substitute, drop)
 
 
 def train(policy: TtsPolicy, rows: Sequence[dict[str, Any]], config: TtsWarmStartConfig,
           log: Callable[[int, float], None] | None = None) -> None:
     """Teacher-forced cross-entropy on corrupted targets for config.steps updates."""
     rng = random.Random(config.seed)
+    voices = voice_ids(config.voice_tokens)
     model = policy.model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
     warmup = max(1, config.steps // 10)
@@ -122,7 +152,7 @@ def train(policy: TtsPolicy, rows: Sequence[dict[str, Any]], config: TtsWarmStar
         chosen = [rows[rng.randrange(len(rows))] for _ in range(config.batch_size)]
         ids, mask, labels = policy.sequences(
             [policy.layout.prompt_ids(r["text"]) for r in chosen],
-            [corrupt(r["tokens"], rng, config.substitute, config.drop) for r in chosen])  # [B, L] each
+            [noisy_target(r["tokens"], rng, config.substitute, config.drop, voices) for r in chosen])  # [B, L] each
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss  # [] mean over target tokens
         value = supervised_step(model, optimizer, loss, schedule=schedule)
         if log is not None:
@@ -131,12 +161,15 @@ def train(policy: TtsPolicy, rows: Sequence[dict[str, Any]], config: TtsWarmStar
 
 
 @torch.no_grad()
-def token_accuracy(policy: TtsPolicy, rows: Sequence[dict[str, Any]]) -> float:
-    """Teacher-forced accuracy of the argmax next token on the clean targets (incl. <eos>)."""
+def token_accuracy(policy: TtsPolicy, rows: Sequence[dict[str, Any]], voices: Sequence[int] = ()) -> float:
+    """Teacher-forced accuracy of the argmax next token on the clean targets (incl. <eos>); with voices, each
+    target begins with voices[0], a position not counted (the warm start's voice is a uniform draw)."""
     if not rows:
         return math.nan
-    ids, mask, labels = policy.sequences([policy.layout.prompt_ids(r["text"]) for r in rows],
-                                         [r["tokens"] for r in rows])  # [B, L] each
+    prompts = [policy.layout.prompt_ids(r["text"]) for r in rows]
+    ids, mask, labels = policy.sequences(prompts, [[*voices[:1], *r["tokens"]] for r in rows])  # [B, L] each
+    if voices:
+        labels[torch.arange(len(rows)), torch.tensor([len(p) for p in prompts])] = -100  # [B, L] the voice's out
     logits = policy.model(input_ids=ids, attention_mask=mask).logits[:, :-1]  # [B, L-1, V]
     targets = labels[:, 1:]  # [B, L-1]
     counted = targets != -100  # [B, L-1]
@@ -163,8 +196,9 @@ def run_tts_warmstart(config: TtsWarmStartConfig) -> dict[str, Any]:
     train(policy, [r for r in rows if r["split"] == "train"], config, log)
     policy.save(out / "policy")
     summary = {"corpus_seconds": corpus_seconds, "train_seconds": time.perf_counter() - start - corpus_seconds,
-               "final_loss": losses[-1], "dev_token_accuracy": token_accuracy(policy, [r for r in rows
-                                                                                        if r["split"] == "dev"]),
+               "final_loss": losses[-1],
+               "dev_token_accuracy": token_accuracy(policy, [r for r in rows if r["split"] == "dev"],
+                                                    voice_ids(config.voice_tokens)),
                "policy": str(out / "policy"), "corpus": str(out / CORPUS)}
     (out / "warmstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
