@@ -53,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("command", choices=["demo"])
     parser.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    parser.add_argument("--steps", type=int, default=15, help="GRPO steps per seed (default: 15)")
+    parser.add_argument("--steps", type=int, default=25, help="GRPO steps per seed (default: 25)")
     parser.add_argument("--seeds", default="0,1,2", help="GRPO seeds, comma-separated (default: 0,1,2)")
     args = parser.parse_args(argv)
     results = run(ReproConfig(out=args.out, variants=VARIANT, seeds=args.seeds, train=500, joined=120, test=40,
