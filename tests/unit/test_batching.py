@@ -152,6 +152,42 @@ async def test_callers_that_come_back_together_are_waited_for_and_a_lone_caller_
     assert sum(sizes) == 160 and len(sizes) <= 12, f"16 returning clients ran in {len(sizes)} batches: {sizes}"
 
 
+async def test_a_burst_of_separate_calls_runs_as_one_batch_and_a_lone_batch_caller_does_not_wait() -> None:
+    sizes: list[int] = []
+    loop = asyncio.get_running_loop()
+
+    def work(xs: list[int]) -> list[int]:
+        sizes.append(len(xs))
+        return xs
+
+    batcher = DynamicBatcher(work, max_batch_size=32, max_wait_ms=200, name="t-burst")
+    start = loop.time()
+    for i in range(5):  # one caller, a GRPO group of 8 per call: all of a call's items queue at once
+        assert await batcher.submit(list(range(8 * i, 8 * i + 8))) == list(range(8 * i, 8 * i + 8))
+    assert loop.time() - start < 0.2, "a lone caller's batch waited for company that never comes"
+    assert sizes == [8] * 5
+
+    async def caller(index: int) -> list[int]:
+        # One-item calls that reach the queue one event-loop turn apart, as gRPC hands the loop one received
+        # call per callback; the last comes 50 ms after the burst, past its arrival gap.
+        for _ in range(index):
+            await asyncio.sleep(0)
+        if index == 31:
+            await asyncio.sleep(0.05)
+        return await batcher.submit([index])
+
+    sizes.clear()
+    await batcher.submit([-1])  # the batch before the burst was a lone item: nothing says to expect 31
+    sizes.clear()
+    results = await asyncio.gather(*(caller(i) for i in range(32)))
+    batcher.close()
+    assert results == [[i] for i in range(32)]
+    # Before the arrival gap a batch closed after a few quiet loop turns and then waited to match the one
+    # before: the burst ran as 5, 9, 13, and 4 more held back for the late caller.
+    # Closed on the gap, not at max_wait_ms: the late caller runs alone.
+    assert len(sizes) <= 3 and sizes[-1] == 1, f"a burst of 31 callers and a late one ran as {sizes}"
+
+
 async def test_items_past_their_deadline_are_dropped_unrun() -> None:
     seen: list[int] = []
 

@@ -77,10 +77,11 @@ class ServerConfig(ListenerConfig):
     """Settings every gRPC server shares."""
 
     max_batch_size: int = option(32, "Most items per model batch (dynamic batching); 1 turns batching off.")
-    max_wait_ms: float = option(5.0, "Longest a batch waits for company once its first item is queued. It waits only "
-                                     "while smaller than the previous batch (callers served together come back "
-                                     "together), never after a batch of one, so a lone client gets no added latency. "
-                                     "0: run with whatever is queued. GPU: 5-20 to fill batches.")
+    max_wait_ms: float = option(20.0, "Longest a batch waits for company once its first item is queued. It waits only "
+                                      "while more items are coming: while smaller than the previous batch (callers "
+                                      "served together come back together), or while separate calls keep arriving "
+                                      "less than 2 ms apart (a burst); a lone client, or one call's items, gets no "
+                                      "added latency. 0: run with whatever is queued.")
     max_request_items: int = option(256, "Most items in one request; more is INVALID_ARGUMENT.")
     max_queue_items: int = option(4096, "Most items waiting for the model; beyond it requests get RESOURCE_EXHAUSTED.")
     max_audio_seconds: float = option(60.0, "Longest audio accepted per item; longer items get AUDIO_TOO_LONG.")
