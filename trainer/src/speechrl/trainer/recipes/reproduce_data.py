@@ -26,10 +26,10 @@ of prompts each (--prompt-count), the same steps, from the same warm start:
    per data set the mean and spread (sample standard deviation) over the seeds, each seed's row, the
    prompts each selection kept, and the wall time of every stage.
 
-The defaults (one seed, --seeds 0) fit 20 minutes on 2 cores: about 12 min estimated on a quiet
-machine, 37.8 min measured on one shared with other jobs whose warm start ran 3.3x slower
-(bench/RESULTS.md); each further seed adds one GRPO run per data set, about 7 min (D1's hard cases
-are chosen once and reused). With --prepared the candidates are that corpus's (its rl_pool and
+The defaults (one seed, --seeds 0) fit 20 minutes on 2 cores: about 10 min on a quiet machine
+(estimated from the stages of a measured run, bench/RESULTS.md); each further seed adds one GRPO run
+per data set, about 6 min (D1's hard cases are chosen once and reused), so --seeds 0,1,2 comes to
+about 22 min. With --prepared the candidates are that corpus's (its rl_pool and
 long_train, as sized when it was built). Flags of the reward ablation that choose its prompts
 (--variants, --prompt-candidates, --tight-candidates, --long-candidates, --prompt-pool, --long-pool,
 --long-dev) do nothing here.
