@@ -89,14 +89,17 @@ class Sizes:
     concurrent_items: int  # (a): items per round
     sequential_items: int  # (b): items per round
     load_seconds: float  # (c): seconds per round
-    rounds: int  # rounds of (a) and (b); (c) runs once per stack, the stacks in turn
+    rounds: int  # rounds of (b); (c) runs once per stack, the stacks in turn
+    concurrent_rounds: int  # rounds of (a)
 
 
-# Sized so that the whole run, environments included, takes under 20 minutes on 2 cores: the ASR scorer
-# answers ~3 items/s, so its 64-caller load runs the full 60 s (plus ~20 s for the calls in flight to drain);
-# the two fast scorers settle within a second and get 10-15 s of it.
-FULL = {"intelligibility": Sizes(32, 32, 60, 2), "speaker": Sizes(128, 128, 10, 2), "rules": Sizes(1024, 1024, 15, 2)}
-QUICK = {"intelligibility": Sizes(8, 8, 5, 1), "speaker": Sizes(64, 64, 5, 1), "rules": Sizes(512, 512, 5, 1)}
+# Sized so that the whole run, environments included, takes under 20 minutes on 2 cores. The ASR scorer
+# answers ~3 items/s: its 64-caller load runs 30 s (plus ~20 s for the calls in flight to drain), and its
+# 32-caller bursts, where a round of one stack varied by up to 1.5x in the 15:05 run (2 rounds: 1.8-2.8
+# items/s on the same items), get 4 rounds. The two fast scorers settle within a second and get 10-15 s.
+FULL = {"intelligibility": Sizes(32, 32, 30, 2, 4), "speaker": Sizes(128, 128, 10, 2, 2),
+        "rules": Sizes(1024, 1024, 15, 2, 2)}
+QUICK = {"intelligibility": Sizes(8, 8, 5, 1, 1), "speaker": Sizes(64, 64, 5, 1, 1), "rules": Sizes(512, 512, 5, 1, 1)}
 LOADS = {"a": f"{CONCURRENT_CALLERS} callers x 1 item", "b": f"1 caller x batch {GROUP_BATCH}", "c": f"{LOAD_CALLERS} callers, timed"}
 
 
@@ -233,7 +236,7 @@ def measure_scorer(scorer: str, running: Running, sizes: Sizes) -> dict[str, dic
         return run
 
     concurrent = {"op": "concurrent", "callers": CONCURRENT_CALLERS, "items": sizes.concurrent_items}
-    alternating_medians([measure("a", s, concurrent) for s in running.drivers], sizes.rounds)
+    alternating_medians([measure("a", s, concurrent) for s in running.drivers], sizes.concurrent_rounds)
     engines = {ENGINE: InProcessWorker(scorer)}
     # The same worker under the PyTriton environment's Python (InProcessWorker starts sys.executable): the
     # engine on numpy 1.26, to tell PyTriton's serving from its numpy.
@@ -413,21 +416,30 @@ WHY = [
     "items/s comes closest to a peer's.",
     "- Speaker similarity (Resemblyzer: a small torch LSTM, many short OpenMP regions): SpeechRL loads and runs the "
     "model on one thread (batching.model_thread: one OpenMP team), whose libgomp threads spin at every barrier. "
-    "On a quiet machine that is the fastest way (SpeechRL led every speaker row, 1.16-1.61x, in the 13:28 quick run). "
-    "When anything else wants the cores, a spinning thread holds a core its partner needs: with other work on the "
-    "machine, 4 sequential batch-8 calls took 4.3-8.1 s on the SpeechRL server against 0.8-1.7 s on PyTriton, whose "
-    "infer function runs on another thread than the one the model was loaded on (two OpenMP teams, more threads than "
-    "cores: libgomp stops spinning). The same SpeechRL server with OMP_WAIT_POLICY=PASSIVE took 0.70-1.46 s with a "
-    "third of the CPU (GOMP_SPINCOUNT=10000: 3.0-3.8 s). PyTriton's numpy 1.26 is not the cause (the two engine-alone "
-    "columns agree). The ASR scorer (CTranslate2) is unaffected: 18.7-19.4 s for 32 items with PASSIVE against "
-    "18.9-22.4 s without, PyTriton 19.6-26.5 s.",
+    "On a quiet machine that is the fastest way. When anything else wants the cores, a spinning thread holds a core "
+    "its partner needs: with other work on the machine, 4 sequential batch-8 calls took 4.3-8.1 s on the SpeechRL "
+    "server against 0.8-1.7 s on PyTriton, whose infer function runs on another thread than the one the model was "
+    "loaded on (two OpenMP teams, more threads than cores: libgomp stops spinning); OMP_WAIT_POLICY=PASSIVE brought "
+    "SpeechRL's to 0.70-1.46 s there. It is not the services' setting because it costs more than it saves on a machine "
+    "the scorer has to itself (bench/scorers.py --only speaker, idle, 2 runs each, 14:40 UTC): 12.1 / 11.2 items/s at "
+    "batch 1 against 49.5 / 55.1 spinning, 64.9 / 57.1 against 120.4 / 133.7 at batch 8, 32 concurrent callers 89.9 / "
+    "92.6 against 112.1 / 125.0. A host that shares the scorer's cores with other work can set it in the service's "
+    "environment (the services keep what the caller sets).",
     "- Intelligibility (Whisper tiny.en, ~0.4 s of CPU per item): every stack runs the same batches of the same "
-    "engine, and SpeechRL's server adds nothing measurable over it (the overhead line above: within 10%). Under 32 "
-    "one-item callers PyTriton was ahead by 1-15% (median 3%) in 8 alternated rounds of 32 items: SpeechRL's batcher "
-    "closes a batch once it is as large as the one before, so each burst of 32 ran as two batches (its metrics: 2 "
-    "batches per round), where Triton's 10 ms queue delay gathered one. Whether the split itself costs that "
-    "(in-process, 32 at once against 8 then 24: median 7.02 against 7.63 s, paired ratios 0.91-1.12) is within this "
-    "machine's noise.",
+    "engine, and SpeechRL's server adds nothing measurable over it (the overhead line above: within 10%). 32 "
+    "one-item calls reach the server over 10-20 ms (each call's audio is received and decoded on the event loop, "
+    "0.3-0.6 ms apart). SpeechRL's batcher used to close a batch once it was as large as the one before, so each "
+    "burst ran as two batches and PyTriton (one batch per burst) was ahead by 1-15% (median 3%) in an earlier run; "
+    "it now keeps a batch open while calls keep arriving less than 2 ms apart, up to max_wait_ms (20 ms), and a "
+    "burst of 32 runs as one batch (the server's batch-size metrics, 2 of 3 rounds of a fresh server, every round "
+    "after). A lone caller still waits for nothing."
+    " On this scorer the machine drifts more than the stacks differ. The engine alone, measured in the same rounds "
+    "as the servers, gave 2.2-2.5 items/s at 16:31 and 2.9-3.1 at 15:05 on the same items. The two full runs put "
+    "SpeechRL gRPC at 0.77x / 0.98x / 0.99x the best peer on rows (a) / (b) / (c) at 15:05 and at 1.03x / 0.90x / "
+    "0.93x at 16:31: a different row behind each time. In the 16:31 run's row (b), the engine alone, with no serving "
+    "at all, was itself below the three peers' servers in both rounds (2.2-2.5 against 2.6-2.8), and SpeechRL gRPC "
+    "matched the engine alone (2.5). A server does not run its engine faster than the engine runs alone, so what "
+    "separates the rows there is when each was measured, not the serving.",
     "- Ray Serve and LitServe use CPU while idle (background line): Serve's controller and Ray's daemons; LitServe's "
     "workers poll their queues every millisecond once batching is on. Ray keeps running during every other stack's "
     "measurement.",
@@ -446,8 +458,8 @@ def run_notes(results: dict[str, dict[str, dict[str, Cell]]], idle: dict[str, fl
     notes += [
         f"- Peers batch as the CosyVoice2 GRPO recipe's PyTriton server: max batch {MAX_BATCH_SIZE}, "
         f"{MAX_WAIT_S * 1e3:g} ms of queue delay (Triton's DynamicBatcher, Ray's @serve.batch, LitServe's "
-        "batch_timeout). SpeechRL: its servers' defaults (max batch 32; waits at most 5 ms, and only while a batch "
-        "is smaller than the one before).",
+        "batch_timeout). SpeechRL: its servers' defaults (max batch 32; waits at most 20 ms, and only while more items "
+        "are coming: a batch smaller than the one before, or calls arriving less than 2 ms apart).",
         "- Background CPU of each stack while idle (% of one core): "
         + ", ".join(f"{STACKS[s]} {v:.1f}" for s, v in idle.items()) + ".",
         "- Environments: " + " ".join(f"{env.name}: {env.note}" for env in PEER_ENVS.values() if env.note),

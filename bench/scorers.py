@@ -401,11 +401,14 @@ async def concurrent_throughput(scorer: Scorer, client: Any, audio: list[bytes],
 
 
 def alternating_medians(measures: Sequence[Callable[[], float]], rounds: int) -> list[float]:
-    """Median of each measurement, taken in turn within every round: a drift of the machine hits all alike."""
+    """Median of each measurement, taken in turn within every round: a drift of the machine hits all alike.
+    Each round starts one further along, so that no measurement always follows the same one (or always
+    comes first, after whatever ran before the rounds)."""
     samples: list[list[float]] = [[] for _ in measures]
-    for _ in range(rounds):
-        for measure, taken in zip(measures, samples, strict=True):
-            taken.append(measure())
+    for r in range(rounds):
+        for i in range(len(measures)):
+            index = (r + i) % len(measures)
+            samples[index].append(measures[index]())
     return [statistics.median(taken) for taken in samples]
 
 
