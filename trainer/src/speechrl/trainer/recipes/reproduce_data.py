@@ -1,7 +1,7 @@
 """The ASR paper's data-construction ablation at small scale, on this CPU, through the real services.
 
-    python -m speechrl.trainer.recipes.reproduce_data --out runs/asr-data-repro     # the table (~12 min on 2 cores)
-    python -m speechrl.trainer.recipes.reproduce_data --out runs/x --prepared runs/asr-data-repro --seeds 0,1,2
+    python -m speechrl.trainer.recipes.reproduce_data --out runs/asr-data-repro     # the table, seeds 0,1,2 (~18 min)
+    python -m speechrl.trainer.recipes.reproduce_data --out runs/x --prepared runs/asr-data-repro --seeds 3,4
                                    # more seeds on an earlier run's corpus and warm start
 
 Every data set is a prompt_selection of the GRPO job (jobs/selection.py) over the same candidate
@@ -26,10 +26,8 @@ of prompts each (--prompt-count), the same steps, from the same warm start:
    per data set the mean and spread (sample standard deviation) over the seeds, each seed's row, the
    prompts each selection kept, and the wall time of every stage.
 
-The defaults (one seed, --seeds 0) fit 20 minutes on 2 cores: about 10 min on a quiet machine
-(estimated from the stages of a measured run, bench/RESULTS.md); each further seed adds one GRPO run
-per data set, about 6 min (D1's hard cases are chosen once and reused), so --seeds 0,1,2 comes to
-about 22 min. With --prepared the candidates are that corpus's (its rl_pool and
+The defaults (seeds 0, 1, 2; 16 steps) fit 20 minutes on 2 cores: 17.7 min measured from nothing on
+a quiet machine (bench/RESULTS.md); D1's hard cases are chosen once and reused across seeds. With --prepared the candidates are that corpus's (its rl_pool and
 long_train, as sized when it was built). Flags of the reward ablation that choose its prompts
 (--variants, --prompt-candidates, --tight-candidates, --long-candidates, --prompt-pool, --long-pool,
 --long-dev) do nothing here.
@@ -105,7 +103,10 @@ class DataReproConfig(ReproConfig):
                                 "prompts costs several short ones, and every selection may keep them.")
     long_repeat: int = option(4, "Long training segments that say one of their sentences twice, in the candidate "
                                  "pool (D1 keeps all of them): added to the corpus when it has none.")
-    steps: int = option(24, "GRPO steps of every run.")
+    steps: int = option(16, "GRPO steps of every run (16 so that three seeds fit the 20-minute budget).")
+    seeds: str = option("0,1,2", "Seeds of the GRPO runs, comma-separated: each data set runs once per seed from the "
+                                 "same warm start (D1 with the same hard cases), and the table gives every seed's row "
+                                 "and their mean and spread.")
     eval_every: int = option(4, "Dev WER every this many GRPO steps; the test columns use the step with the lowest.")
 
     def __post_init__(self) -> None:
