@@ -31,13 +31,14 @@ def tiny() -> tuple[nn.Module, torch.optim.Optimizer]:
 
 
 def slow_update(model: nn.Module, optimizer: torch.optim.Optimizer, seconds: float) -> Callable[..., dict[str, float]]:
-    """Two optimizer steps with a pause before each: the lease's TTL can run out in between."""
+    """Two optimizer steps, the second after a pause: the lease's TTL can run out in between. The first
+    goes at once, so that it lands inside the TTL however loaded the machine is."""
 
     def update(batch: Any, check: Callable[[], None] | None) -> dict[str, float]:
-        for _ in range(2):
+        for step in range(2):
             loss = model(torch.ones(3, 4)).pow(2).sum()
             loss.backward()
-            time.sleep(seconds)
+            time.sleep(seconds if step else 0.0)
             if check is not None:
                 check()
             optimizer.step()
@@ -75,7 +76,7 @@ def test_a_lease_that_lapses_mid_update_leaves_no_trace(redis_server: RedisServe
         await turn.update(None)  # one good update: the optimizer has state to lose
         before = snapshot(model, optimizer)
         stall_heartbeat(guard)
-        turn.update_fn = slow_update(model, optimizer, 0.3)  # the first step lands inside the TTL, the second not
+        turn.update_fn = slow_update(model, optimizer, 0.6)  # the first step lands inside the TTL, the second not
         with pytest.raises(LeaseLost, match="lapsed during the update"):
             await turn.update(None)
         return before
@@ -94,7 +95,7 @@ def test_without_the_rollback_a_lapsed_update_would_have_moved_the_weights(redis
     guard = trainer_guard(config, TrainerResidency([model], optimizer, "cpu"))
     stall_heartbeat(guard)
     before = [p.detach().clone() for p in model.parameters()]
-    turn = UpdateTurn(slow_update(model, optimizer, 0.3), guard)  # no model / optimizer: nothing to restore
+    turn = UpdateTurn(slow_update(model, optimizer, 0.6), guard)  # no model / optimizer: nothing to restore
     with pytest.raises(RuntimeError, match="cannot be undone"):
         asyncio.run(turn.update(None))
     assert not all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
