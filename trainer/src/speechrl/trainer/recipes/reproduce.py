@@ -286,16 +286,23 @@ def select_prompts(config: ReproConfig, job: AsrJobConfig, policy: Path, manifes
 
 PROGRESS_KEYS = ("reward_mean", "wer", "insertions", "kl", "eval/wer")  # one line per RL step
 BEST_WEIGHTS = "best-dev.safetensors"
+BEST_RECORD = "best-dev.json"  # {"dev_wer", "step"} of BEST_WEIGHTS
 
 
 class BestDevProgress(LineProgress):
     """One line per step, and the weights of the step with the lowest dev WER so far copied to
-    <out_dir>/best-dev.safetensors (from the file the job has just pushed to the rollout service)."""
+    <out_dir>/best-dev.safetensors (from the file the job has just pushed to the rollout service),
+    with their dev WER and step beside them: a rerun over a finished job runs no step, and still
+    serves and reports the step the first run chose."""
 
     def __init__(self, label: str, job: AsrJobConfig):
         super().__init__(label, PROGRESS_KEYS)
         self.job = job
         self.best: tuple[float, int] | None = None  # (dev WER, step)
+        record, weights = Path(job.out_dir) / BEST_RECORD, Path(job.out_dir) / BEST_WEIGHTS
+        if record.exists() and weights.exists():
+            kept = json.loads(record.read_text())
+            self.best = (kept["dev_wer"], kept["step"])
 
     def report(self, step: int, total: int, metrics: dict[str, Any]) -> None:
         super().report(step, total, metrics)
@@ -304,6 +311,7 @@ class BestDevProgress(LineProgress):
             pushed = sync_dir(self.job) / f"policy-v{metrics['policy_version']:06d}.safetensors"
             if pushed.exists():
                 shutil.copyfile(pushed, Path(self.job.out_dir) / BEST_WEIGHTS)
+                (Path(self.job.out_dir) / BEST_RECORD).write_text(json.dumps({"dev_wer": dev, "step": step}))
                 self.best = (dev, step)
 
 
