@@ -248,10 +248,10 @@ def load_decoder(folder: str | Path, dtype: torch.dtype = torch.float32, **kwarg
     return load_speech_llm(folder, dtype, **kwargs).decoder
 
 
-def asr_prompt_ids(folder: str | Path, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    """(prefix ids, suffix ids): the family's transcription prompt (ASR_PROMPTS) tokenised by the checkpoint's
-    tokenizer around the audio, whose embeddings the encoder service gives, one per placeholder token."""
-    return prompt_ids_around_audio(FAMILIES[family_of(folder)].asr_prompt, tokenizer)
+def asr_prompt_ids(folder: str | Path, tokenizer: Any, prompt: str = "") -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(prefix ids, suffix ids): prompt, by default the family's transcription prompt (ASR_PROMPTS), tokenised
+    by the checkpoint's tokenizer around the audio, whose embeddings the encoder service gives."""
+    return prompt_ids_around_audio(prompt or FAMILIES[family_of(folder)].asr_prompt, tokenizer)
 
 
 def prompt_ids_around_audio(prompt: str, tokenizer: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -36,13 +36,14 @@ from speechrl.client import (
     AsyncRuleRewardsClient,
 )
 from speechrl.services.config import option
+from speechrl.services.speech_llm import AUDIO, is_speech_llm
 from speechrl.trainer.core.advantages import weighted_rewards
 from speechrl.trainer.core.step import RolloutBatch, pad_right, sampled_sequences
 from speechrl.trainer.jobs.datasets import Row, read_manifest
 from speechrl.trainer.jobs.kind import Collected, JobConfig
 from speechrl.trainer.jobs.progress import PhaseTimer, mean_of
 from speechrl.trainer.jobs.selection import MAX_SECONDS, MIN_DISAGREEMENT, MIN_KEYWORDS, PromptSelection, pick_prompts
-from speechrl.trainer.models.asr_policy import AsrPolicy, PromptLayout
+from speechrl.trainer.models.asr_policy import LAYOUT_FILE, AsrPolicy, PromptLayout
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +94,16 @@ class AsrJobConfig(JobConfig):
     accuracy_floor: float = option(0.0, "Lowest R1, in [-10, 0]. 0 is the paper's clip, under which every "
                                         "hypothesis with WER >= 1 scores alike (a long loop as a plain miss); -1 "
                                         "keeps a WER-2 loop below a WER-1 miss, so R1 sees how far it ran on.")
+    asr_prompt: str = option("", "A Qwen3-ASR / Qwen2-Audio policy's transcription prompt, with {audio} once where "
+                                 "the audio's embeddings go, e.g. Qwen3-ASR's chat turn with another language "
+                                 "forced (speech_llm.qwen3_asr_prompt('Chinese')); empty: the family's own "
+                                 "(speech_llm.ASR_PROMPTS). Training, rollouts and evaluation all use it.")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.asr_prompt and self.asr_prompt.count(AUDIO) != 1:
+            raise ValueError(f"asr_prompt must hold {AUDIO} exactly once, where the audio's embeddings go; got "
+                             f"{self.asr_prompt!r}")
         if not -10.0 <= self.accuracy_floor <= 0.0:
             raise ValueError(f"accuracy_floor must be in [-10, 0] (0: the paper's clip), got {self.accuracy_floor}")
         if self.prompt_count < 0:
@@ -352,10 +360,15 @@ class AsrGrpo:
         return dict(values)
 
     def check(self, config: AsrJobConfig, distributed: bool) -> None:
-        pass  # LoRA and torchrun both work (not together: the driver refuses that)
+        # LoRA and torchrun both work (not together: the driver refuses that)
+        if config.asr_prompt and not is_speech_llm(config.policy):
+            raise ValueError(f"asr_prompt is a Qwen3-ASR / Qwen2-Audio checkpoint's prompt; {config.policy} is a "
+                             f"SpeechRL LLM-ASR policy, whose instruction is its {LAYOUT_FILE}: drop asr_prompt")
 
     @contextlib.asynccontextmanager
     async def connect(self, config: AsrJobConfig, policy: AsrPolicy) -> AsyncIterator[AsrSession]:
+        if config.asr_prompt:  # rollouts, the update's prompts and evaluation all read the policy's layout
+            policy.layout = PromptLayout.of_speech_llm(config.policy, policy.tokenizer, config.asr_prompt)
         cache = self.cache if self.cache is not None else EmbeddingCache(config.embedding_cache)
         async with Services.connect(config) as services:
             session = AsrSession(config, policy, services, cache)

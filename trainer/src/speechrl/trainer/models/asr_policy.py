@@ -122,13 +122,13 @@ class PromptLayout:
         return cls(**values)
 
     @classmethod
-    def of_speech_llm(cls, folder: str | Path, tokenizer: Any = None) -> PromptLayout:
-        """The layout of a Qwen3-ASR / Qwen2-Audio checkpoint folder: its family's transcription prompt
-        around the audio, its tokenizer's EOS, its own audio tower in the encoder service."""
+    def of_speech_llm(cls, folder: str | Path, tokenizer: Any = None, prompt: str = "") -> PromptLayout:
+        """The layout of a Qwen3-ASR / Qwen2-Audio checkpoint folder: prompt (by default its family's
+        transcription prompt) around the audio, its tokenizer's EOS, its own audio tower in the encoder service."""
         from transformers import AutoConfig, AutoTokenizer
 
         tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(str(folder))
-        prefix, suffix = asr_prompt_ids(folder, tokenizer)
+        prefix, suffix = asr_prompt_ids(folder, tokenizer, prompt)
         text_config = AutoConfig.from_pretrained(str(folder)).text_config
         eos = int(tokenizer.eos_token_id)
         return cls(instruction_ids=suffix, eos_token_id=eos,
