@@ -83,6 +83,19 @@ def assert_most_weights_moved(initial: Path, out: Path, checkpoint_name: str) ->
     assert len(moved) > len(before) // 2, f"only {moved} changed"
 
 
+def assert_lora_merged(initial: Path, out: Path, checkpoint_name: str) -> None:
+    """The run's latest checkpoint is checkpoint_name and holds a LoRA run's adapters beside the whole model with
+    them merged: the same tensor names as initial's, the adapted projections moved and nothing else."""
+    checkpoint = latest_checkpoint(out)
+    assert checkpoint is not None and checkpoint.name == checkpoint_name
+    assert (checkpoint / "policy" / "adapter" / "adapter_config.json").is_file()
+    before = load_file(str(initial / "model.safetensors"))
+    merged = load_file(str(checkpoint / "policy" / "model.safetensors"))
+    assert before.keys() == merged.keys(), "the merged checkpoint keeps the policy's own tensor names"
+    moved = [name for name in before if not torch.equal(before[name], merged[name])]
+    assert moved and all(name.endswith("_proj.weight") and "audio_tower" not in name for name in moved), moved
+
+
 class Recorder:
     """A Progress that keeps every report."""
 

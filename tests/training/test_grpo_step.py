@@ -4,6 +4,7 @@ adapter-free reference, and gradient accumulation 1x8 against 8x1."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -11,7 +12,13 @@ import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from speechrl.trainer.core.config import GRPOConfig
-from speechrl.trainer.core.policy import apply_lora, completion_logprobs, make_optimizer, make_reference
+from speechrl.trainer.core.policy import (
+    apply_lora,
+    completion_logprobs,
+    make_optimizer,
+    make_reference,
+    plain_state,
+)
 from speechrl.trainer.core.step import RolloutBatch, batch_logprobs, grpo_update
 
 VOCAB = 100
@@ -125,6 +132,23 @@ def test_lora_moves_only_adapters_and_its_reference_stays_the_base_model() -> No
     with reference.active() as base:
         torch.testing.assert_close(completion_scores(base, batch, config), ref_before)
     assert not torch.allclose(completion_scores(model, batch, config), policy_before)
+
+
+def test_plain_state_merges_as_peft_does_without_touching_the_training_model() -> None:
+    config = settings(lora=True, lora_r=4, lora_alpha=8, learning_rate=1e-2)
+    model = apply_lora(tiny_model(), config)
+    optimizer = make_optimizer(model, config)
+    grpo_update(model, make_reference(model), optimizer, rollout(), config)  # B != 0: the adapters now act
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    merged = plain_state(model, merge=True)
+    expected = copy.deepcopy(model).merge_and_unload().state_dict()
+    assert merged.keys() == expected.keys() == tiny_model().state_dict().keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(merged[name], tensor, atol=1e-6, rtol=0, msg=name)
+    assert any(not torch.equal(merged[name], tensor) for name, tensor in tiny_model().state_dict().items())
+    assert all(torch.equal(before[name], t) for name, t in model.state_dict().items()), "the training model moved"
+    base = plain_state(model, merge=False)  # what a full push of a LoRA model sends: the warm start
+    assert all(torch.equal(base[name], tensor) for name, tensor in tiny_model().state_dict().items())
 
 
 def test_gradient_accumulation_1x8_equals_8x1_and_ragged_micro_batches() -> None:

@@ -15,10 +15,9 @@ import torch
 
 from speechrl.client import RolloutClient
 from speechrl.services.ports import free_port
-from speechrl.trainer.jobs.checkpoint import latest_checkpoint
 from speechrl.trainer.jobs.registry import run_job
 from tests.support.servers import RedisServer
-from tests.support.training import Recorder, Stack, asr_job, asr_stack, assert_most_weights_moved
+from tests.support.training import Recorder, Stack, asr_job, asr_stack, assert_lora_merged, assert_most_weights_moved
 
 
 @pytest.fixture(scope="module")
@@ -193,11 +192,9 @@ def test_lora_run_syncs_adapters_and_resumes(stack: Stack, tmp_path: Path, redis
     recorder = Recorder()
     run_job("asr-grpo", config, recorder)
     assert [s for s, _ in recorder.steps] == [1, 2]
-    checkpoint = latest_checkpoint(out)
-    assert checkpoint is not None and (checkpoint / "policy" / "adapter" / "adapter_config.json").exists()
-    assert not (checkpoint / "policy" / "model.safetensors").exists(), "a LoRA checkpoint holds only adapters"
+    assert_lora_merged(stack.policy, out, "step-000002")
     with RolloutClient(stack.rollout) as rollout:
-        assert rollout.get_service_status().policy_version == before + 3  # initial adapter sync + 2 steps
+        assert rollout.get_service_status().policy_version == before + 4  # base and adapter sync + 2 steps
     config.steps = 3
     resumed = Recorder()
     run_job("asr-grpo", config, resumed)

@@ -36,7 +36,7 @@ from speechrl.trainer.recipes.token2reward import train as train_token2reward
 from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
 from tests.support.cosyvoice2 import OriginalLLM, build_cosyvoice2_folder, load_original
 from tests.support.servers import RedisServer, serve_in_thread
-from tests.support.training import Recorder, assert_most_weights_moved
+from tests.support.training import Recorder, assert_lora_merged, assert_most_weights_moved
 
 COMPONENTS = ("intelligibility", "speaker", "duration", "diversity")
 
@@ -132,33 +132,40 @@ def test_the_kind_sets_the_loss(stack: Stack) -> None:
         run_job("tts-diffro", TtsJobConfig(**values, grpo={"loss": "grpo"}), Recorder())
 
 
-@pytest.mark.parametrize("kind", ["tts-grpo", "tts-grpo+diffro"])
+@pytest.mark.parametrize(("kind", "lora"), [("tts-grpo", False), ("tts-grpo+diffro", False), ("tts-grpo+diffro", True)])
 def test_cosyvoice2_llm_trains_through_the_services(cosyvoice2_stack: tuple[Stack, OriginalLLM], tmp_path: Path,
-                                                    redis_server: RedisServer, speech: Any, kind: str) -> None:
+                                                    redis_server: RedisServer, speech: Any, kind: str,
+                                                    lora: bool) -> None:
     """CosyVoice2's LLM, converted from llm.pt, as the policy: speakers given as prompt audio (what the
     cosyvoice2 token2wav backend renders with; espeak ignores it, the speaker reward compares with it), two
     steps move the weights and the rollout version, and the trained folder exported back to llm.pt is a
-    CosyVoice2 LLM whose greedy synthesis is the served policy's."""
+    CosyVoice2 LLM whose greedy synthesis is the served policy's. Under LoRA (DiffRO's gradient through the
+    adapters) the rollout service samples base + adapters, and the checkpoint's merged model is what exports;
+    the LoRA case runs last, on a service that still serves the earlier cases' full updates, which the job's
+    first push of its base replaces (an adapter on another base would sample another policy)."""
     stack, original = cosyvoice2_stack
     prompts = ",".join(str(speech.path("This is how I sound.", voice)) for voice in ("en-us", "en-gb+f3"))
     out = tmp_path / kind
     with RolloutClient(stack.endpoints["rollout"]) as rollout:
         before = rollout.get_service_status().policy_version
     recorder = Recorder()
-    run_job(kind, job(stack, out, redis_server.url, kind, {"prompt_audio": prompts}, diffro_filter=False), recorder)
+    adapters = {"lora": True, "lora_r": 4, "lora_alpha": 8} if lora else {}
+    run_job(kind, job(stack, out, redis_server.url, kind, {"prompt_audio": prompts}, diffro_filter=False, **adapters),
+            recorder)
     for _, metrics in recorder.steps:
         for key in ("reward/intelligibility", "reward/speaker", "reward/duration", "reward_mean", "sim", "loss"):
             assert math.isfinite(metrics[key]), (key, metrics.get(key))
         assert metrics["render_failures"] == 0 and metrics["completion_tokens"] > 0
-    assert_most_weights_moved(stack.policy, out, "step-000002")
+    (assert_lora_merged if lora else assert_most_weights_moved)(stack.policy, out, "step-000002")
 
     trained = export_llm(out / "checkpoints" / "step-000002" / "policy", tmp_path / "llm.pt")
     exported = load_original(trained, len(VOCABULARY))  # strict: every tensor of Qwen2LM, nothing else
-    assert not torch.equal(exported.llm_decoder.weight, original.llm_decoder.weight)
+    reference = original.state_dict()
+    assert any(not torch.equal(tensor, reference[name]) for name, tensor in exported.state_dict().items())
     layout = CosyVoice2Layout.load(stack.policy)
     texts = [r["text"] for r in read_corpus(stack.corpus, "train")[:2]]
     with RolloutClient(stack.endpoints["rollout"]) as rollout:
-        assert rollout.get_service_status().policy_version == before + 3
+        assert rollout.get_service_status().policy_version == before + (4 if lora else 3)
         served = rollout.generate([layout.prompt_ids(t) for t in texts], n=1, max_tokens=24, temperature=0.0,
                                   speech_token_range=layout.speech_range())
     for text, result in zip(texts, served, strict=True):

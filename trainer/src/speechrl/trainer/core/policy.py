@@ -158,6 +158,33 @@ def apply_lora(model: nn.Module, config: GRPOConfig) -> PeftModel:
     return peft_model
 
 
+def plain_state(model: PeftModel, merge: bool) -> dict[str, Tensor]:
+    """The state dict of the model under model's LoRA adapters, by that model's own tensor names: its base
+    weights (merge False: the tensors themselves, detached) or, with merge, copies on the CPU with the
+    active adapters folded in (W + alpha / r * B A).
+
+    Read off the training model without touching it: peft's merge_adapter / unmerge_adapter round trip
+    would add and subtract the delta in place and leave the base weights (the LoRA reference) a rounding
+    error away from the warm start's.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model()
+    state = {name.replace(".base_layer.", "."): tensor.detach() for name, tensor in base.state_dict().items()
+             if ".lora_" not in name}
+    if not merge:
+        return state
+    state = {name: tensor.to("cpu", copy=True) for name, tensor in state.items()}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    key = f"{name}.weight"
+                    delta = module.get_delta_weight(adapter)  # type: ignore[attr-defined]  # on each concrete layer
+                    state[key] += delta.detach().to("cpu", state[key].dtype)
+    return state
+
+
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters the optimizer updates (all of them, or the LoRA adapters)."""
     return [p for p in model.parameters() if p.requires_grad]

@@ -46,7 +46,7 @@ from speechrl.services.residency import DeviceGuard
 from speechrl.trainer.core import distributed
 from speechrl.trainer.core.advantages import reward_statistics
 from speechrl.trainer.core.config import LOGIT_LOSSES, GRPOConfig
-from speechrl.trainer.core.policy import Reference, apply_lora, make_optimizer, make_reference
+from speechrl.trainer.core.policy import Reference, apply_lora, make_optimizer, make_reference, plain_state
 from speechrl.trainer.core.step import grpo_update
 from speechrl.trainer.jobs.checkpoint import (
     OptimizerState,
@@ -65,7 +65,7 @@ from speechrl.trainer.jobs.weights import check_on_policy, push_weights, sync_di
 
 log = logging.getLogger(__name__)
 
-ADAPTER_DIR = "adapter"  # a LoRA run's checkpoint holds only its adapters (the base is the warm start)
+ADAPTER_DIR = "adapter"  # a LoRA checkpoint's adapters, beside the merged model (what a resume reads)
 
 
 class LeaseLostTwice(RuntimeError):
@@ -127,8 +127,12 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
             status = await session.rollout.get_service_status()
             # The rollout service may have restarted (version 0) or run ahead of our checkpoint: push our
             # weights with a version newer than both, so every later sample is provably ours.
-            version = await push_weights(session.rollout, policy.model, sync_dir(config),
-                                         max(state.version, status.policy_version) + 1, grpo.lora)
+            version = max(state.version, status.policy_version) + 1
+            if grpo.lora:
+                # An adapter is on-policy only on the base it trains on, and the service may serve other
+                # weights (an earlier job's updates, another checkpoint): the base goes first.
+                version = await push_weights(session.rollout, policy.model, sync_dir(config), version) + 1
+            version = await push_weights(session.rollout, policy.model, sync_dir(config), version, grpo.lora)
 
             async def step(index: int, version: int) -> tuple[dict[str, Any], int]:
                 with tracing.span("train.step", {"speechrl.step": index + 1, "speechrl.job_kind": kind.name}):
@@ -137,7 +141,7 @@ async def run(kind: JobKind, config: JobConfig, progress: Progress) -> dict[str,
                 return metrics, version
 
             await train_loop(out, state, config.steps, progress, step,
-                             lambda f: save_policy(policy, f / "policy", grpo.lora), optimizer, version=version,
+                             lambda f: save_policy(kind, config, policy, f / "policy"), optimizer, version=version,
                              checkpoint_every=config.checkpoint_every, evaluate=session.evaluate,
                              trackers=trackers)
     except BaseException:
@@ -341,12 +345,17 @@ def load_policy(kind: JobKind, config: JobConfig, resume: Path | None, device: s
     return policy
 
 
-def save_policy(policy: Policy, folder: Path, lora: bool) -> None:
-    """A checkpoint's weights: the whole policy folder, or only the LoRA adapters."""
-    if lora:
-        policy.model.save_pretrained(folder / ADAPTER_DIR)  # type: ignore[operator]  # a peft model
-    else:
+def save_policy(kind: JobKind, config: JobConfig, policy: Policy, folder: Path) -> None:
+    """A checkpoint's weights: the whole policy folder; under LoRA, the adapters (a resume reads those) and
+    the warm start with them merged in, so that every checkpoint loads with its family's own from_pretrained
+    (a speech LLM's save_pretrained folder, a converted CosyVoice2 LLM) and can be taken elsewhere."""
+    if not config.grpo.lora:
         policy.save(folder)
+        return
+    policy.model.save_pretrained(folder / ADAPTER_DIR)  # type: ignore[operator]  # a peft model
+    merged = kind.policy_class.load(config.policy)  # the warm start on the CPU: the training copy stays as it is
+    merged.model.load_state_dict(plain_state(policy.model, merge=True))  # type: ignore[arg-type]  # a peft model
+    merged.save(folder)
 
 
 def needs_reference(grpo: GRPOConfig) -> bool:

@@ -334,8 +334,6 @@ class TtsRl:
 
     def check(self, config: TtsJobConfig, distributed: bool) -> None:
         self._check_loss(config.grpo.loss)
-        if config.grpo.lora:
-            raise ValueError("grpo.lora: TTS jobs train every weight of their small policy; drop lora")
         if distributed:
             raise ValueError(f"{self.name} runs in one process: its DiffRO reward does not travel to other ranks; "
                              "run it without torchrun")

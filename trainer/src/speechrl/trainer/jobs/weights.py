@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import torch
+from peft import PeftModel
 from safetensors.torch import save_file
 from torch import nn
 
 from speechrl.client import AsyncRolloutClient
+from speechrl.trainer.core.policy import plain_state
 
 
 class RunFolders(Protocol):
@@ -31,7 +33,8 @@ def sync_dir(config: RunFolders) -> Path:
 async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: Path, version: int,
                        lora: bool = False, fence: int = 0) -> int:
     """Push model's weights as `version` (a full safetensors file, or the LoRA adapter folder) to the
-    rollout service; returns the version it confirms (RuntimeError when it is another).
+    rollout service; returns the version it confirms (RuntimeError when it is another). A full push of a
+    LoRA model (a peft model, lora False) sends its base weights, which its adapters then go on top of.
 
     fence: the fencing token of the lease grant the weights were made under; the service refuses a push
     older than its last accepted one (StaleFenceError), so a trainer whose lease lapsed cannot overwrite
@@ -42,7 +45,8 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
         await asyncio.to_thread(model.save_pretrained, str(path))  # type: ignore[operator,arg-type]  # a peft model
     else:
         path = sync_dir / f"policy-v{version:06d}.safetensors"
-        await asyncio.to_thread(save_file, untied_state(model), str(path))
+        state = plain_state(model, merge=False) if isinstance(model, PeftModel) else model.state_dict()
+        await asyncio.to_thread(save_file, untied(state), str(path))
     confirmed = await rollout.update_weights(version, str(path), format="lora" if lora else "full", fence=fence)
     for old in [*sync_dir.glob("policy-v*.safetensors"), *sync_dir.glob("adapter-v*")]:
         if old != path:
@@ -52,12 +56,12 @@ async def push_weights(rollout: AsyncRolloutClient, model: nn.Module, sync_dir: 
     return confirmed
 
 
-def untied_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """model's state on the CPU with each tied tensor once, under its first name (a tied head is its embedding
+def untied(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict on the CPU with each tied tensor once, under its first name (a tied head is its embedding
     table: safetensors refuses aliases, and the receiver's tied head follows its table)."""
     seen: set[tuple[int, torch.device]] = set()
     state = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.device)
         if key in seen:
             continue

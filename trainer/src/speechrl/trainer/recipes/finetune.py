@@ -52,7 +52,10 @@ class FinetuneConfig:
     batch_size: int = option(4, "Prompts per step (the paper: 32).")
     learning_rate: float = option(1e-5, "Adam learning rate (the paper: 1e-5).")
     kl_beta: float = option(0.1, "KL weight against the starting checkpoint (the paper: 0.1).")
-    lora: bool = option(False, "Train LoRA adapters instead of the whole decoder.")
+    lora: bool = option(False, "Train LoRA adapters instead of the whole decoder (checkpoints hold the adapters and "
+                               "the checkpoint with them merged in).")
+    prompt: str = option("", "A Qwen3-ASR / Qwen2-Audio transcription prompt with {audio} where the audio goes, "
+                             "e.g. Qwen3-ASR's with another language forced; empty: the family's own.")
     eval_size: int = option(16, "dev rows evaluated greedily every 5 steps and at the end.")
 
     def __post_init__(self) -> None:
@@ -73,7 +76,7 @@ def job_config(config: FinetuneConfig, manifest: Path) -> AsrJobConfig:
         policy=str(Path(config.checkpoint).resolve()), data=str(manifest), out_dir=str(Path(config.out) / "run"),
         steps=config.steps, eval_split="dev", eval_size=config.eval_size, eval_every=5, checkpoint_every=config.steps,
         device=config.device, encoder=f"127.0.0.1:{ports['encoder']}", rollout=f"127.0.0.1:{ports['rollout']}",
-        rules=f"127.0.0.1:{ports['rules']}",
+        rules=f"127.0.0.1:{ports['rules']}", asr_prompt=config.prompt,
         grpo=GRPOConfig(group_size=config.group_size, batch_size=config.batch_size, learning_rate=config.learning_rate,
                         kl_beta=config.kl_beta, lora=config.lora, mini_batch_size=config.group_size * 2,
                         gradient_accumulation_steps=max(1, config.batch_size // 2)))

@@ -223,12 +223,16 @@ class VllmBackend(InProcessVllm):
     def _embed_ids(self, ids: list[int]) -> Any:
         """Rows of the input embedding table [len(ids), D], read from where it was last loaded and kept."""
         import torch
-        from safetensors import safe_open
 
         if self._embedding is None:
-            with safe_open(str(self._sources[EMBEDDING]), framework="pt", device="cpu") as handle:
-                self._embedding = handle.get_tensor(EMBEDDING).to(self._dtype)
+            self._embedding = self._read_embedding(self._sources[EMBEDDING])
         return self._embedding[torch.tensor(ids, dtype=torch.long)]
+
+    def _read_embedding(self, file: Path) -> Any:
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            return handle.get_tensor(EMBEDDING).to(self._dtype)
 
     def _params(self, request: GenerationRequest, n: int) -> Any:
         from vllm import SamplingParams
@@ -257,7 +261,10 @@ class VllmBackend(InProcessVllm):
         self.llm.reset_prefix_cache()  # cached KV was computed by the old weights
         self._sources.update(new)
         if EMBEDDING in new:
-            self._embedding = None
+            # Under LoRA the prompt ids are embedded from this table (_prompt); read it while the pushed file is
+            # sure to exist: a trainer deletes its older pushes once a newer one lands (its first adapter push
+            # follows a push of the base).
+            self._embedding = self._read_embedding(new[EMBEDDING]) if self.max_lora_rank else None
         self._drop_lora()
         log.info("reloaded %d tensors from %s", len(names), path)
 
