@@ -188,12 +188,15 @@ def test_status_names_the_vllm_backend(vllm_channel: grpc.Channel, model_dir: Pa
 def test_the_ledger_counts_the_vllm_weights(vllm: rollout_pb2_grpc.RolloutGeneratorStub, vllm_channel: grpc.Channel,
                                             model_dir: Path) -> None:
     """vLLM reports no figure of its own to the services' residency: the backend counts the served checkpoint's
-    tensors in the serving dtype, so the device-memory ledger shows what the rollout service holds (it showed 0)."""
+    tensors in the serving dtype, plus the KV cache tensors vLLM's worker allocated (kv_cache_mb here; on a GPU
+    vLLM sizes it, and it is most of the engine's memory), so the device-memory ledger shows what the rollout
+    service holds (it showed 0, then the weights alone)."""
     greedy_ids(vllm, max_tokens=2)  # a batch under the lease: the ledger entry is written
     status = common_pb2_grpc.ServiceStatusStub(vllm_channel).GetServiceStatus(common_pb2.GetServiceStatusRequest())
     [entry] = status.device_memory
     checkpoint = sum(t.numel() * t.element_size() for t in load_file(str(model_dir / "model.safetensors")).values())
-    assert entry.residency == "resident" and entry.weight_bytes == checkpoint  # float32 on a CPU, as stored
+    kv_cache = 64 << 20  # the server's kv_cache_mb, which vLLM allocates whole (256 blocks of 128 tokens here)
+    assert entry.residency == "resident" and entry.weight_bytes == checkpoint + kv_cache  # float32 on a CPU
 
 
 def test_cosyvoice2_llm_is_served_with_its_head_bias(tmp_path: Path) -> None:

@@ -40,15 +40,39 @@ def vllm_engine_args(model: str, device: str, dtype: str, *, seed: int = 0, gpu_
     return args
 
 
+def kv_cache_bytes(worker: Any) -> int:
+    """Bytes of the KV cache tensors a vLLM worker allocated (each storage once: layers may share one), run in the
+    worker by collective_rpc. vLLM sizes the cache itself on a GPU (gpu_memory_utilization's share of what the
+    weights leave), so this is the one place the ledger can learn it."""
+    import torch
+
+    seen: set[int] = set()
+    total = 0
+    pending: list[Any] = [getattr(worker.model_runner, "kv_caches", [])]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, torch.Tensor):
+            storage = item.untyped_storage()
+            if storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                total += storage.nbytes()
+        elif isinstance(item, (list, tuple)):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+    return total
+
+
 class InProcessVllm:
     """What a backend holding a vllm.LLM as self.llm shares: the residency methods (residency.DeviceGuard's),
-    with self.sleep_mode (the engine was built with enable_sleep_mode) and self._weight_bytes (the ledger's figure:
-    vLLM reports none) set by the backend, and close() for the server's stop."""
+    with self.sleep_mode (the engine was built with enable_sleep_mode) and self._weight_bytes (the weights' part of
+    the ledger's figure: vLLM reports none) set by the backend, and close() for the server's stop."""
 
     llm: Any
     sleep_mode: bool
     _weight_bytes: int
     _asleep: bool = False
+    _kv_bytes: int | None = None
 
     def load_to_device(self) -> None:
         if self._asleep:
@@ -56,8 +80,12 @@ class InProcessVllm:
             self._asleep = False
 
     def weight_bytes(self) -> int:
-        """Bytes of the weights on the device now: 0 while asleep (sleep level 1 moves them to CPU memory)."""
-        return 0 if self._asleep else self._weight_bytes
+        """Bytes the engine holds on the device while resident: the weights and the KV cache it reserved (most of a
+        GPU engine's memory). The ledger asks before a wake-up (residency.DeviceGuard reports before the weights
+        move in), so this is what the engine is about to hold, asleep or not."""
+        if self._kv_bytes is None:  # sized once, at the first report; a wake-up allocates the same again
+            self._kv_bytes = sum(self.llm.collective_rpc(kv_cache_bytes))
+        return self._weight_bytes + self._kv_bytes
 
     def offload(self, mode: str) -> None:
         if not self.sleep_mode:

@@ -170,7 +170,7 @@ class VllmBackend(InProcessVllm):
         self._sources = tensor_files(Path(served))
         self._shapes = tensor_shapes(self._sources, tied)
         self._lora: Any = None  # the LoRARequest every Generate uses, if any
-        self._embedding: Any = None  # the input embedding table, read on first use under LoRA (_prompt)
+        self._embedding: Any = None  # the input embedding table under LoRA (_prompt): read when a push lands, else on first use
         self._lora_ids = 0
         self._asleep = False
         # The device-memory ledger's figure (residency.DeviceGuard), from the checkpoint's tensors in the serving
