@@ -132,7 +132,8 @@ def test_the_kind_sets_the_loss(stack: Stack) -> None:
         run_job("tts-diffro", TtsJobConfig(**values, grpo={"loss": "grpo"}), Recorder())
 
 
-@pytest.mark.parametrize(("kind", "lora"), [("tts-grpo", False), ("tts-grpo+diffro", False), ("tts-grpo+diffro", True)])
+@pytest.mark.parametrize(("kind", "lora"), [("tts-grpo", False), ("tts-diffro", False), ("tts-grpo+diffro", False),
+                                           ("tts-grpo+diffro", True)])
 def test_cosyvoice2_llm_trains_through_the_services(cosyvoice2_stack: tuple[Stack, OriginalLLM], tmp_path: Path,
                                                     redis_server: RedisServer, speech: Any, kind: str,
                                                     lora: bool) -> None:
