@@ -68,7 +68,7 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # PyTorch's CPU index (PIP_EXTRA_INDEX_URL) before running this script.
 "${PIP[@]}" install "torch==2.13.0"
 # With the optional extras the tests exercise: tracing (OpenTelemetry SDK) and the experiment trackers.
-"${PIP[@]}" install -c constraints.txt -e clients -e 'services[tracing]' -e 'trainer[trackers]' -r requirements-dev.txt
+"${PIP[@]}" install -c constraints.txt -e clients -e 'services[tracing,cosyvoice2]' -e 'trainer[trackers]' -r requirements-dev.txt
 # Resemblyzer's metadata asks for the `typing` backport and the sdist-only `webrtcvad`; its real
 # dependencies (webrtcvad-wheels, librosa, scipy) come with speechrl-services.
 "${PIP[@]}" install --no-deps -c constraints.txt resemblyzer
@@ -77,6 +77,18 @@ PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 # not load beside our torch pin, and for the CLI's and self-supervised front-ends' packages (silero-vad,
 # s3prl, openai-whisper, umap-learn, hdbscan); the model classes need only torch, numpy and scipy.
 "${PIP[@]}" install --no-deps -c constraints.txt wespeaker-unofficial
+# CosyVoice's own code for the cosyvoice2 token2wav backend: cosyvoice-minicpmo 0.1.0 is upstream's
+# cosyvoice/ and matcha/ packages as of mid-2025 (flow.py, flow_matching.py and hifigan/generator.py are
+# byte-identical to FunAudioLLM/CosyVoice's, whose CosyVoice2 classes have not changed since), as a wheel:
+# CosyVoice itself is not on PyPI. Its metadata pins transformers 4.x and onnxruntime-gpu; what its flow
+# and HiFT import comes with services[cosyvoice2]. A clone of upstream on PYTHONPATH takes its place.
+"${PIP[@]}" install --no-deps -c constraints.txt cosyvoice-minicpmo==0.1.0
+# CosyVoice's modules import torchaudio at the top (kaldi fbank and resampling, pure torch code), and the
+# newest torchaudio, 2.11, has a compiled extension built for torch 2.11 that fails to load beside 2.13.
+# torchaudio runs without that extension when its library files are absent (how pex deployments work), so
+# they are removed: what needs them (its own ffmpeg/sox I/O, CTC decoders, alignment) is used by nothing here.
+"${PIP[@]}" install --no-deps -c constraints.txt torchaudio==2.11.0
+rm -f "$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"/torchaudio/lib/*.so
 # verl 0.9.1's files (config YAML, reward-loop sources), unpacked beside the venv's packages and never
 # imported: tests/service/test_adapters_verl.py composes its config and checks its calling code. Not
 # installed, because `import verl` needs ray, its wheel pins transformers<5.11, and it ships top-level

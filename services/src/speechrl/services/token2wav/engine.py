@@ -53,6 +53,8 @@ class Token2WavEngine:
 
     @staticmethod
     def _failure(error: Exception) -> ItemFailure:
+        if isinstance(error, ItemFailure):  # the backend already says what is wrong and where
+            return error
         if isinstance(error, LookupError):
             return ItemFailure(ErrorCode.UNKNOWN_SPEAKER, str(error), "speaker")
         if isinstance(error, ValueError):

@@ -33,8 +33,10 @@ class Token2WavConfig(ServerConfig):
     """Settings of the token2wav server."""
 
     backend: str = option("espeak-phonemes", "token2wav backend: espeak-phonemes (CPU, runs anywhere with "
-                                             "espeak-ng) or cosyvoice2 (flow matching + HiFT from --model-dir; GPU).")
-    model_dir: str = option("", "cosyvoice2: the local CosyVoice2 folder (cosyvoice2.yaml, flow.pt, hift.pt).")
+                                             "espeak-ng) or cosyvoice2 (flow matching + HiFT from --model-dir, "
+                                             "in each item's prompt-audio voice; a GPU, or slowly the CPU).")
+    model_dir: str = option("", "cosyvoice2: the local CosyVoice2 folder (cosyvoice2.yaml, flow.pt, hift.pt, "
+                                "campplus.onnx, speech_tokenizer_v2.onnx).")
     default_voice: str = option("en-us", "espeak-phonemes: the voice of items that name none.")
     default_rate_wpm: int = option(160, "espeak-phonemes: words per minute of items that set none.")
     max_tokens: int = option(4096, "Longest token sequence accepted per item.")
