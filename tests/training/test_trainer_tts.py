@@ -35,6 +35,7 @@ from speechrl.trainer.jobs.tts import TtsJobConfig
 from speechrl.trainer.recipes.token2reward import train as train_token2reward
 from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
 from tests.support.cosyvoice2 import OriginalLLM, build_cosyvoice2_folder, load_original
+from tests.support.cosyvoice2_token2wav import SPEECH_TOKENS, build_token2wav_folder
 from tests.support.servers import RedisServer, serve_in_thread
 from tests.support.training import Recorder, assert_lora_merged, assert_most_weights_moved
 
@@ -80,6 +81,24 @@ def cosyvoice2_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> 
             as rollout:
         yield Stack(policy, stack.corpus, stack.reward_model,
                     {**stack.endpoints, "rollout": f"127.0.0.1:{rollout.port}"}), original
+
+
+@pytest.fixture(scope="module")
+def whole_cosyvoice2_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """A whole tiny random CosyVoice2 folder (its LLM over the real 6561 speech tokens, its flow, HiFT and
+    frontend ONNX files): the LLM converted and served by a rollout service, the rest by a token2wav service
+    with the cosyvoice2 backend, beside stack's scorers."""
+    folder = tmp_path_factory.mktemp("cosyvoice2-whole") / "CosyVoice2"
+    build_cosyvoice2_folder(folder, SPEECH_TOKENS)
+    build_token2wav_folder(folder)
+    policy = Path(import_llm(folder, folder.parent / "policy"))
+    starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=str(policy), threads=1)),
+              "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port(), backend="cosyvoice2",
+                                                                   model_dir=str(folder), threads=1))}
+    with ExitStack() as servers:
+        endpoints = {name: f"127.0.0.1:{servers.enter_context(serve_in_thread(start)).port}"
+                     for name, start in starts.items()}
+        yield Stack(policy, stack.corpus, stack.reward_model, {**stack.endpoints, **endpoints})
 
 
 def job(stack: Stack, out: Path, redis_url: str, kind: str, speakers: dict[str, str] | None = None,
@@ -171,3 +190,26 @@ def test_cosyvoice2_llm_trains_through_the_services(cosyvoice2_stack: tuple[Stac
                                   speech_token_range=layout.speech_range())
     for text, result in zip(texts, served, strict=True):
         assert layout.speech_tokens(result.unwrap()[0].token_ids) == exported.greedy(layout.text_ids(text), 24)
+
+
+def test_cosyvoice2_llm_and_token2wav_train_together(whole_cosyvoice2_stack: Stack, tmp_path: Path,
+                                                     redis_server: RedisServer, speech: Any) -> None:
+    """The paper's TTS setting end to end on a tiny CosyVoice2: the LLM samples CosyVoice2 speech tokens, the
+    cosyvoice2 token2wav backend renders them in the voice of the job's prompt audio (it refuses an item
+    without one, so no render failure means every item carried its prompt), Whisper and the speaker model
+    score that audio, and two GRPO steps move the weights with the rollout version in step."""
+    stack = whole_cosyvoice2_stack
+    prompts = ",".join(str(speech.path("This is how I sound.", voice)) for voice in ("en-us", "en-gb+f3"))
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        before = rollout.get_service_status().policy_version
+    recorder = Recorder()
+    run_job("tts-grpo", job(stack, tmp_path, redis_server.url, "tts-grpo", {"prompt_audio": prompts},
+                            max_completion_length=24), recorder)
+    assert [s for s, _ in recorder.steps] == [1, 2]
+    for _, metrics in recorder.steps:
+        assert metrics["render_failures"] == 0 and metrics["completion_tokens"] > 0
+        for key in ("reward/intelligibility", "reward/speaker", "reward/duration", "reward_mean", "sim", "loss"):
+            assert math.isfinite(metrics[key]), (key, metrics.get(key))
+    assert_most_weights_moved(stack.policy, tmp_path, "step-000002")
+    with RolloutClient(stack.endpoints["rollout"]) as rollout:
+        assert rollout.get_service_status().policy_version == before + 3
