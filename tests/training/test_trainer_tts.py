@@ -92,13 +92,17 @@ def whole_cosyvoice2_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactor
     build_cosyvoice2_folder(folder, SPEECH_TOKENS)
     build_token2wav_folder(folder)
     policy = Path(import_llm(folder, folder.parent / "policy"))
+    # DiffRO's token-input ASR over the same 6561 tokens: untrained, as only the plumbing is under test.
+    reward_model = folder.parent / "t2r"
+    token2reward.save(token2reward.Token2Reward(token2reward.Token2RewardConfig(
+        num_tokens=SPEECH_TOKENS, d_model=32, layers=1, heads=2)), reward_model)
     starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=str(policy), threads=1)),
               "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port(), backend="cosyvoice2",
                                                                    model_dir=str(folder), threads=1))}
     with ExitStack() as servers:
         endpoints = {name: f"127.0.0.1:{servers.enter_context(serve_in_thread(start)).port}"
                      for name, start in starts.items()}
-        yield Stack(policy, stack.corpus, stack.reward_model, {**stack.endpoints, **endpoints})
+        yield Stack(policy, stack.corpus, reward_model, {**stack.endpoints, **endpoints})
 
 
 def job(stack: Stack, out: Path, redis_url: str, kind: str, speakers: dict[str, str] | None = None,
@@ -192,19 +196,20 @@ def test_cosyvoice2_llm_trains_through_the_services(cosyvoice2_stack: tuple[Stac
         assert layout.speech_tokens(result.unwrap()[0].token_ids) == exported.greedy(layout.text_ids(text), 24)
 
 
+@pytest.mark.parametrize("kind", ["tts-grpo", "tts-diffro", "tts-grpo+diffro"])
 def test_cosyvoice2_llm_and_token2wav_train_together(whole_cosyvoice2_stack: Stack, tmp_path: Path,
-                                                     redis_server: RedisServer, speech: Any) -> None:
+                                                     redis_server: RedisServer, speech: Any, kind: str) -> None:
     """The paper's TTS setting end to end on a tiny CosyVoice2: the LLM samples CosyVoice2 speech tokens, the
     cosyvoice2 token2wav backend renders them in the voice of the job's prompt audio (it refuses an item
     without one, so no render failure means every item carried its prompt), Whisper and the speaker model
-    score that audio, and two GRPO steps move the weights with the rollout version in step."""
+    score that audio, and two steps of each kind move the weights with the rollout version in step."""
     stack = whole_cosyvoice2_stack
     prompts = ",".join(str(speech.path("This is how I sound.", voice)) for voice in ("en-us", "en-gb+f3"))
     with RolloutClient(stack.endpoints["rollout"]) as rollout:
         before = rollout.get_service_status().policy_version
     recorder = Recorder()
-    run_job("tts-grpo", job(stack, tmp_path, redis_server.url, "tts-grpo", {"prompt_audio": prompts},
-                            max_completion_length=24), recorder)
+    run_job(kind, job(stack, tmp_path, redis_server.url, kind, {"prompt_audio": prompts}, diffro_filter=False,
+                      max_completion_length=24), recorder)
     assert [s for s, _ in recorder.steps] == [1, 2]
     for _, metrics in recorder.steps:
         assert metrics["render_failures"] == 0 and metrics["completion_tokens"] > 0
