@@ -160,3 +160,43 @@ def test_served_on_loopback_with_the_prompt_audio(folder: Path) -> None:
     assert unprompted.error.code == common_pb2.ITEM_ERROR_CODE_INVALID_AUDIO
     assert unprompted.error.field == "items[1].prompt_audio"
     assert outside.error.code == common_pb2.ITEM_ERROR_CODE_INVALID_TENSOR and "0..6560" in outside.error.message
+
+
+def test_the_recipes_request_through_a_gateway_on_the_cosyvoice2_backend(folder: Path, tmp_path: Path) -> None:
+    """docs/integrations/cosyvoice2-recipe.md's setup: token2wav on the cosyvoice2 backend, the gateway with a
+    pool of prompt speakers and the pinyin unit, reward_tts.py's own request. The random flow says nothing
+    Whisper can read, so the reward is low; what is checked is that every part ran: the recipe's reward of
+    the error rate of a transcript of audio rendered in a prompt speaker's voice. Without a pool the item
+    has no prompt and its error says so."""
+    import httpx
+
+    from speechrl.services.gateway.config import GatewayConfig
+    from speechrl.services.gateway.main import create_app
+    from speechrl.services.intelligibility.server import IntelligibilityConfig
+    from speechrl.services.intelligibility.server import start as start_intelligibility
+    from speechrl.services.ports import free_port
+    from speechrl.services.token2wav.server import Token2WavConfig, start
+    from tests.support.adapters import cosyvoice_payload
+    from tests.support.servers import serve_in_thread, uvicorn_in_thread
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "alice.wav").write_bytes(espeak_wav("This is my voice.", "en-us"))
+    payload = cosyvoice_payload(TOKENS, "please turn on the kitchen 灯")
+    replies = []
+    with serve_in_thread(lambda: start(Token2WavConfig(port=free_port(), backend="cosyvoice2",
+                                                       model_dir=str(folder)))) as t2w, \
+            serve_in_thread(lambda: start_intelligibility(IntelligibilityConfig(port=free_port()))) as asr:
+        backends = {"token2wav": f"127.0.0.1:{t2w.port}", "intelligibility": f"127.0.0.1:{asr.port}"}
+        for pool in (str(prompts), ""):
+            config = GatewayConfig(rules="", speaker="", token2wav_prompts=pool, token2wav_asr_error_unit="pinyin",
+                                   **backends)
+            with uvicorn_in_thread(create_app(config)) as url, httpx.Client(base_url=url, timeout=120) as http:
+                replies.append(http.post("/v2/models/token2wav_asr/infer", json=payload, params={"request_id": "0"}))
+    pooled, bare = replies
+    assert pooled.status_code == 200, pooled.text
+    outputs = {o["name"]: o["data"][0] for o in pooled.json()["outputs"]}
+    assert 0.0 <= outputs["REWARDS"] < 0.5 and outputs["ERROR_RATE"] > 0.5, outputs
+    assert isinstance(outputs["TRANSCRIPTS"], str) and outputs["SCORED"] is True
+    unscored = {o["name"]: o["data"][0] for o in bare.json()["outputs"]}
+    assert unscored["SCORED"] is False and "INVALID_AUDIO: cosyvoice2 needs a prompt WAV" in unscored["ERRORS"]
