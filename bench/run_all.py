@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ("scorers", "lease", "load", "peers", "trainer_step", "gpu", "demo", "asr_repro", "asr_data_repro",
+ORDER = ("scorers", "lease", "load", "peers", "trainer_step", "token2wav", "gpu", "demo", "asr_repro", "asr_data_repro",
          "tts_repro")  # demo, *_repro: written from speechrl demo's and the reproductions' runs (no bench script:
 # run_all never re-runs them)
 

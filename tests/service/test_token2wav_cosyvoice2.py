@@ -21,7 +21,7 @@ import torch
 from speechrl.services.errors import ErrorCode, ItemFailure
 from speechrl.services.token2wav.backends import BackendOptions, SynthesisItem, Waveform, load_backend
 from speechrl.services.token2wav.engine import Token2WavEngine
-from tests.support.cosyvoice2_token2wav import build_token2wav_folder
+from speechrl.services.token2wav.random_cosyvoice2 import build_token2wav_folder
 
 TOKENS = [17, 4000, 6560, 0, 321, 321, 321, 99, 1500, 2500, 3500, 4500]
 

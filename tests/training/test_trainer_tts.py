@@ -26,6 +26,7 @@ from speechrl.services.rollout.server import start as start_rollout
 from speechrl.services.speaker.server import SpeakerConfig
 from speechrl.services.speaker.server import start as start_speaker
 from speechrl.services.token2wav import token2reward
+from speechrl.services.token2wav.random_cosyvoice2 import SPEECH_TOKENS, build_token2wav_folder
 from speechrl.services.token2wav.server import Token2WavConfig
 from speechrl.services.token2wav.server import start as start_token2wav
 from speechrl.services.token2wav.tokens import VOCABULARY
@@ -35,7 +36,6 @@ from speechrl.trainer.jobs.tts import TtsJobConfig
 from speechrl.trainer.recipes.token2reward import train as train_token2reward
 from speechrl.trainer.recipes.tts_warmstart import TtsWarmStartConfig, run_tts_warmstart
 from tests.support.cosyvoice2 import OriginalLLM, build_cosyvoice2_folder, load_original
-from tests.support.cosyvoice2_token2wav import SPEECH_TOKENS, build_token2wav_folder
 from tests.support.servers import RedisServer, serve_in_thread
 from tests.support.training import Recorder, assert_lora_merged, assert_most_weights_moved
 

@@ -1,20 +1,50 @@
-"""A tiny random CosyVoice2 token2wav folder in the released checkpoint's layout.
+"""A random CosyVoice2 token2wav folder in the released checkpoint's layout, for tests and benchmarks.
 
-`build_token2wav_folder` writes what CosyVoice2-0.5B holds for token2wav: `cosyvoice2.yaml` (the released
-file's structure and classes with small sizes: the flow's encoder keeps its 512 channels, which
-CosyVoice's UpsampleConformerEncoder hard-codes; the LLM and a data-pipeline entry stay in, as in the real
-file, and would fail to build here: the backend must leave them out), `flow.pt`, `hift.pt` (keys with the
-HiFiGan wrapper's `generator.` prefix), and the two ONNX models of the zero-shot frontend with the real
-files' inputs and outputs: `campplus.onnx` (fbank [1, T, 80] -> embedding [1, 192]) and
-`speech_tokenizer_v2.onnx` (log-mel [1, 128, F] and its length -> 6561-way tokens [1, ceil(F / 4)]).
+No model hub is reachable here, so the tests (tiny sizes) and bench/token2wav.py (CosyVoice2-0.5B's
+sizes) build one. `build_token2wav_folder` writes what CosyVoice2-0.5B holds for token2wav:
+`cosyvoice2.yaml` (the released file's structure and classes at the chosen sizes; the flow's encoder
+keeps its 512 channels at any size, as CosyVoice's UpsampleConformerEncoder hard-codes them; the LLM and
+a data-pipeline entry stay in, as in the real file, and would fail to build here: the backend must
+leave them out), `flow.pt`, `hift.pt` (keys with the HiFiGan wrapper's `generator.` prefix), and the two
+ONNX models of the zero-shot frontend with the real files' inputs and outputs but a random projection
+inside: `campplus.onnx` (fbank [1, T, 80] -> embedding [1, 192]) and `speech_tokenizer_v2.onnx`
+(log-mel [1, 128, F] and its length -> 6561-way tokens [1, ceil(F / 4)]). Needs CosyVoice's code, as
+the backend does.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class Token2WavSizes:
+    """The sizes cosyvoice2.yaml sets for the flow's encoder and estimator and for HiFT."""
+
+    encoder_heads: int
+    encoder_units: int
+    encoder_blocks: int
+    estimator_channels: int
+    estimator_head_dim: int
+    estimator_blocks: int
+    estimator_mid_blocks: int
+    estimator_heads: int
+    hift_channels: int
+    hift_kernels: tuple[int, ...]
+    hift_dilations: tuple[int, ...]
+
+
+TINY = Token2WavSizes(encoder_heads=2, encoder_units=64, encoder_blocks=1, estimator_channels=32,
+                      estimator_head_dim=16, estimator_blocks=1, estimator_mid_blocks=1, estimator_heads=2,
+                      hift_channels=16, hift_kernels=(3,), hift_dilations=(1, 3))
+# CosyVoice2-0.5B's cosyvoice2.yaml.
+COSYVOICE2_05B = Token2WavSizes(encoder_heads=8, encoder_units=2048, encoder_blocks=6, estimator_channels=256,
+                                estimator_head_dim=64, estimator_blocks=4, estimator_mid_blocks=12, estimator_heads=8,
+                                hift_channels=512, hift_kernels=(3, 7, 11), hift_dilations=(1, 3, 5))
 
 CONFIG = """\
 sample_rate: 24000
@@ -46,9 +76,9 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
     pre_lookahead_len: 3
     encoder: !new:cosyvoice.transformer.upsample_encoder.UpsampleConformerEncoder
         output_size: 512
-        attention_heads: 2
-        linear_units: 64
-        num_blocks: 1
+        attention_heads: {encoder_heads}
+        linear_units: {encoder_units}
+        num_blocks: {encoder_blocks}
         dropout_rate: 0.1
         positional_dropout_rate: 0.1
         attention_dropout_rate: 0.1
@@ -75,19 +105,19 @@ flow: !new:cosyvoice.flow.flow.CausalMaskedDiffWithXvec
         estimator: !new:cosyvoice.flow.decoder.CausalConditionalDecoder
             in_channels: 320
             out_channels: 80
-            channels: [32]
+            channels: [{estimator_channels}]
             dropout: 0.0
-            attention_head_dim: 16
-            n_blocks: 1
-            num_mid_blocks: 1
-            num_heads: 2
+            attention_head_dim: {estimator_head_dim}
+            n_blocks: {estimator_blocks}
+            num_mid_blocks: {estimator_mid_blocks}
+            num_heads: {estimator_heads}
             act_fn: 'gelu'
             static_chunk_size: !ref <chunk_size> * <token_mel_ratio>
             num_decoding_left_chunks: !ref <num_decoding_left_chunks>
 
 hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     in_channels: 80
-    base_channels: 16
+    base_channels: {hift_channels}
     nb_harmonics: 8
     sampling_rate: !ref <sample_rate>
     nsf_alpha: 0.1
@@ -98,16 +128,16 @@ hift: !new:cosyvoice.hifigan.generator.HiFTGenerator
     istft_params:
         n_fft: 16
         hop_len: 4
-    resblock_kernel_sizes: [3]
-    resblock_dilation_sizes: [[1, 3]]
+    resblock_kernel_sizes: {hift_kernels}
+    resblock_dilation_sizes: {hift_resblock_dilations}
     source_resblock_kernel_sizes: [7, 7, 11]
-    source_resblock_dilation_sizes: [[1, 3], [1, 3], [1, 3]]
+    source_resblock_dilation_sizes: {hift_source_dilations}
     lrelu_slope: 0.1
     audio_limit: 0.99
     f0_predictor: !new:cosyvoice.hifigan.f0_predictor.ConvRNNF0Predictor
         num_class: 1
         in_channels: 80
-        cond_channels: 16
+        cond_channels: {hift_channels}
 
 parquet_opener: !name:cosyvoice.dataset.processor.parquet_opener
 feat_extractor: !name:matcha.utils.audio.mel_spectrogram
@@ -125,15 +155,25 @@ SPEECH_TOKENS = 6561
 SPEAKER_DIM = 192
 
 
-def build_token2wav_folder(folder: str | Path, seed: int = 0) -> Path:
+def config_text(sizes: Token2WavSizes) -> str:
+    """cosyvoice2.yaml at sizes."""
+    values = {**asdict(sizes), "hift_kernels": list(sizes.hift_kernels)}
+    dilations = [list(sizes.hift_dilations)]
+    values["hift_resblock_dilations"] = dilations * len(sizes.hift_kernels)
+    values["hift_source_dilations"] = dilations * 3  # one per upsampling stage
+    return CONFIG.format(**values)
+
+
+def build_token2wav_folder(folder: str | Path, sizes: Token2WavSizes = TINY, seed: int = 0) -> Path:
     """Write the folder with random weights (seeded); returns it."""
     from hyperpyyaml import load_hyperpyyaml
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "cosyvoice2.yaml").write_text(CONFIG)
+    text = config_text(sizes)
+    (folder / "cosyvoice2.yaml").write_text(text)
     torch.manual_seed(seed)
-    config = load_hyperpyyaml(CONFIG, overrides={name: None for name in NOT_BUILT})
+    config = load_hyperpyyaml(text, overrides={name: None for name in NOT_BUILT})
     torch.save(config["flow"].state_dict(), folder / "flow.pt")
     torch.save({f"generator.{k}": v for k, v in config["hift"].state_dict().items()}, folder / "hift.pt")
     rng = np.random.default_rng(seed)
