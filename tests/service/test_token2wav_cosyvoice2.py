@@ -132,7 +132,7 @@ def test_each_item_in_its_own_speakers_voice_and_bad_prompts_fail_alone(backend)
     assert all(isinstance(f, ItemFailure) and f.code == ErrorCode.INVALID_AUDIO and f.field == "prompt_audio"
                for f in failures), failures
     messages = [f.message for f in failures if isinstance(f, ItemFailure)]
-    assert "needs a prompt WAV" in messages[0] and "not a readable WAV" in messages[1]
+    assert "needs a prompt WAV" in messages[0] and "cannot decode audio bytes" in messages[1]
     assert "0.050 s" in messages[2] and "0.1 s to 30 s" in messages[2]
     assert "8000 Hz" in messages[3]
 

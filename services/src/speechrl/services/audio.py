@@ -31,6 +31,15 @@ class AudioInput:
 
 def decode_audio(audio: AudioInput, target_rate: int, max_seconds: float) -> np.ndarray:
     """Decode to mono float32 at target_rate. Raises ItemFailure naming what is wrong."""
+    samples, rate = decode_at_source_rate(audio, max_seconds)
+    if rate != target_rate:
+        samples = soxr.resample(samples, rate, target_rate, quality="HQ")
+    return np.ascontiguousarray(samples, dtype=np.float32)
+
+
+def decode_at_source_rate(audio: AudioInput, max_seconds: float) -> tuple[np.ndarray, int]:
+    """(mono float32 samples, their rate), checked as decode_audio checks them, for a caller that resamples in
+    its own way. Raises ItemFailure naming what is wrong."""
     if audio.encoded is not None:
         samples, rate = _decode_container(audio.encoded)
     elif audio.pcm is not None:
@@ -47,9 +56,7 @@ def decode_audio(audio: AudioInput, target_rate: int, max_seconds: float) -> np.
     seconds = samples.shape[0] / rate
     if seconds > max_seconds:
         raise ItemFailure(ErrorCode.AUDIO_TOO_LONG, f"audio is {seconds:.1f} s, over the server's max_audio_seconds of {max_seconds:g} s")
-    if rate != target_rate:
-        samples = soxr.resample(samples, rate, target_rate, quality="HQ")
-    return np.ascontiguousarray(samples, dtype=np.float32)
+    return np.ascontiguousarray(samples, dtype=np.float32), rate
 
 
 def _decode_container(data: bytes) -> tuple[np.ndarray, int]:

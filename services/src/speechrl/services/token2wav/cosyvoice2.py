@@ -17,15 +17,15 @@ model in that layout (tests/service/test_token2wav_cosyvoice2.py) against CosyVo
 from __future__ import annotations
 
 import hashlib
-import io
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import soundfile as sf
 
+from speechrl.services.audio import AudioInput, decode_at_source_rate
 from speechrl.services.errors import ErrorCode, ItemFailure
 from speechrl.services.token2wav.backends import BackendOptions, SynthesisItem, Waveform
 
@@ -114,6 +114,11 @@ class CosyVoice2Backend:
                                                providers=["CPUExecutionProvider"])
                     for name in ("campplus.onnx", "speech_tokenizer_v2.onnx")}
         self.campplus, self.speech_tokenizer = sessions["campplus.onnx"], sessions["speech_tokenizer_v2.onnx"]
+        from transformers import WhisperFeatureExtractor
+
+        # The speech tokenizer's input: Whisper's 128-bin log-mel, as whisper.log_mel_spectrogram computes it.
+        self.whisper_features = WhisperFeatureExtractor(feature_size=128, sampling_rate=TOKENIZER_RATE,
+                                                        hop_length=160, n_fft=400)
         self._prompts: dict[str, PromptFeatures] = {}  # sha1 of a prompt WAV -> its features, oldest first
 
     def modules(self) -> list[Any]:
@@ -128,8 +133,8 @@ class CosyVoice2Backend:
                                "prompt_audio")
         try:
             prompt = self.prompt_features(item.prompt_audio)
-        except ValueError as error:
-            return ItemFailure(ErrorCode.INVALID_AUDIO, str(error), "prompt_audio")
+        except ItemFailure as failure:
+            return failure.at("prompt_audio")
         return Waveform(self.render(item.tokens, prompt), self.sample_rate_hertz)
 
     def render(self, tokens: Sequence[int], prompt: PromptFeatures) -> np.ndarray:
@@ -154,7 +159,8 @@ class CosyVoice2Backend:
         return speech.squeeze(0).float().cpu().numpy()
 
     def prompt_features(self, wav: bytes) -> PromptFeatures:
-        """The features of a prompt WAV (>= 16 kHz, 0.1 s to 30 s), cached by its bytes' hash."""
+        """The features of a prompt WAV (>= 16 kHz, 0.1 s to 30 s), cached by its bytes' hash; ItemFailure when
+        the audio is not such a WAV."""
         key = hashlib.sha1(wav).hexdigest()
         if key not in self._prompts:
             self._prompts[key] = self._compute_prompt(wav)
@@ -166,17 +172,16 @@ class CosyVoice2Backend:
         import torch
         import torchaudio.functional
 
-        try:
-            samples, rate = sf.read(io.BytesIO(wav), dtype="float32", always_2d=True)  # [N, C]
-        except (sf.LibsndfileError, RuntimeError) as error:
-            raise ValueError(f"the prompt audio is not a readable WAV: {error}") from error
+        samples, rate = decode_at_source_rate(AudioInput(encoded=wav), max_seconds=math.inf)  # the range is below
         if rate < TOKENIZER_RATE:
-            raise ValueError(f"the prompt audio is {rate} Hz; cosyvoice2 needs at least {TOKENIZER_RATE} Hz")
-        speech = torch.from_numpy(samples.mean(axis=1))[None]  # [1, N]
+            raise ItemFailure(ErrorCode.INVALID_AUDIO,
+                              f"the prompt audio is {rate} Hz; cosyvoice2 needs at least {TOKENIZER_RATE} Hz")
+        speech = torch.from_numpy(samples)[None]  # [1, N]
         seconds = speech.shape[1] / rate
         if not MIN_PROMPT_SECONDS <= seconds <= MAX_PROMPT_SECONDS:
-            raise ValueError(f"the prompt audio is {seconds:.3f} s; cosyvoice2 takes {MIN_PROMPT_SECONDS} s to "
-                             f"{MAX_PROMPT_SECONDS} s (the speech tokenizer's window)")
+            raise ItemFailure(ErrorCode.INVALID_AUDIO, f"the prompt audio is {seconds:.3f} s; cosyvoice2 takes "
+                                                       f"{MIN_PROMPT_SECONDS} s to {MAX_PROMPT_SECONDS} s (the speech "
+                                                       "tokenizer's window)")
         # Resampled with torchaudio, as CosyVoice's load_wav does: the features are then the ones it trained on.
         at_16k = torchaudio.functional.resample(speech, rate, TOKENIZER_RATE) if rate != TOKENIZER_RATE else speech
         at_out = (torchaudio.functional.resample(speech, rate, self.sample_rate_hertz)
@@ -191,10 +196,7 @@ class CosyVoice2Backend:
 
     def _speech_tokens(self, speech_16k: np.ndarray) -> list[int]:
         """speech_tokenizer_v2.onnx over Whisper's 128-bin log-mel of the whole clip (no 30 s padding)."""
-        from transformers import WhisperFeatureExtractor
-
-        extractor = WhisperFeatureExtractor(feature_size=128, sampling_rate=TOKENIZER_RATE, hop_length=160, n_fft=400)
-        feats = extractor(speech_16k, sampling_rate=TOKENIZER_RATE, padding="longest",
+        feats = self.whisper_features(speech_16k, sampling_rate=TOKENIZER_RATE, padding="longest",
                           return_tensors="np").input_features.astype(np.float32)  # [1, 128, frames]
         inputs = self.speech_tokenizer.get_inputs()
         out = self.speech_tokenizer.run(None, {inputs[0].name: feats,

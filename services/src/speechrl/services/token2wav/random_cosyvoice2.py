@@ -150,7 +150,6 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     fmax: 8000
     center: False
 """
-NOT_BUILT = ("llm", "parquet_opener")  # what the real file also describes and token2wav must not build
 SPEECH_TOKENS = 6561
 SPEAKER_DIM = 192
 
@@ -166,14 +165,14 @@ def config_text(sizes: Token2WavSizes) -> str:
 
 def build_token2wav_folder(folder: str | Path, sizes: Token2WavSizes = TINY, seed: int = 0) -> Path:
     """Write the folder with random weights (seeded); returns it."""
-    from hyperpyyaml import load_hyperpyyaml
+    from speechrl.services.token2wav.cosyvoice2 import token2wav_config
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = config_text(sizes)
     (folder / "cosyvoice2.yaml").write_text(text)
     torch.manual_seed(seed)
-    config = load_hyperpyyaml(text, overrides={name: None for name in NOT_BUILT})
+    config = token2wav_config(text)  # the flow and HiFT the backend builds, at random
     torch.save(config["flow"].state_dict(), folder / "flow.pt")
     torch.save({f"generator.{k}": v for k, v in config["hift"].state_dict().items()}, folder / "hift.pt")
     rng = np.random.default_rng(seed)
