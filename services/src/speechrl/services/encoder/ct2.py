@@ -38,9 +38,8 @@ import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ctranslate2
 import numpy as np
 import torch
 from safetensors.torch import load_file
@@ -54,6 +53,11 @@ from speechrl.services.encoder.model import (
     AudioEncoderModel,
     save_adaptor,
 )
+
+# ctranslate2 itself is imported where a model is loaded or run: the folder helpers here are also what the
+# Hugging Face speech-LLM policies import (trainer.models.asr_policy), and those must load without it.
+if TYPE_CHECKING:
+    import ctranslate2
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +196,8 @@ class CT2WhisperEncoderModel(AudioEncoderModel):
     @torch.inference_mode()
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """[B, mel bins, F] features (F even, <= 3000) -> [B, ceil(F / 2 / k), D] embeddings."""
+        import ctranslate2
+
         array = np.ascontiguousarray(features.float().cpu().numpy())  # [B, n_mels, F]
         # to_cpu: the output crosses to torch through numpy; on a GPU this copies [B, F/2, C] once.
         hidden = np.asarray(self.whisper.encode(ctranslate2.StorageView.from_array(array), to_cpu=True))  # [B, F/2, C]
@@ -232,6 +238,8 @@ def load_ct2_encoder(folder: str | Path, device: str = "cpu", dtype: str = "floa
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"encoder front-end folder {folder} does not exist")
+    import ctranslate2
+
     settings = CT2EncoderSettings.load(folder)
     whisper_path = resolve_whisper_path(folder, settings)
     kind, _, index = device.partition(":")
