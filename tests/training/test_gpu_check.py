@@ -1,5 +1,6 @@
 """bench/gpu.py, the GPU check, runs its whole plan at tiny sizes on the CPU (so a lent GPU's minutes go
-to measuring, not to fixing it), and its check fails when an offload leaves memory behind."""
+to measuring, not to fixing it), also as bench/gpu_device.sh runs it on a lent machine's bare image, and
+its check fails when an offload leaves memory behind."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,3 +51,14 @@ def test_the_check_fails_when_an_offload_leaves_memory_behind() -> None:
     table, passed = bench.report(leaky, "cpu")
     assert not passed and "FAILED" in table
     assert bench.GPU_SIZES.policy_layers == 24 and bench.GPU_SIZES.vocab == 151_936  # Qwen2-0.5B's shape
+
+
+@pytest.mark.slow
+def test_the_device_run_needs_only_the_lent_machines_packages_and_the_carried_wheels() -> None:
+    """bench/gpu_device.sh rehearse: `run --check` in a venv holding only the lent machines' packages plus
+    the wheels `wheels` downloads, so an import the image lacks and the wheels do not carry fails here,
+    not in a GPU session's few minutes. It needs the package registry (a venv of torch and friends)."""
+    done = subprocess.run(["bash", "bench/gpu_device.sh", "rehearse"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Check (sequenced peak within 15% of the largest phase and below all resident): passed" in done.stdout
