@@ -14,8 +14,9 @@
 #                                                RESULTS.md (bench/run_all.py --skip every other benchmark)
 #   bash bench/gpu_device.sh rehearse           here: a venv holding only the image's packages (torch 2.13 CPU
 #                                                in place of its CUDA build; TORCH=2.11.0 for the image's own),
-#                                                the wheels for this Python, then `run --check` in it: a
-#                                                missing wheel fails here, not there
+#                                                the wheels for this Python, then `run --check` in it, cut off
+#                                                from the network where unshare allows: a missing wheel fails
+#                                                here, not there
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,7 +80,12 @@ rehearse() {  # TORCH=2.11.0 for the image's own torch: its CUDA build (GBs of d
   WHEELS=/tmp/gpu-rehearsal-wheels
   wheels "$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   rm -rf /tmp/site /tmp/gpu-rehearsal-out
-  PYTHON="$venv/bin/python" OUT=/tmp/gpu-rehearsal-out run --check
+  export PYTHON="$venv/bin/python" OUT=/tmp/gpu-rehearsal-out
+  if command -v ip >/dev/null && unshare -n true 2>/dev/null; then  # no network but loopback, as on the lent machine
+    unshare -n bash -c 'ip link set lo up && exec bash bench/gpu_device.sh run --check'
+  else
+    run --check
+  fi
 }
 
 case "${1:-}" in
