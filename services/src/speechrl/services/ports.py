@@ -5,13 +5,27 @@ from speechrl.client.ports import DEFAULT_PORTS
 __all__ = ["DEFAULT_PORTS", "free_port", "port_answers", "port_holder"]
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port on loopback that nothing listens on right now (for tests and benchmarks)."""
+    """A TCP port on loopback that nothing listens on right now, and that this process was never handed
+    before (for tests and benchmarks).
+
+    Never twice, because gRPC shares one subchannel per address among all of a process's channels: a
+    channel still open to an earlier server on that port, now in reconnect backoff, makes every new
+    channel to a new server there fail at once with "Connection refused". The kernel alone repeats a
+    port within a few hundred calls, fewer than a test run makes.
+    """
     import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def port_answers(port: int, host: str = "127.0.0.1") -> bool:
