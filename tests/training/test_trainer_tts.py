@@ -26,7 +26,8 @@ from speechrl.services.rollout.server import start as start_rollout
 from speechrl.services.speaker.server import SpeakerConfig
 from speechrl.services.speaker.server import start as start_speaker
 from speechrl.services.token2wav import token2reward
-from speechrl.services.token2wav.random_cosyvoice2 import SPEECH_TOKENS, build_token2wav_folder
+from speechrl.services.token2wav.cosyvoice2 import CosyVoice2Backend
+from speechrl.services.token2wav.random_cosyvoice2 import build_token2wav_folder
 from speechrl.services.token2wav.server import Token2WavConfig
 from speechrl.services.token2wav.server import start as start_token2wav
 from speechrl.services.token2wav.tokens import VOCABULARY
@@ -89,13 +90,13 @@ def whole_cosyvoice2_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactor
     frontend ONNX files): the LLM converted and served by a rollout service, the rest by a token2wav service
     with the cosyvoice2 backend, beside stack's scorers."""
     folder = tmp_path_factory.mktemp("cosyvoice2-whole") / "CosyVoice2"
-    build_cosyvoice2_folder(folder, SPEECH_TOKENS)
+    build_cosyvoice2_folder(folder, CosyVoice2Backend.num_tokens)
     build_token2wav_folder(folder)
     policy = Path(import_llm(folder, folder.parent / "policy"))
     # DiffRO's token-input ASR over the same 6561 tokens: untrained, as only the plumbing is under test.
     reward_model = folder.parent / "t2r"
     token2reward.save(token2reward.Token2Reward(token2reward.Token2RewardConfig(
-        num_tokens=SPEECH_TOKENS, d_model=32, layers=1, heads=2)), reward_model)
+        num_tokens=CosyVoice2Backend.num_tokens, d_model=32, layers=1, heads=2)), reward_model)
     starts = {"rollout": lambda: start_rollout(RolloutConfig(port=free_port(), model_path=str(policy), threads=1)),
               "token2wav": lambda: start_token2wav(Token2WavConfig(port=free_port(), backend="cosyvoice2",
                                                                    model_dir=str(folder), threads=1))}

@@ -197,7 +197,7 @@ class CosyVoice2Backend:
     def _speech_tokens(self, speech_16k: np.ndarray) -> list[int]:
         """speech_tokenizer_v2.onnx over Whisper's 128-bin log-mel of the whole clip (no 30 s padding)."""
         feats = self.whisper_features(speech_16k, sampling_rate=TOKENIZER_RATE, padding="longest",
-                          return_tensors="np").input_features.astype(np.float32)  # [1, 128, frames]
+                                      return_tensors="np").input_features.astype(np.float32)  # [1, 128, frames]
         inputs = self.speech_tokenizer.get_inputs()
         out = self.speech_tokenizer.run(None, {inputs[0].name: feats,
                                                inputs[1].name: np.array([feats.shape[2]], dtype=np.int32)})[0]

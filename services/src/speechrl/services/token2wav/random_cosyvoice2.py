@@ -20,6 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from speechrl.services.token2wav.cosyvoice2 import CosyVoice2Backend, token2wav_config
+
 
 @dataclass(frozen=True)
 class Token2WavSizes:
@@ -150,7 +152,6 @@ feat_extractor: !name:matcha.utils.audio.mel_spectrogram
     fmax: 8000
     center: False
 """
-SPEECH_TOKENS = 6561
 SPEAKER_DIM = 192
 
 
@@ -165,8 +166,6 @@ def config_text(sizes: Token2WavSizes) -> str:
 
 def build_token2wav_folder(folder: str | Path, sizes: Token2WavSizes = TINY, seed: int = 0) -> Path:
     """Write the folder with random weights (seeded); returns it."""
-    from speechrl.services.token2wav.cosyvoice2 import token2wav_config
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     text = config_text(sizes)
@@ -198,7 +197,7 @@ def _save_speech_tokenizer(path: Path, rng: np.random.Generator) -> None:
     """Every fourth log-mel frame's argmax over a random projection: 100 frames/s -> 25 tokens/s."""
     from onnx import TensorProto, helper, numpy_helper, save
 
-    constants = [numpy_helper.from_array(rng.normal(0, 1, (128, SPEECH_TOKENS)).astype(np.float32), "weight"),
+    constants = [numpy_helper.from_array(rng.normal(0, 1, (128, CosyVoice2Backend.num_tokens)).astype(np.float32), "weight"),
                  *(numpy_helper.from_array(np.array([value], dtype=np.int64), name)
                    for name, value in (("start", 0), ("end", 2**31 - 1), ("axis", 1), ("step", 4)))]
     graph = helper.make_graph(
