@@ -32,17 +32,9 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from speechrl.adapters.common import (
-    CallPolicy,
-    IntelligibilityScorer,
-    Outcome,
-    RulesScorer,
-    RuleWeights,
-    parse_speech_tokens,
-    run_sync,
-    speech_from_tokens,
-    token2wav_service,
-)
+from speechrl.adapters.inputs import parse_speech_tokens
+from speechrl.adapters.scoring import CallPolicy, IntelligibilityScorer, Outcome, RulesScorer, RuleWeights, run_sync
+from speechrl.adapters.token2wav import speech_from_tokens, token2wav_service
 from speechrl.client import AsyncToken2WavClient
 
 ENV_PREFIX = "SPEECHRL_OPENRLHF_"

@@ -32,23 +32,18 @@ import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from speechrl.adapters.common import (
+from speechrl.adapters.inputs import as_audio, as_speaker_reference, completion_text, parse_speech_tokens
+from speechrl.adapters.scoring import (
     CallPolicy,
     IntelligibilityScorer,
     Outcome,
     RulesScorer,
     RuleWeights,
     SpeakerScorer,
-    Token2Wav,
-    as_audio,
-    as_speaker_reference,
-    completion_text,
-    is_async_callable,
     log_failures,
-    parse_speech_tokens,
     run_sync,
-    speech_from_tokens,
 )
+from speechrl.adapters.token2wav import Token2Wav, is_async_callable, speech_from_tokens
 from speechrl.client import AudioLike
 
 # Keyword arguments TRL adds itself; everything else in kwargs is a dataset column.

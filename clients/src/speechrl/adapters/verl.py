@@ -49,23 +49,19 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from speechrl.adapters.common import (
-    SPEECH_TOKEN,
+from speechrl.adapters.inputs import SPEECH_TOKEN, as_speaker_reference, parse_speech_tokens
+from speechrl.adapters.scoring import (
     CallPolicy,
     IntelligibilityScorer,
     Outcome,
     RulesScorer,
     RuleWeights,
     SpeakerScorer,
-    Token2Wav,
-    as_speaker_reference,
     failed,
-    load_callable,
     log_failures,
-    parse_speech_tokens,
     run_sync,
-    speech_from_tokens,
 )
+from speechrl.adapters.token2wav import Token2Wav, load_callable, speech_from_tokens
 from speechrl.client import RetryPolicy
 
 log = logging.getLogger("speechrl.adapters")

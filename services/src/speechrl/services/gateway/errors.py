@@ -14,7 +14,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
-from speechrl.adapters.common import Token2WavNotConfigured
+from speechrl.adapters.token2wav import Token2WavNotConfigured
 from speechrl.client import ServiceError
 from speechrl.services.gateway.inflight import TooBusy
 

@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from speechrl.adapters.common import token2wav_service
+from speechrl.adapters.token2wav import token2wav_service
 from speechrl.services import __version__
 from speechrl.services.auth import OPEN_HTTP_PATHS, BearerAuthMiddleware, TokenStore
 from speechrl.services.gateway import ui

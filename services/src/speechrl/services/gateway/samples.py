@@ -12,8 +12,9 @@ from typing import Annotated
 
 from fastapi import Depends, Query, Request
 
-from speechrl.adapters.common import RuleWeights, parse_speech_tokens
+from speechrl.adapters.inputs import parse_speech_tokens
 from speechrl.adapters.openrlhf import RULE_COMPONENTS, SPEECH_COMPONENTS, text_of
+from speechrl.adapters.scoring import RuleWeights
 from speechrl.services.gateway import scoring
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.deps import Scorers

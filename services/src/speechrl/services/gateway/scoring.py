@@ -1,7 +1,7 @@
 """Scoring behind the trainer-protocol routes (OpenRLHF, KServe v2): per-item outcomes with one policy.
 
 The routes give plain lists (hypotheses, audios, speech tokens); this module calls the gateway's
-shared SDK clients through the adapters' scorers (`speechrl.adapters.common`), so that the local
+shared SDK clients through the adapters' scorers (`speechrl.adapters.scoring`), so that the local
 checks, the per-item errors and the failure policy are the same as in the TRL and verl adapters:
 
 - an item that cannot be scored gets `adapter_failure_reward` (0.0), `scored = False` and its reason;
@@ -9,7 +9,7 @@ checks, the per-item errors and the failure policy are the same as in the TRL an
   `adapter_scorer_errors = "http"`, raises ServiceError so the reply is 429 / 503 / 504;
 - speech tokens need the app's token2wav hook (`app.state.token2wav`, a `Token2Wav` callable): the
   gateway attaches one that calls the token2wav service when `token2wav` has endpoints
-  (`speechrl.adapters.common.token2wav_service`); without either the reply is 503 "token2wav backend not configured".
+  (`speechrl.adapters.token2wav.token2wav_service`); without either the reply is 503 "token2wav backend not configured".
 """
 
 from __future__ import annotations
@@ -21,18 +21,17 @@ from typing import Any
 
 from starlette.datastructures import State
 
-from speechrl.adapters.common import (
+from speechrl.adapters.inputs import SpeakerReferenceLike
+from speechrl.adapters.scoring import (
     CallPolicy,
     IntelligibilityScorer,
     Outcome,
     RulesScorer,
     RuleWeights,
-    SpeakerReferenceLike,
     SpeakerScorer,
-    Token2Wav,
     log_failures,
-    speech_from_tokens,
 )
+from speechrl.adapters.token2wav import Token2Wav, speech_from_tokens
 from speechrl.client import AudioLike, ServiceError
 from speechrl.services.gateway.config import GatewayConfig
 from speechrl.services.gateway.deps import Scorers

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from starlette.datastructures import State
 
-from speechrl.adapters.common import Outcome, RuleWeights
+from speechrl.adapters.scoring import Outcome, RuleWeights
 from speechrl.client import AudioLike
 from speechrl.services.gateway import scoring
 from speechrl.services.gateway.config import GatewayConfig

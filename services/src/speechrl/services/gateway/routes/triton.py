@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from speechrl.adapters.common import Token2WavNotConfigured
+from speechrl.adapters.token2wav import Token2WavNotConfigured
 from speechrl.client import ServiceError
 from speechrl.services import __version__
 from speechrl.services.gateway.deps import ConfigDep, Scorers, ScorersDep

@@ -1,14 +1,10 @@
-"""What every trainer adapter shares: the call policy, scorers bound to the running event loop,
-and the helpers that turn a trainer's values (completions, dataset cells, speech tokens) into ours.
+"""The scorers as every trainer adapter calls them: a call policy, one client per event loop, and one
+`Outcome` per item.
 
-One async core: each scorer below has an `async score(...)` that returns one `Outcome` per item and
-never raises for a scorer failure (unless the policy asks it to); the sync faces in `trl` and `verl`
-run it on the client SDK's background loop (`run_sync`).
+One async core: each scorer's `async score(...)` returns one `Outcome` per item and never raises for
+a scorer failure (unless the policy asks it to); the sync faces in `trl` and `verl` run it on the
+client SDK's background loop (`run_sync`). The gateway scores through the same classes.
 
->>> parse_speech_tokens("<|s_12|><|s_7|> <|s_0|>")
-[12, 7, 0]
->>> completion_text([{"role": "assistant", "content": "turn on the light"}])
-'turn on the light'
 >>> Outcome(None, error="EMPTY_TEXT: reference is empty").reward_or(0.0)
 0.0
 """
@@ -16,28 +12,20 @@ run it on the client SDK's background loop (`run_sync`).
 from __future__ import annotations
 
 import asyncio
-import functools
-import importlib
-import inspect
 import logging
-import re
 import weakref
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-import numpy as np
-
+from speechrl.adapters.inputs import SpeakerReferenceLike
 from speechrl.client import (
     AsyncIntelligibilityClient,
     AsyncRuleRewardsClient,
     AsyncSpeakerClient,
-    AsyncToken2WavClient,
     AudioLike,
-    ItemFailedError,
     RetryPolicy,
     ServiceError,
-    SpeakerId,
 )
 from speechrl.client.scorers import AsyncClient
 from speechrl.client.sync import _LoopThread
@@ -49,9 +37,6 @@ C = TypeVar("C", bound=AsyncClient)
 
 DEFAULT_ADAPTER_TIMEOUT_S = 30.0
 """Deadline of one scorer call from an adapter, retries and backoff included."""
-
-SPEECH_TOKEN = re.compile(r"<\|s_(\d+)\|>")
-"""A CosyVoice-style speech token in decoded text, e.g. <|s_1234|>."""
 
 
 @dataclass(frozen=True)
@@ -184,13 +169,21 @@ class _Scorer(Generic[C]):
                 raise
             return f"{what} call failed: {exc}"
 
+    async def _outcomes(self, what: str, call: Callable[[C], Awaitable[list[Outcome]]], count: int,
+                        local: dict[int, str], sent: list[int]) -> list[Outcome]:
+        """Outcomes in item order: the items refused locally, and the `sent` ones through one call."""
+        return _merge(count, local, sent, await self._call(what, call) if sent else [])
+
     async def aclose(self) -> None:
         await self.clients.aclose()
 
 
-def _item_error(result: Any) -> str:
+def _outcome(result: Any, from_score: Callable[[Any], Outcome]) -> Outcome:
+    """One item's Outcome: from its score, or failed with the scorer's error for the item."""
+    if result.score is not None:
+        return from_score(result.score)
     error = result.error
-    return f"{error.code}: {error.message}" + (f" ({error.field})" if error.field else "")
+    return failed(f"{error.code}: {error.message}" + (f" ({error.field})" if error.field else ""))
 
 
 def _split_missing(audios: Sequence[Any], references: Sequence[Any], local_errors: Mapping[int, str] | None,
@@ -238,8 +231,6 @@ class RulesScorer(_Scorer[AsyncRuleRewardsClient]):
         count = len(hypotheses)
         local = {i: "no reference text for this item" for i, r in enumerate(references) if r is None}
         sent = [i for i in range(count) if i not in local]
-        if not sent:
-            return _merge(count, local, sent, [])
         kws = [list(keywords[i]) if keywords is not None else [] for i in sent]
         langs = [languages[i] if languages is not None else "" for i in sent]
 
@@ -248,15 +239,12 @@ class RulesScorer(_Scorer[AsyncRuleRewardsClient]):
                                          keywords=kws, language=langs, accuracy_weight=self.weights.accuracy,
                                          hallucination_weight=self.weights.hallucination,
                                          keyword_weight=self.weights.keyword)
-            return [_rule_outcome(r) for r in results]
+            return [_outcome(r, _rule_outcome) for r in results]
 
-        return _merge(count, local, sent, await self._call("rules", call))
+        return await self._outcomes("rules", call, count, local, sent)
 
 
-def _rule_outcome(result: Any) -> Outcome:
-    if result.score is None:
-        return failed(_item_error(result))
-    s = result.score
+def _rule_outcome(s: Any) -> Outcome:
     return Outcome(s.total, {"wer": s.wer, "accuracy": s.accuracy_reward, "hallucination": s.hallucination_reward,
                              "keyword": s.keyword_reward})
 
@@ -280,26 +268,18 @@ class IntelligibilityScorer(_Scorer[AsyncIntelligibilityClient]):
                     languages: Sequence[str] | None = None, local_errors: Mapping[int, str] | None = None) -> list[Outcome]:
         count = len(audios)
         local, sent = _split_missing(audios, references, local_errors, "no reference text for this item")
-        if not sent:
-            return _merge(count, local, sent, [])
 
         async def call(client: AsyncIntelligibilityClient) -> list[Outcome]:
             results = await client.score([audios[i] for i in sent], [str(references[i]) for i in sent],  # type: ignore[misc]
                                          language=[languages[i] if languages else "" for i in sent],
                                          reward_mapping=self.reward_mapping, error_unit=self.error_unit)
-            return [_intelligibility_outcome(r) for r in results]
+            return [_outcome(r, _intelligibility_outcome) for r in results]
 
-        return _merge(count, local, sent, await self._call("intelligibility", call))
+        return await self._outcomes("intelligibility", call, count, local, sent)
 
 
-def _intelligibility_outcome(result: Any) -> Outcome:
-    if result.score is None:
-        return failed(_item_error(result))
-    s = result.score
+def _intelligibility_outcome(s: Any) -> Outcome:
     return Outcome(s.reward, {"wer": s.wer, "cer": s.cer, "error_rate": s.error_rate}, {"transcript": s.transcript})
-
-
-SpeakerReferenceLike = AudioLike | np.ndarray | SpeakerId
 
 
 class SpeakerScorer(_Scorer[AsyncSpeakerClient]):
@@ -316,177 +296,16 @@ class SpeakerScorer(_Scorer[AsyncSpeakerClient]):
                     local_errors: Mapping[int, str] | None = None) -> list[Outcome]:
         count = len(audios)
         local, sent = _split_missing(audios, references, local_errors, "no reference voice for this item")
-        if not sent:
-            return _merge(count, local, sent, [])
 
         async def call(client: AsyncSpeakerClient) -> list[Outcome]:
             results = await client.score([audios[i] for i in sent], [references[i] for i in sent],  # type: ignore[misc]
                                          reward_mapping=self.reward_mapping)
-            return [_speaker_outcome(r) for r in results]
+            return [_outcome(r, _speaker_outcome) for r in results]
 
-        return _merge(count, local, sent, await self._call("speaker", call))
-
-
-def _speaker_outcome(result: Any) -> Outcome:
-    if result.score is None:
-        return failed(_item_error(result))
-    return Outcome(result.score.reward, {"cosine": result.score.cosine})
+        return await self._outcomes("speaker", call, count, local, sent)
 
 
-# ---- turning a trainer's values into ours ----
+def _speaker_outcome(s: Any) -> Outcome:
+    return Outcome(s.reward, {"cosine": s.cosine})
 
-def completion_text(completion: Any) -> str:
-    """The text of a TRL completion: a string, or conversational messages (the assistant's content)."""
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, Mapping):
-        return _content_text(completion.get("content", ""))
-    if isinstance(completion, Sequence):
-        messages = [m for m in completion if isinstance(m, Mapping)]
-        assistant = [m for m in messages if m.get("role", "assistant") == "assistant"] or messages
-        return "".join(_content_text(m.get("content", "")) for m in assistant)
-    raise TypeError(f"cannot read text from a completion of type {type(completion).__name__}")
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str):
-        return content
-    if isinstance(content, Sequence):  # multimodal parts: [{"type": "text", "text": ...}, ...]
-        return "".join(p.get("text", "") for p in content if isinstance(p, Mapping) and p.get("type") == "text")
-    return str(content)
-
-
-def parse_speech_tokens(text: str) -> list[int]:
-    """Speech token ids from decoded text, as CosyVoice's GRPO recipe writes them (<|s_N|>)."""
-    return [int(n) for n in SPEECH_TOKEN.findall(text)]
-
-
-def as_audio(value: Any) -> AudioLike | None:
-    """Audio from a dataset cell: path, bytes, (array, rate), or a Hugging Face datasets Audio dict.
-
-    >>> as_audio({"array": np.zeros(4), "sampling_rate": 16000})[1]
-    16000
-    """
-    if value is None:
-        return None
-    if isinstance(value, Mapping):
-        if value.get("array") is not None:
-            return (np.asarray(value["array"], dtype=np.float32), int(value["sampling_rate"]))
-        if value.get("bytes"):
-            return bytes(value["bytes"])
-        if value.get("path"):
-            return str(value["path"])
-        raise ValueError(f"audio dict needs 'array' + 'sampling_rate', 'bytes' or 'path'; got keys {sorted(value)}")
-    if isinstance(value, list) and len(value) == 2 and isinstance(value[1], int):
-        return (np.asarray(value[0], dtype=np.float32), value[1])
-    return value  # type: ignore[no-any-return]
-
-
-def as_speaker_reference(value: Any) -> SpeakerReferenceLike | None:
-    """A reference voice from a dataset cell: audio (see as_audio), an embedding, or a SpeakerId."""
-    if isinstance(value, (np.ndarray, SpeakerId)):
-        return value
-    return as_audio(value)
-
-
-# ---- speech tokens -> audio (the token2wav step, a pluggable callable) ----
-
-Token2WavOutput = AudioLike | Exception | None
-Token2Wav = Callable[[list[list[int]]], Sequence[Token2WavOutput] | Awaitable[Sequence[Token2WavOutput]]]
-"""Turns speech-token sequences into audio, one per sequence, sync or async; where it could not, None
-or the exception that says why (e.g. the token2wav service's per-item error)."""
-
-
-class Token2WavNotConfigured(RuntimeError):
-    """Speech tokens must become audio before they can be scored, and no token2wav step was given."""
-
-    def __init__(self, where: str):
-        super().__init__(
-            f"token2wav backend not configured: {where} got speech tokens (<|s_N|>) but has no token2wav callable "
-            "to turn them into audio. Pass token2wav=<callable taking list[list[int]] and returning one audio "
-            "(path, WAV bytes or (samples, rate)) per sequence>, e.g. your CosyVoice flow + HiFT decoder, or "
-            "SpeechRL's token2wav service (`speechrl serve token2wav`; the gateway's `token2wav` setting).")
-
-
-def is_async_callable(fn: Any) -> bool:
-    """Whether calling fn gives a coroutine: async functions, partials of them, objects with async __call__."""
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
-
-
-def load_callable(spec: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
-    """A callable given itself or as "package.module:function" (what a YAML config can hold)."""
-    if spec is None or callable(spec):
-        return spec
-    module, sep, name = spec.partition(":")
-    if not sep or not module or not name:
-        raise ValueError(f"give a callable as 'package.module:function', got {spec!r}")
-    target = getattr(importlib.import_module(module), name)
-    if not callable(target):
-        raise TypeError(f"{spec} is not callable")
-    return target  # type: ignore[no-any-return]
-
-
-def token2wav_service(client: AsyncToken2WavClient,
-                      prompt_audio: Callable[[int], Sequence[AudioLike]] | None = None) -> Token2Wav:
-    """A token2wav hook backed by the token2wav service: one Synthesize call per batch, each item with
-    a prompt speaker from prompt_audio(count) when given (CosyVoice2 needs one; espeak ignores it).
-
-    An item the service could not render comes back as the exception that says why, so the reply's
-    per-item error names the service's reason (e.g. ids out of range), not just "no audio".
-    """
-
-    async def render(token_lists: list[list[int]]) -> list[Token2WavOutput]:
-        prompts = None if prompt_audio is None else list(prompt_audio(len(token_lists)))
-        results = await client.synthesize(token_lists, prompt_audio=prompts)
-        return [r.wav if r.error is None else ItemFailedError(f"{r.error.code}: {r.error.message}") for r in results]
-
-    return render
-
-
-async def speech_from_tokens(token2wav: Token2Wav | None, token_lists: Sequence[Sequence[int]],
-                             where: str, *, reraise: tuple[type[Exception], ...] = ()
-                             ) -> tuple[list[AudioLike | None], dict[int, str]]:
-    """Audio for each token sequence (None where empty or failed) and the reasons per failed item.
-
-    A sync token2wav runs in a worker thread so that it does not stall the event loop. A failing
-    token2wav costs its items, unless its exception is one of `reraise` (a caller whose failure
-    policy answers an outage with an error, not with failure rewards).
-    Raises Token2WavNotConfigured when there are tokens and no token2wav.
-    """
-    errors = {i: "no speech tokens (<|s_N|>) in the completion" for i, t in enumerate(token_lists) if not t}
-    todo = [i for i in range(len(token_lists)) if i not in errors]
-    audios: list[AudioLike | None] = [None] * len(token_lists)
-    if not todo:
-        return audios, errors
-    if token2wav is None:
-        raise Token2WavNotConfigured(where)
-    batch = [list(token_lists[i]) for i in todo]
-    try:
-        if is_async_callable(token2wav):
-            produced = await token2wav(batch)  # type: ignore[misc]
-        else:
-            produced = await asyncio.to_thread(token2wav, batch)
-            if inspect.isawaitable(produced):
-                produced = await produced
-    except Exception as exc:  # a failing vocoder costs its items, never the step (unless reraise)
-        if isinstance(exc, reraise):
-            raise
-        for i in todo:
-            errors[i] = f"token2wav failed: {type(exc).__name__}: {exc}"
-        return audios, errors
-    produced = list(produced)  # type: ignore[arg-type]
-    if len(produced) != len(todo):
-        for i in todo:
-            errors[i] = f"token2wav returned {len(produced)} audios for {len(todo)} token sequences"
-        return audios, errors
-    for i, audio in zip(todo, produced, strict=True):
-        if isinstance(audio, Exception):
-            errors[i] = f"token2wav failed: {audio}"
-            continue
-        audios[i] = as_audio(audio)
-        if audio is None:
-            errors[i] = "token2wav produced no audio"
-    return audios, errors
 
