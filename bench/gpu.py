@@ -49,7 +49,7 @@ import transformers
 from transformers import Qwen2Config, Qwen2ForCausalLM, WhisperConfig, WhisperForConditionalGeneration
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_section
+from sections import write_section
 
 from speechrl.services.encoder.model import AudioEncoderModel, load_audio_encoder
 from speechrl.services.encoder.tiny import build_tiny_encoder

@@ -21,7 +21,7 @@ import time
 import redis.asyncio as aioredis
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import percentile, write_section
+from sections import percentile, write_section
 
 from speechrl.services.lease import GpuLease, LeaseSettings
 from speechrl.services.lease.lease import device_prefix

@@ -33,7 +33,7 @@ import httpx
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import percentile, write_section
+from sections import percentile, write_section
 
 from speechrl.services.ports import free_port
 from speechrl.v1 import (

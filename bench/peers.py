@@ -49,7 +49,6 @@ from unittest import mock
 import psutil
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import RESULTS_DIR, percentile, write_section
 from load import http_ready, serve
 from peers_serving import COMPARED, MAX_BATCH_SIZE, MAX_WAIT_S, SCORER_NAMES
 from peers_stacks import (
@@ -69,6 +68,7 @@ from scorers import (
     alternating_medians,
     as_a_stack_client,
 )
+from sections import RESULTS_DIR, percentile, write_section
 
 from speechrl.services.ports import free_port
 from speechrl.services.stack import service_env

@@ -56,8 +56,8 @@ import grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_section
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from sections import write_section
 
 from speechrl.client import (
     AsyncIntelligibilityClient,

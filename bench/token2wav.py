@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_section
+from sections import write_section
 
 from speechrl.services.token2wav.backends import BackendOptions, SynthesisItem, Token2WavBackend, load_backend
 from speechrl.services.token2wav.random_cosyvoice2 import COSYVOICE2_05B, build_token2wav_folder

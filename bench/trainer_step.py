@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import write_section
+from sections import write_section
 
 PHASES = ("encode", "rollout", "score", "update", "sync")
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmarks: the machine description and writing a result section."""
+"""Writing a benchmark's result section: the machine it ran on, the latency percentiles it reports."""
 
 from __future__ import annotations
 
