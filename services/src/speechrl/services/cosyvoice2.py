@@ -59,8 +59,6 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
-from speechrl.services.rollout.backends import safetensors_files
-
 ARCHITECTURE = "CosyVoice2ForCausalLM"
 # The head bias of ids CosyVoice2 cannot emit (text, sos, task_id): their probability underflows to 0
 # exactly, as if the head had no such rows. Finite, not -inf: entropy's sum of p * logit would be
@@ -227,7 +225,10 @@ def export_llm(folder: str | Path, out: str | Path) -> str:
     """Write a converted (or trained) folder back as CosyVoice2's llm.pt at out; returns out."""
     layout = CosyVoice2Layout.load(folder)
     tensors: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(Path(folder)):
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder} has no .safetensors file to export")
+    for path in files:
         with safe_open(str(path), framework="pt") as f:
             tensors.update({k: f.get_tensor(k) for k in f.keys()})
     embedding, head, bias = tensors.pop("model.embed_tokens.weight"), tensors.pop("lm_head.weight"), \
