@@ -26,7 +26,7 @@ from speechrl.services.rollout.server import start as start_rollout
 from speechrl.services.speaker.server import SpeakerConfig
 from speechrl.services.speaker.server import start as start_speaker
 from speechrl.services.token2wav import token2reward
-from speechrl.services.token2wav.cosyvoice2 import CosyVoice2Backend
+from speechrl.services.token2wav.backends.cosyvoice2 import CosyVoice2Backend
 from speechrl.services.token2wav.random_cosyvoice2 import build_token2wav_folder
 from speechrl.services.token2wav.server import Token2WavConfig
 from speechrl.services.token2wav.server import start as start_token2wav

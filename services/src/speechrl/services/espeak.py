@@ -1,4 +1,4 @@
-"""Real speech from espeak-ng, for tests, the demo and generated data sets (no audio is committed).
+"""espeak-ng: finding it, and real speech from it for tests, the demo and generated data sets (no audio is committed).
 
 >>> synth = EspeakSynthesizer(Path(tempfile.mkdtemp()))  # doctest: +SKIP
 >>> synth.wav("hello world", voice="en-gb")[:4]           # doctest: +SKIP
@@ -14,12 +14,19 @@ import tempfile  # noqa: F401 - used by the docstring example
 from pathlib import Path
 
 
+def espeak_binary() -> str:
+    """The path of espeak-ng, or a RuntimeError that says how to install it."""
+    path = shutil.which("espeak-ng")
+    if path is None:
+        raise RuntimeError("espeak-ng is not installed: run scripts/bootstrap.sh (apt-get install espeak-ng)")
+    return path
+
+
 class EspeakSynthesizer:
     """Speaks text with an espeak-ng voice into 22.05 kHz mono WAV files, cached by their settings."""
 
     def __init__(self, cache_dir: Path):
-        if shutil.which("espeak-ng") is None:
-            raise RuntimeError("espeak-ng is not installed: run scripts/bootstrap.sh (apt-get install espeak-ng)")
+        self.espeak = espeak_binary()
         self.cache_dir = cache_dir
         cache_dir.mkdir(parents=True, exist_ok=True)
 
@@ -29,7 +36,7 @@ class EspeakSynthesizer:
         out = self.cache_dir / f"{key}.wav"
         if not out.exists():
             partial = out.with_suffix(".partial.wav")
-            subprocess.run(["espeak-ng", "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", str(partial), text],
+            subprocess.run([self.espeak, "-v", voice, "-s", str(rate), "-p", str(pitch), "-w", str(partial), text],
                            check=True, capture_output=True)
             partial.rename(out)  # atomic: concurrent users never read half a file
         return out

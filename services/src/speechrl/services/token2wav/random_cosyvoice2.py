@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from speechrl.services.token2wav.cosyvoice2 import CosyVoice2Backend, token2wav_config
+from speechrl.services.token2wav.backends.cosyvoice2 import CosyVoice2Backend, token2wav_config
 
 
 @dataclass(frozen=True)

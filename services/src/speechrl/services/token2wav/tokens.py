@@ -24,9 +24,10 @@ Token ids are positions in VOCABULARY (0..len-1); a policy holds them at [offset
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from collections.abc import Sequence
+
+from speechrl.services.espeak import espeak_binary
 
 WORD_BOUNDARY, PRIMARY_STRESS, SECONDARY_STRESS = " ", "'", ","
 # espeak-ng 1.51 en-us phonemes (mnemonics of its phoneme tables), gathered from its -x output over
@@ -48,13 +49,6 @@ SPOKEN = (WORD_BOUNDARY, PRIMARY_STRESS, SECONDARY_STRESS, *PHONEMES)
 VOCABULARY = (*SPOKEN, *VOICE_TOKENS)
 
 
-def _espeak() -> str:
-    path = shutil.which("espeak-ng")
-    if path is None:
-        raise RuntimeError("espeak-ng is not installed: run scripts/bootstrap.sh (apt-get install espeak-ng)")
-    return path
-
-
 class PhonemeVocabulary:
     """Text -> espeak phonemes -> token ids, and ids -> espeak's phoneme-input string."""
 
@@ -67,7 +61,7 @@ class PhonemeVocabulary:
 
     def phonemize(self, text: str) -> list[str]:
         """espeak-ng's phoneme tokens of text (clauses joined by a word boundary); unknown symbols dropped."""
-        out = subprocess.run([_espeak(), "-q", "-x", "--sep=|", "-v", self.voice, text], check=True,
+        out = subprocess.run([espeak_binary(), "-q", "-x", "--sep=|", "-v", self.voice, text], check=True,
                              capture_output=True, text=True).stdout
         symbols: list[str] = []
         for word in out.split():

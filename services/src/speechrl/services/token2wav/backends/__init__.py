@@ -1,9 +1,9 @@
 """token2wav backends by name: each turns a batch of speech-token sequences into waveforms.
 
     espeak-phonemes  espeak-ng renders the phoneme tokens of tokens.py, in the voice its voice token
-                     names (else the item's); CPU, runs anywhere with espeak-ng
+                     names (else the item's); CPU, runs anywhere with espeak-ng (espeak.py)
     cosyvoice2       CosyVoice2's flow matching (tokens -> mel, conditioned on a prompt speaker) + HiFT
-                     vocoder, from a local CosyVoice2 folder (token2wav/cosyvoice2.py); CPU or GPU
+                     vocoder, from a local CosyVoice2 folder (cosyvoice2.py); CPU or GPU
 
 A speaker prompt is backend-specific: an espeak voice name ("en-us", "en-gb+f3") for espeak, a
 prompt WAV for CosyVoice2 (its speaker embedding and prompt mel condition the flow).
@@ -12,17 +12,12 @@ prompt WAV for CosyVoice2 (its speaker embedding and prompt mel condition the fl
 from __future__ import annotations
 
 import io
-import subprocess
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import soundfile as sf
-
-from speechrl.services.token2wav.tokens import PhonemeVocabulary, _espeak
 
 
 @dataclass(frozen=True)
@@ -70,49 +65,22 @@ class BackendOptions:
     extra: dict[str, str] = field(default_factory=dict)  # backend-specific settings
 
 
-class EspeakPhonemeBackend:
-    """espeak-ng's phoneme input: [[phonemes]] spoken by a voice, 22.05 kHz."""
+def _espeak_phonemes(options: BackendOptions) -> Token2WavBackend:
+    from speechrl.services.token2wav.backends.espeak import EspeakPhonemeBackend
 
-    def __init__(self, options: BackendOptions):
-        self.vocabulary = PhonemeVocabulary()
-        self.num_tokens = len(self.vocabulary)
-        self.options = options
-        self.espeak = _espeak()
-
-    def modules(self) -> list[Any]:
-        return []
-
-    def synthesize(self, items: Sequence[SynthesisItem]) -> list[Waveform | Exception]:
-        return [self._one(item) for item in items]
-
-    def _one(self, item: SynthesisItem) -> Waveform | Exception:
-        phonemes = self.vocabulary.ids_to_phonemes(item.tokens)
-        if not phonemes:
-            return ValueError("no speakable phoneme tokens")
-        voice = self.vocabulary.spoken_voice(item.tokens, item.voice or self.options.default_voice)
-        rate = item.rate_wpm or self.options.default_rate_wpm
-        with tempfile.TemporaryDirectory() as folder:
-            out = Path(folder) / "out.wav"
-            done = subprocess.run([self.espeak, "-v", voice, "-s", str(rate), "-w", str(out), f"[[{phonemes}]]"],
-                                  capture_output=True, text=True)
-            if done.returncode != 0 or not out.exists():
-                return LookupError(f"espeak-ng failed for voice {voice!r}: {done.stderr.strip()[:200]}")
-            samples, rate_hertz = sf.read(out, dtype="float32")
-        if samples.ndim > 1:
-            samples = samples.mean(axis=1)
-        return Waveform(samples.astype(np.float32), int(rate_hertz))
+    return EspeakPhonemeBackend(options)
 
 
-def cosyvoice2_backend(options: BackendOptions) -> Token2WavBackend:
-    """CosyVoice2's flow + HiFT (token2wav/cosyvoice2.py), imported only when asked for: it brings CosyVoice."""
-    from speechrl.services.token2wav.cosyvoice2 import CosyVoice2Backend
+def _cosyvoice2(options: BackendOptions) -> Token2WavBackend:
+    from speechrl.services.token2wav.backends.cosyvoice2 import CosyVoice2Backend
 
     return CosyVoice2Backend(options)
 
 
+# Imported on use: only a cosyvoice2 server imports CosyVoice.
 BACKENDS: dict[str, Callable[[BackendOptions], Token2WavBackend]] = {
-    "espeak-phonemes": EspeakPhonemeBackend,
-    "cosyvoice2": cosyvoice2_backend,
+    "espeak-phonemes": _espeak_phonemes,
+    "cosyvoice2": _cosyvoice2,
 }
 
 
