@@ -212,6 +212,17 @@ async def test_events_record_who_held_the_device_when_and_how_long_each_waited(c
     assert await client.hlen(f"{device_prefix(FAST.namespace, 'cpu:0')}:arrived") == 0
 
 
+async def test_a_server_declared_clean_grants_a_new_lease_on_its_first_ask(client: aioredis.Redis) -> None:
+    # The fixture's Redis is younger than a TTL, so a lease that has not read the clean marker yet is
+    # told "recovering"; reading the marker and asking again at once must grant it, not a poll later.
+    slow_poll = LeaseSettings(ttl_ms=1000, waiter_ttl_ms=8000, poll_ms=3000)
+    lease = GpuLease(client, "fresh", slow_poll)
+    grant = await lease.acquire("cpu:0", timeout=20)
+    await lease.release(grant)
+    granted = (await lease_events(client, "cpu:0"))[0]
+    assert granted.kind == "grant" and granted.waited_ms < 1000, f"waited a poll: {granted}"
+
+
 async def test_the_event_stream_stays_at_its_cap(client: aioredis.Redis) -> None:
     lease = GpuLease(client, "trainer", LeaseSettings(ttl_ms=1000, waiter_ttl_ms=600, poll_ms=50, events_max=5))
     fences = []

@@ -226,7 +226,10 @@ class GpuLease:
                     LEASE_EVENTS.labels(device, self._label, "lost")  # at 0 from here: increase() sees a first loss
                     return Grant(device, ticket, int(value), self.clock(), confirmed_at=sent)
                 if recovering:  # maybe this server was declared clean since we last looked
+                    known = self._clean_run_id
                     await self._read_clean_marker()
+                    if self._clean_run_id != known:
+                        continue  # ask again at once, with the marker: a clean server grants without a poll's wait
                 if state == -1:  # we paused longer than waiter_ttl_ms and were skipped: rejoin at the back
                     log.warning("lease %s: waiter %s was dropped as dead; re-queueing", device, self.owner)
                     enqueue = True
