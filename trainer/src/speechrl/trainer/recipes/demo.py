@@ -9,7 +9,7 @@ run GRPO with R1+R2 once per seed from that warm start, evaluate the warm start 
 and long segments, and check the paper's direction: long-segment insertions lower than the warm
 start's in every seed, and test WER not above the warm start's by more than the spread between
 seeds. Writes results.md (the table, the mean and spread over seeds, the checks), results.png and
-each run's training.png. Under 8 minutes on 2 cores (the corpus and warm start are reused on a
+each run's training.png. 5 to 9 minutes on 2 cores (the corpus and warm start are reused on a
 second run). `python -m speechrl.trainer.recipes.reproduce` runs the full table.
 """
 
