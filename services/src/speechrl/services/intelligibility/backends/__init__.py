@@ -16,6 +16,8 @@ from typing import Protocol
 
 import numpy as np
 
+from speechrl.services.backend_registry import ImportedOnUse
+
 # Whisper's encoder sees 30 s windows; longer utterances need the runtimes' long-form paths.
 WINDOW_SECONDS = 30.0
 
@@ -72,36 +74,13 @@ class AsrBackend(Protocol):
         ...
 
 
-def _faster_whisper(options: BackendOptions) -> AsrBackend:
-    from speechrl.services.intelligibility.backends.faster_whisper import FasterWhisperBackend
-
-    return FasterWhisperBackend(options)
-
-
-def _transformers(options: BackendOptions) -> AsrBackend:
-    from speechrl.services.intelligibility.backends.transformers_whisper import TransformersWhisperBackend
-
-    return TransformersWhisperBackend(options)
-
-
-def _qwen3_asr(options: BackendOptions) -> AsrBackend:
-    from speechrl.services.intelligibility.backends.qwen3_asr import Qwen3AsrBackend
-
-    return Qwen3AsrBackend(options)
-
-
-def _qwen3_asr_vllm(options: BackendOptions) -> AsrBackend:
-    from speechrl.services.intelligibility.backends.qwen3_asr_vllm import Qwen3AsrVllmBackend
-
-    return Qwen3AsrVllmBackend(options)
-
-
-# Imported on use, so a faster-whisper server never loads torch and vice versa.
+_MODULES = "speechrl.services.intelligibility.backends"
 BACKENDS: dict[str, Callable[[BackendOptions], AsrBackend]] = {
-    "faster-whisper": _faster_whisper,
-    "transformers": _transformers,
-    "qwen3-asr": _qwen3_asr,
-    "qwen3-asr-vllm": _qwen3_asr_vllm,  # vLLM lives in its own venv (.venv-vllm, scripts/bootstrap.sh)
+    "faster-whisper": ImportedOnUse(f"{_MODULES}.faster_whisper", "FasterWhisperBackend"),
+    "transformers": ImportedOnUse(f"{_MODULES}.transformers_whisper", "TransformersWhisperBackend"),
+    "qwen3-asr": ImportedOnUse(f"{_MODULES}.qwen3_asr", "Qwen3AsrBackend"),
+    # vLLM lives in its own venv (.venv-vllm, scripts/bootstrap.sh)
+    "qwen3-asr-vllm": ImportedOnUse(f"{_MODULES}.qwen3_asr_vllm", "Qwen3AsrVllmBackend"),
 }
 
 

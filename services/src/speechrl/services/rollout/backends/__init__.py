@@ -23,6 +23,7 @@ from typing import Protocol
 
 import numpy as np
 
+from speechrl.services.backend_registry import ImportedOnUse
 from speechrl.services.errors import RequestInvalid
 
 
@@ -134,22 +135,9 @@ class RolloutBackend(Protocol):
         ...
 
 
-def _transformers(options: BackendOptions) -> RolloutBackend:
-    from speechrl.services.rollout.backends.hf import TransformersBackend
-
-    return TransformersBackend(options)
-
-
-def _vllm(options: BackendOptions) -> RolloutBackend:
-    from speechrl.services.rollout.backends.vllm_backend import VllmBackend
-
-    return VllmBackend(options)
-
-
-# Imported on use: a transformers server never imports vLLM, which lives in its own venv.
 BACKENDS: dict[str, Callable[[BackendOptions], RolloutBackend]] = {
-    "transformers": _transformers,
-    "vllm": _vllm,
+    "transformers": ImportedOnUse("speechrl.services.rollout.backends.hf", "TransformersBackend"),
+    "vllm": ImportedOnUse("speechrl.services.rollout.backends.vllm_backend", "VllmBackend"),
 }
 
 

@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from speechrl.services.backend_registry import ImportedOnUse
+
 
 class SpeakerBackend(Protocol):
     """A speaker-embedding model with its feature front-end."""
@@ -52,28 +54,11 @@ class SpeakerBackend(Protocol):
 BackendFactory = Callable[[str, str, int], SpeakerBackend]
 
 
-def _resemblyzer(model_path: str, device: str, threads: int) -> SpeakerBackend:
-    from speechrl.services.speaker.backends.resemblyzer_backend import ResemblyzerBackend
-
-    return ResemblyzerBackend(model_path, device, threads)
-
-
-def _wespeaker_onnx(model_path: str, device: str, threads: int) -> SpeakerBackend:
-    from speechrl.services.speaker.backends.wespeaker_onnx import WespeakerOnnxBackend
-
-    return WespeakerOnnxBackend(model_path, device, threads)
-
-
-def _wespeaker_checkpoint(model_path: str, device: str, threads: int) -> SpeakerBackend:
-    from speechrl.services.speaker.backends.wespeaker_checkpoint import WespeakerCheckpointBackend
-
-    return WespeakerCheckpointBackend(model_path, device, threads)
-
-
+_MODULES = "speechrl.services.speaker.backends"
 BACKENDS: dict[str, BackendFactory] = {
-    "resemblyzer": _resemblyzer,
-    "wespeaker-onnx": _wespeaker_onnx,
-    "wespeaker-checkpoint": _wespeaker_checkpoint,
+    "resemblyzer": ImportedOnUse(f"{_MODULES}.resemblyzer_backend", "ResemblyzerBackend"),
+    "wespeaker-onnx": ImportedOnUse(f"{_MODULES}.wespeaker_onnx", "WespeakerOnnxBackend"),
+    "wespeaker-checkpoint": ImportedOnUse(f"{_MODULES}.wespeaker_checkpoint", "WespeakerCheckpointBackend"),
 }
 
 

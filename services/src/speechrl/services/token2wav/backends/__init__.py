@@ -19,6 +19,8 @@ from typing import Any, Protocol
 import numpy as np
 import soundfile as sf
 
+from speechrl.services.backend_registry import ImportedOnUse
+
 
 @dataclass(frozen=True)
 class SynthesisItem:
@@ -65,22 +67,9 @@ class BackendOptions:
     extra: dict[str, str] = field(default_factory=dict)  # backend-specific settings
 
 
-def _espeak_phonemes(options: BackendOptions) -> Token2WavBackend:
-    from speechrl.services.token2wav.backends.espeak import EspeakPhonemeBackend
-
-    return EspeakPhonemeBackend(options)
-
-
-def _cosyvoice2(options: BackendOptions) -> Token2WavBackend:
-    from speechrl.services.token2wav.backends.cosyvoice2 import CosyVoice2Backend
-
-    return CosyVoice2Backend(options)
-
-
-# Imported on use: only a cosyvoice2 server imports CosyVoice.
 BACKENDS: dict[str, Callable[[BackendOptions], Token2WavBackend]] = {
-    "espeak-phonemes": _espeak_phonemes,
-    "cosyvoice2": _cosyvoice2,
+    "espeak-phonemes": ImportedOnUse("speechrl.services.token2wav.backends.espeak", "EspeakPhonemeBackend"),
+    "cosyvoice2": ImportedOnUse("speechrl.services.token2wav.backends.cosyvoice2", "CosyVoice2Backend"),
 }
 
 
